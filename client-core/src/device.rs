@@ -1,0 +1,508 @@
+//! [`Device`]: the device core's public API, as an app (through the bindings) sees it.
+//!
+//! Every write is validated first, then applied to the person's automerge document as one
+//! change, then committed to the sealed store together with the person's caseload summary and
+//! sync bookkeeping in one atomic, durable batch. A call returns only after that commit; if the
+//! commit fails the in-memory copy is dropped so memory never runs ahead of disk.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use automerge::ActorId;
+use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
+
+use crate::caseload::{FollowUp, PersonSummary};
+use crate::clock::Clock;
+use crate::document::{PersonDoc, PersonRecord};
+use crate::error::{CoreError, ValidationError};
+use crate::model::{
+    Checkin, Consent, ConsentChange, NewCheckin, NewPerson, NewVisit, Person, Visit, VisitEdit, validate_id,
+};
+use crate::store::{LocalStore, MemoryStore, SealedStore, SledStore, StoredWrite};
+
+/// Appended change chunks per document before they are folded into a new snapshot.
+const COMPACT_AFTER: u64 = 32;
+
+const META_ACTOR: &str = "actor";
+const META_WORKER: &str = "worker";
+const DOC_SUMMARY: &str = "summary";
+const DOC_SYNC: &str = "sync";
+
+/// Per-document sync bookkeeping, persisted beside the document.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocSyncState {
+    /// Heads the server is known to hold (hex change hashes).
+    pub server_heads: Vec<String>,
+    /// Local changes made since the server last acknowledged this document.
+    pub pending: u64,
+}
+
+/// What this device holds that the server has not acknowledged yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingChanges {
+    pub documents: u64,
+    pub changes: u64,
+}
+
+struct Loaded {
+    doc: PersonDoc,
+    next_seq: u64,
+    /// Chunks appended since the last snapshot.
+    increments: u64,
+}
+
+struct State {
+    worker: Option<String>,
+    docs: HashMap<String, Loaded>,
+    summaries: BTreeMap<String, PersonSummary>,
+    sync: HashMap<String, DocSyncState>,
+}
+
+pub(crate) struct Inner {
+    store: SealedStore,
+    clock: Arc<dyn Clock>,
+    actor: ActorId,
+    // A std Mutex: held only for short, synchronous work inside spawn_blocking, never across
+    // an await.
+    state: Mutex<State>,
+}
+
+/// A worker's phone: its encrypted store of person documents and the calls an app makes.
+/// Cheap to clone; every clone is the same device. Safe to call from any thread.
+#[derive(Clone)]
+pub struct Device {
+    inner: Arc<Inner>,
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain data types always serialize")
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, CoreError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        CoreError::Store(crate::error::StoreError::Corrupt { key: what.to_string(), reason: e.to_string() })
+    })
+}
+
+async fn blocking<T, F>(f: F) -> Result<T, CoreError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, CoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(|e| CoreError::Task(e.to_string()))?
+}
+
+impl Device {
+    /// Open (or create) the store at `path`, sealed with the app's 32-byte `key`.
+    pub async fn open(path: impl AsRef<Path>, key: &[u8], clock: Arc<dyn Clock>) -> Result<Device, CoreError> {
+        let path = path.as_ref().to_path_buf();
+        let key = key.to_vec();
+        blocking(move || {
+            let backend = SledStore::open(&path)?;
+            Self::with_store(Box::new(backend), &key, clock)
+        })
+        .await
+    }
+
+    /// A device whose store lives in memory only (tests, previews).
+    pub fn in_memory(key: &[u8], clock: Arc<dyn Clock>) -> Result<Device, CoreError> {
+        Self::with_store(Box::new(MemoryStore::new()), key, clock)
+    }
+
+    /// A device over any [`LocalStore`] backend.
+    pub fn with_store(backend: Box<dyn LocalStore>, key: &[u8], clock: Arc<dyn Clock>) -> Result<Device, CoreError> {
+        let store = SealedStore::open(backend, key)?;
+        let actor = match store.meta(META_ACTOR)? {
+            Some(bytes) => ActorId::from(bytes),
+            None => {
+                // One actor per device install: automerge requires that no two writers share one.
+                let actor = ActorId::random();
+                store.commit(vec![StoredWrite::Meta { name: META_ACTOR.into(), value: actor.to_bytes().to_vec() }])?;
+                actor
+            }
+        };
+        let worker = match store.meta(META_WORKER)? {
+            Some(b) => Some(String::from_utf8(b).map_err(|_| CoreError::document("worker", "not UTF-8"))?),
+            None => None,
+        };
+        let mut summaries = BTreeMap::new();
+        for (id, bytes) in store.doc_meta_all(DOC_SUMMARY)? {
+            summaries.insert(id, from_json::<PersonSummary>("summary", &bytes)?);
+        }
+        let mut sync = HashMap::new();
+        for (id, bytes) in store.doc_meta_all(DOC_SYNC)? {
+            sync.insert(id, from_json::<DocSyncState>("sync", &bytes)?);
+        }
+        Ok(Device {
+            inner: Arc::new(Inner {
+                store,
+                clock,
+                actor,
+                state: Mutex::new(State { worker, docs: HashMap::new(), summaries, sync }),
+            }),
+        })
+    }
+
+    /// The worker this phone records for, once enrolled.
+    pub fn worker(&self) -> Option<String> {
+        self.inner.lock().worker.clone()
+    }
+
+    /// Set the worker this phone records for (enrollment does this).
+    pub async fn set_worker(&self, worker_id: &str) -> Result<(), CoreError> {
+        validate_id("worker", worker_id)?;
+        let inner = self.inner.clone();
+        let worker = worker_id.to_string();
+        blocking(move || {
+            inner.store.commit(vec![StoredWrite::Meta { name: META_WORKER.into(), value: worker.clone().into_bytes() }])?;
+            inner.lock().worker = Some(worker);
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn register_person(&self, p: NewPerson) -> Result<Person, CoreError> {
+        let inner = self.inner.clone();
+        blocking(move || inner.register_person(p)).await
+    }
+
+    pub async fn record_visit(&self, person: &str, v: NewVisit) -> Result<Visit, CoreError> {
+        let inner = self.inner.clone();
+        let person = person.to_string();
+        blocking(move || inner.record_visit(&person, v)).await
+    }
+
+    pub async fn record_checkin(&self, person: &str, c: NewCheckin) -> Result<Checkin, CoreError> {
+        let inner = self.inner.clone();
+        let person = person.to_string();
+        blocking(move || inner.record_checkin(&person, c)).await
+    }
+
+    /// Amend a visit; returns the visit as it now reads on this device.
+    pub async fn edit_visit(&self, person: &str, visit: &str, edit: VisitEdit) -> Result<Visit, CoreError> {
+        let inner = self.inner.clone();
+        let (person, visit) = (person.to_string(), visit.to_string());
+        blocking(move || inner.edit_visit(&person, &visit, edit)).await
+    }
+
+    pub async fn set_consent(&self, person: &str, change: ConsentChange) -> Result<Consent, CoreError> {
+        let inner = self.inner.clone();
+        let person = person.to_string();
+        blocking(move || inner.set_consent(&person, change)).await
+    }
+
+    /// The caseload: one summary per person on this device, ordered by person id.
+    pub async fn people(&self) -> Result<Vec<PersonSummary>, CoreError> {
+        Ok(self.inner.lock().summaries.values().cloned().collect())
+    }
+
+    /// Everything this device holds about one person.
+    pub async fn person(&self, id: &str) -> Result<PersonRecord, CoreError> {
+        let inner = self.inner.clone();
+        let id = id.to_string();
+        blocking(move || {
+            let mut st = inner.lock();
+            inner.loaded(&mut st, &id)?.doc.record()
+        })
+        .await
+    }
+
+    /// People whose follow-up date (set at their most recent visit) is on or before `on`,
+    /// earliest first.
+    pub async fn follow_ups_due(&self, on: NaiveDate) -> Result<Vec<FollowUp>, CoreError> {
+        let mut due: Vec<_> = self.inner.lock().summaries.values().filter_map(|s| s.follow_up_due(on)).collect();
+        due.sort_by(|a, b| a.due.cmp(&b.due).then_with(|| a.person_id.cmp(&b.person_id)));
+        Ok(due)
+    }
+
+    /// Local changes the server has not acknowledged yet.
+    pub async fn pending_changes(&self) -> Result<PendingChanges, CoreError> {
+        let st = self.inner.lock();
+        let mut p = PendingChanges::default();
+        for s in st.sync.values().filter(|s| s.pending > 0) {
+            p.documents += 1;
+            p.changes += s.pending;
+        }
+        Ok(p)
+    }
+
+    /// Merge automerge data received from elsewhere (a document `save()`, or changes from
+    /// `save_after`) into the person's document, creating it if this device has none.
+    /// Returns whether anything new arrived. These changes are not pending: they came from
+    /// outside.
+    pub async fn import_document(&self, person: &str, data: Vec<u8>) -> Result<bool, CoreError> {
+        validate_id("person", person)?;
+        let inner = self.inner.clone();
+        let person = person.to_string();
+        blocking(move || inner.import(&person, &data)).await
+    }
+
+    /// The person's whole document, as automerge `save()` bytes.
+    pub async fn export_document(&self, person: &str) -> Result<Vec<u8>, CoreError> {
+        let inner = self.inner.clone();
+        let person = person.to_string();
+        blocking(move || {
+            let mut st = inner.lock();
+            Ok(inner.loaded(&mut st, &person)?.doc.save())
+        })
+        .await
+    }
+
+    /// This device's automerge actor id (hex), for diagnostics.
+    pub fn actor_id(&self) -> String {
+        self.inner.actor.to_hex_string()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn worker(&self, st: &State) -> Result<String, CoreError> {
+        st.worker.clone().ok_or(CoreError::NoWorker)
+    }
+
+    /// The person's document, loaded from the store on first use.
+    fn loaded<'s>(&self, st: &'s mut State, id: &str) -> Result<&'s mut Loaded, CoreError> {
+        if !st.docs.contains_key(id) {
+            let data = self.store.load_doc(id)?.ok_or_else(|| CoreError::UnknownPerson(id.to_string()))?;
+            let doc = PersonDoc::load(id, &data, self.actor.clone())?;
+            let increments = data.changes.len() as u64;
+            st.docs.insert(id.to_string(), Loaded { doc, next_seq: data.next_seq, increments });
+        }
+        Ok(st.docs.get_mut(id).expect("inserted above"))
+    }
+
+    /// Make one local change to `id` with `f` and commit it durably with the document's summary
+    /// and sync bookkeeping. `f` returns the new change chunks and a value for the caller.
+    fn write<T>(
+        &self,
+        st: &mut State,
+        id: &str,
+        local: bool,
+        f: impl FnOnce(&mut PersonDoc) -> Result<(Vec<Vec<u8>>, T), CoreError>,
+    ) -> Result<T, CoreError> {
+        let result = self.commit_change(st, id, local, f);
+        if result.is_err() {
+            // Memory may hold a change the store refused: reload from disk next time.
+            st.docs.remove(id);
+        }
+        result
+    }
+
+    /// Apply `f` to the loaded document and commit what it returns. `local` changes count as
+    /// pending until the server acknowledges them; imported ones do not.
+    fn commit_change<T>(
+        &self,
+        st: &mut State,
+        id: &str,
+        local: bool,
+        f: impl FnOnce(&mut PersonDoc) -> Result<(Vec<Vec<u8>>, T), CoreError>,
+    ) -> Result<T, CoreError> {
+        let loaded = self.loaded(st, id)?;
+        let (chunks, out) = f(&mut loaded.doc)?;
+        let chunks: Vec<_> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
+        if chunks.is_empty() {
+            return Ok(out);
+        }
+        // A document received before its profile (never the case from our server) has no summary yet.
+        let summary = loaded.doc.record().ok().map(|r| PersonSummary::of(&r));
+        let mut batch = Vec::new();
+        let new_chunks = chunks.len() as u64;
+        if loaded.increments + new_chunks > COMPACT_AFTER {
+            batch.push(StoredWrite::Compact {
+                doc: id.to_string(),
+                snapshot: loaded.doc.save(),
+                upto_seq: loaded.next_seq + new_chunks,
+            });
+        } else {
+            for (i, bytes) in chunks.into_iter().enumerate() {
+                batch.push(StoredWrite::AppendChange { doc: id.to_string(), seq: loaded.next_seq + i as u64, bytes });
+            }
+        }
+        let compacted = matches!(batch[0], StoredWrite::Compact { .. });
+        let mut sync = st.sync.get(id).cloned().unwrap_or_default();
+        if local {
+            sync.pending += new_chunks;
+        }
+        if let Some(summary) = &summary {
+            batch.push(StoredWrite::DocMeta { doc: id.to_string(), name: DOC_SUMMARY.into(), value: json(summary) });
+        }
+        batch.push(StoredWrite::DocMeta { doc: id.to_string(), name: DOC_SYNC.into(), value: json(&sync) });
+        self.store.commit(batch)?;
+
+        let loaded = st.docs.get_mut(id).expect("loaded above");
+        loaded.next_seq += new_chunks;
+        loaded.increments = if compacted { 0 } else { loaded.increments + new_chunks };
+        if let Some(summary) = summary {
+            st.summaries.insert(id.to_string(), summary);
+        }
+        st.sync.insert(id.to_string(), sync);
+        Ok(out)
+    }
+
+    fn import(&self, id: &str, data: &[u8]) -> Result<bool, CoreError> {
+        let mut st = self.lock();
+        if !st.docs.contains_key(id) && self.store.load_doc(id)?.is_none() {
+            st.docs.insert(id.to_string(), Loaded { doc: PersonDoc::empty(id, self.actor.clone()), next_seq: 0, increments: 0 });
+        }
+        let mut changed = false;
+        self.write(&mut st, id, false, |doc| {
+            let before = doc.heads();
+            doc.automerge_mut().load_incremental(data).map_err(|e| CoreError::document(id, e))?;
+            let after = doc.heads();
+            if before == after {
+                return Ok((vec![], ()));
+            }
+            changed = true;
+            Ok((vec![doc.automerge().save_after(&before)], ()))
+        })?;
+        Ok(changed)
+    }
+
+    fn register_person(&self, p: NewPerson) -> Result<Person, CoreError> {
+        let now = self.clock.now();
+        p.validate(now)?;
+        if !p.record {
+            return Err(ValidationError::new(
+                "record",
+                "a person who has not consented to a record being kept cannot be registered",
+            )
+            .into());
+        }
+        let mut st = self.lock();
+        let me = self.worker(&st)?;
+        let id = p.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        if st.summaries.contains_key(&id) || self.store.load_doc(&id)?.is_some() {
+            return Err(CoreError::PersonExists(id));
+        }
+        let mut workers = vec![me.clone()];
+        for w in &p.workers {
+            if !workers.contains(w) {
+                workers.push(w.clone());
+            }
+        }
+        let person = Person {
+            id: id.clone(),
+            alias: p.alias.trim().to_string(),
+            year_of_birth: p.year_of_birth,
+            workers,
+            created_by: me,
+            created_at: now,
+        };
+        let consent = Consent {
+            record: p.record,
+            share_with_coordinator: p.share_with_coordinator,
+            research: p.research,
+            updated_at: now,
+        };
+        let (doc, skeleton) = PersonDoc::create(&id, self.actor.clone());
+        st.docs.insert(id.clone(), Loaded { doc, next_seq: 0, increments: 0 });
+        let result = self.write(&mut st, &id, true, |doc| {
+            let profile = doc.write_profile(&person, &consent)?;
+            Ok((vec![skeleton, profile], person.clone()))
+        });
+        if result.is_err() {
+            st.summaries.remove(&id);
+        }
+        result
+    }
+
+    fn check_may_record(&self, st: &mut State, person: &str) -> Result<(), CoreError> {
+        let record = self.loaded(st, person)?.doc.record()?;
+        if !record.consent.record {
+            return Err(CoreError::NoConsentToRecord(person.to_string()));
+        }
+        Ok(())
+    }
+
+    fn record_visit(&self, person: &str, v: NewVisit) -> Result<Visit, CoreError> {
+        v.validate()?;
+        let mut st = self.lock();
+        let me = self.worker(&st)?;
+        self.check_may_record(&mut st, person)?;
+        let id = v.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let visit = Visit {
+            id: id.clone(),
+            by: me,
+            started_at: v.started_at,
+            duration_min: v.duration_min,
+            mode: v.mode,
+            setting: v.setting,
+            activities: v.activities,
+            goals: v.goals,
+            referrals: v.referrals,
+            notes: v.notes,
+            follow_up: v.follow_up,
+            recorded_at: self.clock.now(),
+        };
+        self.write(&mut st, person, true, |doc| {
+            if doc.has_visit(&id) {
+                return Err(CoreError::RecordExists(id.clone()));
+            }
+            Ok((vec![doc.add_visit(&visit)?], visit.clone()))
+        })
+    }
+
+    fn record_checkin(&self, person: &str, c: NewCheckin) -> Result<Checkin, CoreError> {
+        c.validate()?;
+        let mut st = self.lock();
+        let me = self.worker(&st)?;
+        self.check_may_record(&mut st, person)?;
+        let id = c.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let checkin = Checkin {
+            id: id.clone(),
+            by: me,
+            taken_at: c.taken_at.unwrap_or_else(|| self.clock.now()),
+            wellbeing: c.wellbeing,
+            distress: c.distress,
+            coping: c.coping,
+            social_support: c.social_support,
+            self_efficacy: c.self_efficacy,
+            quality_of_life: c.quality_of_life,
+            housing: c.housing,
+            employment: c.employment,
+            hospital_nights_28d: c.hospital_nights_28d,
+            substance_use_days_28d: c.substance_use_days_28d,
+        };
+        self.write(&mut st, person, true, |doc| {
+            if doc.has_checkin(&id) {
+                return Err(CoreError::RecordExists(id.clone()));
+            }
+            Ok((vec![doc.add_checkin(&checkin)?], checkin.clone()))
+        })
+    }
+
+    fn edit_visit(&self, person: &str, visit: &str, edit: VisitEdit) -> Result<Visit, CoreError> {
+        edit.validate()?;
+        let mut st = self.lock();
+        self.worker(&st)?;
+        let now = self.clock.now();
+        self.write(&mut st, person, true, |doc| {
+            let change = doc.edit_visit(visit, &edit, now)?;
+            let current = doc.record()?.visits.into_iter().find(|v| v.id == visit).ok_or_else(|| {
+                CoreError::UnknownVisit { person: person.to_string(), visit: visit.to_string() }
+            })?;
+            Ok((vec![change], current))
+        })
+    }
+
+    fn set_consent(&self, person: &str, change: ConsentChange) -> Result<Consent, CoreError> {
+        let mut st = self.lock();
+        self.worker(&st)?;
+        let now = self.clock.now();
+        self.write(&mut st, person, true, |doc| {
+            let current = doc.record()?.consent;
+            let next = Consent {
+                record: change.record.unwrap_or(current.record),
+                share_with_coordinator: change.share_with_coordinator.unwrap_or(current.share_with_coordinator),
+                research: change.research.unwrap_or(current.research),
+                updated_at: now,
+            };
+            Ok((vec![doc.write_consent(&next)?], next))
+        })
+    }
+}

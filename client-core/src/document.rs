@@ -1,0 +1,513 @@
+//! One automerge document per person: how the domain model maps onto it.
+//!
+//! Layout of a person document:
+//! ```text
+//! { profile:  { id, alias, year_of_birth, workers: [..], created_by, created_at },
+//!   consent:  { record, share_with_coordinator, research, updated_at },
+//!   visits:   { <visit id>:   { by, started_at, duration_min, mode, setting, activities: [..],
+//!                                goals: [..], referrals: [..], notes, follow_up, recorded_at } },
+//!   checkins: { <checkin id>: { by, taken_at, wellbeing: [7 x 1..5], distress, coping,
+//!                                social_support, self_efficacy, quality_of_life, housing,
+//!                                employment, hospital_nights_28d, substance_use_days_28d } } }
+//! ```
+//! Every scalar field is a last-writer-wins register: concurrent edits keep one winner on
+//! every device and the other values stay readable through `get_all` (reported as conflicts).
+//! Lists are replaced whole, never edited in place, so they are registers too.
+//!
+//! The skeleton pitfall: if two devices each created `visits` in their own change, the two
+//! maps would compete for the key and one device's visits would vanish from view. The skeleton
+//! (the four top-level maps) is therefore made by one deterministic change — fixed actor, fixed
+//! time, no dependencies — so it has the same hash everywhere and automerge treats every
+//! device's copy as the same change.
+
+use automerge::transaction::{CommitOptions, Transactable, Transaction};
+use automerge::{ActorId, Automerge, AutomergeError, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoreError;
+use crate::model::{Checkin, Consent, Person, Visit, VisitEdit};
+use crate::store::DocData;
+
+/// Actor of the skeleton change. Never used for anything else.
+const SKELETON_ACTOR: &[u8; 16] = b"peersync:skel:v1";
+const SECTIONS: [&str; 4] = ["profile", "consent", "visits", "checkins"];
+
+/// Two or more values written concurrently to one field; the first is the one shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldConflict {
+    /// Path of the field: `profile/alias`, `consent/research`, `visits/<id>/notes`.
+    pub field: String,
+    /// Every concurrent value as JSON text, the winner first.
+    pub values: Vec<String>,
+}
+
+/// Everything the device holds about one person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonRecord {
+    pub person: Person,
+    pub consent: Consent,
+    /// Visits, most recent `started_at` first.
+    pub visits: Vec<Visit>,
+    /// Check-ins, most recent first.
+    pub checkins: Vec<Checkin>,
+    /// Fields edited concurrently on two phones.
+    pub conflicts: Vec<FieldConflict>,
+}
+
+pub struct PersonDoc {
+    id: String,
+    doc: Automerge,
+}
+
+fn ts(t: DateTime<Utc>) -> ScalarValue {
+    ScalarValue::Timestamp(t.timestamp_millis())
+}
+
+fn date(d: Option<NaiveDate>) -> ScalarValue {
+    match d {
+        Some(d) => ScalarValue::Str(d.format("%Y-%m-%d").to_string().into()),
+        None => ScalarValue::Null,
+    }
+}
+
+fn put_list<I: Into<ScalarValue>>(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    key: &str,
+    items: impl IntoIterator<Item = I>,
+) -> Result<(), AutomergeError> {
+    let list = tx.put_object(obj, key, ObjType::List)?;
+    for (i, item) in items.into_iter().enumerate() {
+        tx.insert(&list, i, item)?;
+    }
+    Ok(())
+}
+
+/// The skeleton change, identical on every device.
+fn skeleton() -> Automerge {
+    let mut doc = Automerge::new().with_actor(ActorId::from(&SKELETON_ACTOR[..]));
+    let mut tx = doc.transaction();
+    for s in SECTIONS {
+        tx.put_object(ROOT, s, ObjType::Map).expect("putting a map on a new document cannot fail");
+    }
+    tx.commit_with(CommitOptions::default().with_time(0));
+    doc
+}
+
+impl PersonDoc {
+    /// A new document for `id` holding only the skeleton, and the skeleton's change bytes.
+    pub fn create(id: &str, actor: ActorId) -> (Self, Vec<u8>) {
+        let mut doc = skeleton();
+        let bytes = doc.save_after(&[]);
+        doc.set_actor(actor);
+        (Self { id: id.to_string(), doc }, bytes)
+    }
+
+    /// Rebuild from what the store holds.
+    pub fn load(id: &str, data: &DocData, actor: ActorId) -> Result<Self, CoreError> {
+        let mut doc = match &data.snapshot {
+            Some(s) => Automerge::load(s).map_err(|e| CoreError::document(id, e))?,
+            None => Automerge::new(),
+        };
+        for chunk in &data.changes {
+            doc.load_incremental(chunk).map_err(|e| CoreError::document(id, e))?;
+        }
+        doc.set_actor(actor);
+        Ok(Self { id: id.to_string(), doc })
+    }
+
+    /// An empty document (no skeleton), to receive a peer's data into.
+    pub fn empty(id: &str, actor: ActorId) -> Self {
+        Self { id: id.to_string(), doc: Automerge::new().with_actor(actor) }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn automerge(&self) -> &Automerge {
+        &self.doc
+    }
+
+    pub fn automerge_mut(&mut self) -> &mut Automerge {
+        &mut self.doc
+    }
+
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    pub fn save(&self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    fn section(&self, name: &str) -> Result<ObjId, CoreError> {
+        match self.doc.get(ROOT, name) {
+            Ok(Some((Value::Object(ObjType::Map), id))) => Ok(id),
+            _ => Err(CoreError::document(&self.id, format!("the `{name}` map is missing"))),
+        }
+    }
+
+    fn child(&self, section: &str, key: &str) -> Result<Option<ObjId>, CoreError> {
+        let parent = self.section(section)?;
+        Ok(match self.doc.get(&parent, key) {
+            Ok(Some((Value::Object(ObjType::Map), id))) => Some(id),
+            _ => None,
+        })
+    }
+
+    pub fn has_profile(&self) -> bool {
+        self.section("profile")
+            .map(|p| self.doc.get(&p, "id").ok().flatten().is_some())
+            .unwrap_or(false)
+    }
+
+    pub fn has_visit(&self, id: &str) -> bool {
+        self.child("visits", id).ok().flatten().is_some()
+    }
+
+    pub fn has_checkin(&self, id: &str) -> bool {
+        self.child("checkins", id).ok().flatten().is_some()
+    }
+
+    /// Run `f` as one automerge change and return the change's bytes (empty if `f` wrote nothing).
+    fn change<F>(&mut self, at: DateTime<Utc>, f: F) -> Result<Vec<u8>, CoreError>
+    where
+        F: FnOnce(&mut Transaction<'_>) -> Result<(), AutomergeError>,
+    {
+        let id = self.id.clone();
+        let res = self
+            .doc
+            .transact_with(|_| CommitOptions::default().with_time(at.timestamp()), f)
+            .map_err(|failure| CoreError::document(&id, failure.error))?;
+        Ok(match res.hash {
+            Some(h) => self
+                .doc
+                .get_change_by_hash(&h)
+                .map(|c| c.raw_bytes().to_vec())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        })
+    }
+
+    pub fn write_profile(&mut self, p: &Person, c: &Consent) -> Result<Vec<u8>, CoreError> {
+        let profile = self.section("profile")?;
+        let consent = self.section("consent")?;
+        self.change(p.created_at, |tx| {
+            tx.put(&profile, "id", p.id.as_str())?;
+            tx.put(&profile, "alias", p.alias.as_str())?;
+            tx.put(&profile, "year_of_birth", p.year_of_birth as i64)?;
+            put_list(tx, &profile, "workers", p.workers.iter().map(|w| w.as_str()))?;
+            tx.put(&profile, "created_by", p.created_by.as_str())?;
+            tx.put(&profile, "created_at", ts(p.created_at))?;
+            write_consent(tx, &consent, c)
+        })
+    }
+
+    pub fn write_consent(&mut self, c: &Consent) -> Result<Vec<u8>, CoreError> {
+        let consent = self.section("consent")?;
+        self.change(c.updated_at, |tx| write_consent(tx, &consent, c))
+    }
+
+    pub fn add_visit(&mut self, v: &Visit) -> Result<Vec<u8>, CoreError> {
+        let visits = self.section("visits")?;
+        self.change(v.recorded_at, |tx| {
+            let obj = tx.put_object(&visits, v.id.as_str(), ObjType::Map)?;
+            tx.put(&obj, "by", v.by.as_str())?;
+            tx.put(&obj, "started_at", ts(v.started_at))?;
+            tx.put(&obj, "duration_min", v.duration_min as i64)?;
+            tx.put(&obj, "mode", v.mode.as_str())?;
+            tx.put(&obj, "setting", v.setting.as_str())?;
+            put_list(tx, &obj, "activities", v.activities.iter().map(|s| s.as_str()))?;
+            put_list(tx, &obj, "goals", v.goals.iter().map(|s| s.as_str()))?;
+            put_list(tx, &obj, "referrals", v.referrals.iter().map(|s| s.as_str()))?;
+            tx.put(&obj, "notes", v.notes.as_str())?;
+            tx.put(&obj, "follow_up", date(v.follow_up))?;
+            tx.put(&obj, "recorded_at", ts(v.recorded_at))
+        })
+    }
+
+    pub fn edit_visit(&mut self, visit: &str, e: &VisitEdit, at: DateTime<Utc>) -> Result<Vec<u8>, CoreError> {
+        let obj = self.child("visits", visit)?.ok_or_else(|| CoreError::UnknownVisit {
+            person: self.id.clone(),
+            visit: visit.to_string(),
+        })?;
+        self.change(at, |tx| {
+            if let Some(t) = e.started_at {
+                tx.put(&obj, "started_at", ts(t))?;
+            }
+            if let Some(d) = e.duration_min {
+                tx.put(&obj, "duration_min", d as i64)?;
+            }
+            if let Some(m) = &e.mode {
+                tx.put(&obj, "mode", m.as_str())?;
+            }
+            if let Some(s) = &e.setting {
+                tx.put(&obj, "setting", s.as_str())?;
+            }
+            for (key, list) in [("activities", &e.activities), ("goals", &e.goals), ("referrals", &e.referrals)] {
+                if let Some(list) = list {
+                    put_list(tx, &obj, key, list.iter().map(|s| s.as_str()))?;
+                }
+            }
+            if let Some(n) = &e.notes {
+                tx.put(&obj, "notes", n.as_str())?;
+            }
+            if let Some(f) = e.follow_up {
+                tx.put(&obj, "follow_up", date(f))?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn add_checkin(&mut self, c: &Checkin) -> Result<Vec<u8>, CoreError> {
+        let checkins = self.section("checkins")?;
+        self.change(c.taken_at, |tx| {
+            let obj = tx.put_object(&checkins, c.id.as_str(), ObjType::Map)?;
+            tx.put(&obj, "by", c.by.as_str())?;
+            tx.put(&obj, "taken_at", ts(c.taken_at))?;
+            put_list(tx, &obj, "wellbeing", c.wellbeing.iter().map(|w| *w as i64))?;
+            tx.put(&obj, "distress", c.distress as i64)?;
+            tx.put(&obj, "coping", c.coping as i64)?;
+            tx.put(&obj, "social_support", c.social_support as i64)?;
+            tx.put(&obj, "self_efficacy", c.self_efficacy as i64)?;
+            tx.put(&obj, "quality_of_life", c.quality_of_life as i64)?;
+            tx.put(&obj, "housing", c.housing.as_str())?;
+            tx.put(&obj, "employment", c.employment.as_str())?;
+            tx.put(&obj, "hospital_nights_28d", c.hospital_nights_28d as i64)?;
+            match c.substance_use_days_28d {
+                Some(d) => tx.put(&obj, "substance_use_days_28d", d as i64),
+                None => tx.put(&obj, "substance_use_days_28d", ScalarValue::Null),
+            }
+        })
+    }
+
+    /// The full record as this device sees it. Fails only if the profile is missing or damaged;
+    /// a damaged visit or check-in (from a buggy peer) is skipped rather than hiding the rest.
+    pub fn record(&self) -> Result<PersonRecord, CoreError> {
+        let r = Reader { doc: &self.doc };
+        let profile = self.section("profile")?;
+        let consent = self.section("consent")?;
+        let bad = |what: &str| CoreError::document(&self.id, format!("{what} is missing or damaged"));
+        let person = Person {
+            id: r.str(&profile, "id").ok_or_else(|| bad("profile id"))?,
+            alias: r.str(&profile, "alias").ok_or_else(|| bad("alias"))?,
+            year_of_birth: r.int(&profile, "year_of_birth").ok_or_else(|| bad("year_of_birth"))? as i32,
+            workers: r.str_list(&profile, "workers").unwrap_or_default(),
+            created_by: r.str(&profile, "created_by").unwrap_or_default(),
+            created_at: r.time(&profile, "created_at").ok_or_else(|| bad("created_at"))?,
+        };
+        let consent_rec = Consent {
+            record: r.bool(&consent, "record").unwrap_or(true),
+            share_with_coordinator: r.bool(&consent, "share_with_coordinator").unwrap_or(false),
+            research: r.bool(&consent, "research").unwrap_or(false),
+            updated_at: r.time(&consent, "updated_at").unwrap_or(person.created_at),
+        };
+        let mut conflicts = Vec::new();
+        r.conflicts(&profile, "profile", &mut conflicts);
+        r.conflicts(&consent, "consent", &mut conflicts);
+
+        let mut visits = Vec::new();
+        let vmap = self.section("visits")?;
+        for item in self.doc.map_range(&vmap, ..) {
+            let key = item.key.to_string();
+            let Value::Object(ObjType::Map) = Value::from(item.value.clone()) else { continue };
+            let obj = item.id().clone();
+            if let Some(v) = r.visit(&obj, &key) {
+                r.conflicts(&obj, &format!("visits/{key}"), &mut conflicts);
+                visits.push(v);
+            }
+        }
+        visits.sort_by(|a, b| b.started_at.cmp(&a.started_at).then_with(|| a.id.cmp(&b.id)));
+
+        let mut checkins = Vec::new();
+        let cmap = self.section("checkins")?;
+        for item in self.doc.map_range(&cmap, ..) {
+            let key = item.key.to_string();
+            let Value::Object(ObjType::Map) = Value::from(item.value.clone()) else { continue };
+            if let Some(c) = r.checkin(&item.id(), &key) {
+                checkins.push(c);
+            }
+        }
+        checkins.sort_by(|a, b| b.taken_at.cmp(&a.taken_at).then_with(|| a.id.cmp(&b.id)));
+        Ok(PersonRecord { person, consent: consent_rec, visits, checkins, conflicts })
+    }
+}
+
+fn write_consent(tx: &mut Transaction<'_>, obj: &ObjId, c: &Consent) -> Result<(), AutomergeError> {
+    tx.put(obj, "record", c.record)?;
+    tx.put(obj, "share_with_coordinator", c.share_with_coordinator)?;
+    tx.put(obj, "research", c.research)?;
+    tx.put(obj, "updated_at", ts(c.updated_at))
+}
+
+/// Typed reads that treat a missing or mistyped field as absent.
+struct Reader<'a> {
+    doc: &'a Automerge,
+}
+
+impl Reader<'_> {
+    fn scalar(&self, obj: &ObjId, key: &str) -> Option<ScalarValue> {
+        match self.doc.get(obj, key).ok()?? {
+            (Value::Scalar(s), _) => Some(s.into_owned()),
+            _ => None,
+        }
+    }
+
+    fn str(&self, obj: &ObjId, key: &str) -> Option<String> {
+        match self.scalar(obj, key)? {
+            ScalarValue::Str(s) => Some(s.to_string()),
+            _ => None,
+        }
+    }
+
+    fn int(&self, obj: &ObjId, key: &str) -> Option<i64> {
+        match self.scalar(obj, key)? {
+            ScalarValue::Int(i) => Some(i),
+            ScalarValue::Uint(u) => i64::try_from(u).ok(),
+            _ => None,
+        }
+    }
+
+    fn bool(&self, obj: &ObjId, key: &str) -> Option<bool> {
+        match self.scalar(obj, key)? {
+            ScalarValue::Boolean(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    fn time(&self, obj: &ObjId, key: &str) -> Option<DateTime<Utc>> {
+        match self.scalar(obj, key)? {
+            ScalarValue::Timestamp(ms) | ScalarValue::Int(ms) => Utc.timestamp_millis_opt(ms).single(),
+            _ => None,
+        }
+    }
+
+    /// `Some(None)` for an explicit null, `None` for a missing or mistyped field.
+    fn date(&self, obj: &ObjId, key: &str) -> Option<Option<NaiveDate>> {
+        match self.scalar(obj, key)? {
+            ScalarValue::Null => Some(None),
+            ScalarValue::Str(s) => NaiveDate::parse_from_str(&s, "%Y-%m-%d").ok().map(Some),
+            _ => None,
+        }
+    }
+
+    fn list(&self, obj: &ObjId, key: &str) -> Option<Vec<ScalarValue>> {
+        let (Value::Object(ObjType::List), list) = self.doc.get(obj, key).ok()?? else { return None };
+        Some(
+            self.doc
+                .list_range(&list, ..)
+                .filter_map(|item| match Value::from(item.value) {
+                    Value::Scalar(s) => Some(s.into_owned()),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
+    fn str_list(&self, obj: &ObjId, key: &str) -> Option<Vec<String>> {
+        Some(
+            self.list(obj, key)?
+                .into_iter()
+                .filter_map(|v| match v {
+                    ScalarValue::Str(s) => Some(s.to_string()),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
+    fn visit(&self, obj: &ObjId, id: &str) -> Option<Visit> {
+        Some(Visit {
+            id: id.to_string(),
+            by: self.str(obj, "by")?,
+            started_at: self.time(obj, "started_at")?,
+            duration_min: u32::try_from(self.int(obj, "duration_min")?).ok()?,
+            mode: self.str(obj, "mode")?,
+            setting: self.str(obj, "setting")?,
+            activities: self.str_list(obj, "activities").unwrap_or_default(),
+            goals: self.str_list(obj, "goals").unwrap_or_default(),
+            referrals: self.str_list(obj, "referrals").unwrap_or_default(),
+            notes: self.str(obj, "notes").unwrap_or_default(),
+            follow_up: self.date(obj, "follow_up").flatten(),
+            recorded_at: self.time(obj, "recorded_at")?,
+        })
+    }
+
+    fn checkin(&self, obj: &ObjId, id: &str) -> Option<Checkin> {
+        let small = |k: &str| self.int(obj, k).and_then(|v| u8::try_from(v).ok());
+        let wellbeing = self
+            .list(obj, "wellbeing")?
+            .into_iter()
+            .map(|v| match v {
+                ScalarValue::Int(i) => u8::try_from(i).ok(),
+                ScalarValue::Uint(u) => u8::try_from(u).ok(),
+                _ => None,
+            })
+            .collect::<Option<Vec<u8>>>()?;
+        Some(Checkin {
+            id: id.to_string(),
+            by: self.str(obj, "by")?,
+            taken_at: self.time(obj, "taken_at")?,
+            wellbeing,
+            distress: small("distress")?,
+            coping: small("coping")?,
+            social_support: small("social_support")?,
+            self_efficacy: small("self_efficacy")?,
+            quality_of_life: small("quality_of_life")?,
+            housing: self.str(obj, "housing")?,
+            employment: self.str(obj, "employment")?,
+            hospital_nights_28d: u32::try_from(self.int(obj, "hospital_nights_28d")?).ok()?,
+            substance_use_days_28d: self.int(obj, "substance_use_days_28d").and_then(|v| u32::try_from(v).ok()),
+        })
+    }
+
+    fn json(&self, value: &Value<'_>, id: &ObjId) -> String {
+        let j = match value {
+            Value::Scalar(s) => scalar_json(s),
+            Value::Object(ObjType::List) => serde_json::Value::Array(
+                self.doc
+                    .list_range(id, ..)
+                    .filter_map(|item| match Value::from(item.value) {
+                        Value::Scalar(s) => Some(scalar_json(&s)),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            Value::Object(t) => serde_json::Value::String(format!("<{t:?}>")),
+        };
+        j.to_string()
+    }
+
+    /// Record every field of `obj` that holds more than one concurrent value.
+    fn conflicts(&self, obj: &ObjId, path: &str, out: &mut Vec<FieldConflict>) {
+        for key in self.doc.keys(obj) {
+            let Ok(all) = self.doc.get_all(obj, key.as_str()) else { continue };
+            if all.len() < 2 {
+                continue;
+            }
+            // get_all lists values in op order; the winner `get` shows is the last.
+            let values = all.iter().rev().map(|(v, id)| self.json(v, id)).collect();
+            out.push(FieldConflict { field: format!("{path}/{key}"), values });
+        }
+    }
+}
+
+fn scalar_json(s: &ScalarValue) -> serde_json::Value {
+    use serde_json::Value as J;
+    match s {
+        ScalarValue::Str(s) => J::String(s.to_string()),
+        ScalarValue::Int(i) => J::from(*i),
+        ScalarValue::Uint(u) => J::from(*u),
+        ScalarValue::F64(f) => J::from(*f),
+        ScalarValue::Boolean(b) => J::Bool(*b),
+        ScalarValue::Timestamp(ms) => Utc
+            .timestamp_millis_opt(*ms)
+            .single()
+            .map(|t| J::String(t.to_rfc3339()))
+            .unwrap_or(J::Null),
+        ScalarValue::Null => J::Null,
+        other => J::String(other.to_string()),
+    }
+}

@@ -1,0 +1,113 @@
+//! sled backend: the store on a phone's flash.
+
+use std::path::Path;
+
+use super::{LocalStore, Write};
+use crate::error::StoreError;
+
+pub struct SledStore {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl SledStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            // Phones have little memory; the hot set of a caseload is small.
+            .cache_capacity(16 * 1024 * 1024)
+            .open()
+            .map_err(|e| StoreError::Io(format!("cannot open store at {}: {e}", path.display())))?;
+        let tree = db.open_tree("peersync")?;
+        Ok(Self { db, tree })
+    }
+
+    /// The sled database, for callers that need sled-specific operations (size on disk).
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+impl LocalStore for SledStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.tree
+            .scan_prefix(prefix)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from))
+            .collect()
+    }
+
+    fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.tree
+            .scan_prefix(prefix)
+            .keys()
+            .map(|r| r.map(|k| k.to_vec()).map_err(StoreError::from))
+            .collect()
+    }
+
+    fn apply(&self, batch: Vec<Write>) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for w in batch {
+            match w {
+                Write::Put(k, v) => b.insert(k, v),
+                Write::Delete(k) => b.remove(k),
+            }
+        }
+        self.tree.apply_batch(b)?;
+        // A write returns only once durable: the worker may drop the phone right after saving.
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    fn wipe(&self) -> Result<(), StoreError> {
+        self.tree.clear()?;
+        self.tree.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod suite {
+    use super::SledStore;
+
+    /// A sled store in a temporary directory that is removed once the store is dropped.
+    struct TempSled {
+        store: SledStore,
+        _dir: tempfile::TempDir,
+    }
+
+    impl crate::store::LocalStore for TempSled {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, crate::error::StoreError> {
+            self.store.get(key)
+        }
+        fn scan_prefix(&self, p: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, crate::error::StoreError> {
+            self.store.scan_prefix(p)
+        }
+        fn apply(&self, batch: Vec<Write>) -> Result<(), crate::error::StoreError> {
+            self.store.apply(batch)
+        }
+        fn wipe(&self) -> Result<(), crate::error::StoreError> {
+            self.store.wipe()
+        }
+    }
+
+    fn make() -> TempSled {
+        let dir = tempfile::tempdir().unwrap();
+        TempSled { store: SledStore::open(dir.path()).unwrap(), _dir: dir }
+    }
+    super::super::local_store_suite!(make);
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.apply(vec![Write::Put(b"k".to_vec(), b"v".to_vec())]).unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.get(b"k").unwrap(), Some(b"v".to_vec()));
+    }
+}

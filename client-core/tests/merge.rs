@@ -1,0 +1,133 @@
+//! Person documents merge without losing anyone's records.
+
+mod common;
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, Automerge, ObjType, ROOT, ReadDoc};
+use common::*;
+use peersync_core::{PersonDoc, VisitEdit};
+
+/// Two phones record different visits for the same person while offline; after exchanging
+/// documents both hold both visits.
+#[tokio::test]
+async fn concurrent_offline_visits_both_survive_the_merge() {
+    let (a, _) = device("w-001").await;
+    let (b, _) = device("w-002").await;
+    // 1. A registers the person; B receives the document (as a sync would deliver it).
+    a.register_person(person("p-1", "KM-1")).await.unwrap();
+    b.import_document("p-1", a.export_document("p-1").await.unwrap()).await.unwrap();
+    // 2. Both go offline and record a visit each.
+    a.record_visit("p-1", visit("v-a", "from phone A")).await.unwrap();
+    b.record_visit("p-1", visit("v-b", "from phone B")).await.unwrap();
+    // 3. They exchange documents both ways.
+    let from_a = a.export_document("p-1").await.unwrap();
+    let from_b = b.export_document("p-1").await.unwrap();
+    assert!(a.import_document("p-1", from_b).await.unwrap());
+    assert!(b.import_document("p-1", from_a).await.unwrap());
+    // 4. Both see both visits, and the same record.
+    let ra = a.person("p-1").await.unwrap();
+    let rb = b.person("p-1").await.unwrap();
+    let mut ids: Vec<_> = ra.visits.iter().map(|v| v.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["v-a", "v-b"]);
+    assert_eq!(ra, rb);
+    assert_eq!(a.people().await.unwrap()[0].visits, 2);
+    assert_eq!(b.people().await.unwrap()[0].visits, 2);
+    // Only B's own visit is pending on B; what it received is not.
+    assert_eq!(b.pending_changes().await.unwrap().changes, 1);
+}
+
+/// Two phones edit the same field of one visit at once: every device shows the same winner,
+/// and the losing value stays visible as a conflict.
+#[tokio::test]
+async fn concurrent_edits_of_one_field_keep_one_winner_and_show_the_conflict() {
+    let (a, _) = device("w-001").await;
+    let (b, _) = device("w-002").await;
+    a.register_person(person("p-1", "KM-1")).await.unwrap();
+    a.record_visit("p-1", visit("v-1", "original")).await.unwrap();
+    b.import_document("p-1", a.export_document("p-1").await.unwrap()).await.unwrap();
+
+    let edit = |n: &str| VisitEdit { notes: Some(n.into()), ..Default::default() };
+    a.edit_visit("p-1", "v-1", edit("notes from A")).await.unwrap();
+    b.edit_visit("p-1", "v-1", edit("notes from B")).await.unwrap();
+    let (da, db) = (a.export_document("p-1").await.unwrap(), b.export_document("p-1").await.unwrap());
+    a.import_document("p-1", db).await.unwrap();
+    b.import_document("p-1", da).await.unwrap();
+
+    let ra = a.person("p-1").await.unwrap();
+    let rb = b.person("p-1").await.unwrap();
+    let winner = &ra.visits[0].notes;
+    assert_eq!(winner, &rb.visits[0].notes, "every device shows the same winner");
+    assert!(winner == "notes from A" || winner == "notes from B");
+    assert_eq!(ra.conflicts, rb.conflicts);
+    assert_eq!(ra.conflicts.len(), 1, "{:?}", ra.conflicts);
+    let c = &ra.conflicts[0];
+    assert_eq!(c.field, "visits/v-1/notes");
+    assert_eq!(c.values.len(), 2);
+    assert_eq!(c.values[0], serde_json::to_string(winner).unwrap(), "the winner is listed first");
+    assert!(c.values.contains(&"\"notes from A\"".to_string()));
+    assert!(c.values.contains(&"\"notes from B\"".to_string()));
+    assert_eq!(a.people().await.unwrap()[0].conflicts, 1);
+}
+
+/// The skeleton pitfall. First shown to be real with naive documents, then shown not to bite
+/// person documents: each phone creates the document on its own, yet no visit vanishes.
+#[test]
+fn independently_created_documents_do_not_hide_each_others_visits() {
+    // The pitfall, naively: each device makes its own `visits` map.
+    let naive = |actor: u8, visit: &str| {
+        let mut d = Automerge::new().with_actor(ActorId::from(vec![actor; 16]));
+        let mut tx = d.transaction();
+        let visits = tx.put_object(ROOT, "visits", ObjType::Map).unwrap();
+        tx.put_object(&visits, visit, ObjType::Map).unwrap();
+        tx.commit_with(CommitOptions::default());
+        d
+    };
+    let mut x = naive(1, "v-x");
+    let mut y = naive(2, "v-y");
+    x.merge(&mut y).unwrap();
+    let (_, visits) = x.get(ROOT, "visits").unwrap().unwrap();
+    assert_eq!(x.keys(&visits).count(), 1, "naive documents lose one side's visits");
+
+    // Person documents: the skeleton is one deterministic change.
+    let (mut a, _) = PersonDoc::create("p-1", ActorId::from(vec![1; 16]));
+    let (mut b, _) = PersonDoc::create("p-1", ActorId::from(vec![2; 16]));
+    assert_eq!(a.heads(), b.heads(), "the skeleton has the same hash on every device");
+    let mk = |id: &str| peersync_core::Visit {
+        id: id.into(),
+        by: "w".into(),
+        started_at: t(2, 10),
+        duration_min: 30,
+        mode: "phone".into(),
+        setting: "home".into(),
+        activities: vec!["support".into()],
+        goals: vec![],
+        referrals: vec![],
+        notes: String::new(),
+        follow_up: None,
+        recorded_at: t(2, 11),
+    };
+    a.add_visit(&mk("v-a")).unwrap();
+    b.add_visit(&mk("v-b")).unwrap();
+    let bytes_b = b.save();
+    a.automerge_mut().load_incremental(&bytes_b).unwrap();
+    let (_, visits) = a.automerge().get(ROOT, "visits").unwrap().unwrap();
+    let mut keys: Vec<_> = a.automerge().keys(&visits).collect();
+    keys.sort();
+    assert_eq!(keys, ["v-a", "v-b"]);
+}
+
+/// Two phones that both register the same person id offline (the pitfall through the public
+/// API): after the merge, both phones' visits are there.
+#[tokio::test]
+async fn same_person_registered_on_two_phones_keeps_both_visit_sets() {
+    let (a, _) = device("w-001").await;
+    let (b, _) = device("w-002").await;
+    a.register_person(person("p-9", "AB-9")).await.unwrap();
+    b.register_person(person("p-9", "AB-9")).await.unwrap();
+    a.record_visit("p-9", visit("v-a", "")).await.unwrap();
+    b.record_visit("p-9", visit("v-b", "")).await.unwrap();
+    a.import_document("p-9", b.export_document("p-9").await.unwrap()).await.unwrap();
+    let r = a.person("p-9").await.unwrap();
+    assert_eq!(r.visits.len(), 2);
+}
