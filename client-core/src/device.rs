@@ -23,7 +23,7 @@ use crate::model::{
 use crate::store::{LocalStore, MemoryStore, SealedStore, SledStore, StoredWrite};
 
 /// Appended change chunks per document before they are folded into a new snapshot.
-const COMPACT_AFTER: u64 = 32;
+const COMPACT_AFTER: u64 = 8;
 
 const META_ACTOR: &str = "actor";
 const META_WORKER: &str = "worker";

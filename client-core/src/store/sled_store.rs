@@ -16,6 +16,9 @@ impl SledStore {
             .path(path)
             // Phones have little memory; the hot set of a caseload is small.
             .cache_capacity(16 * 1024 * 1024)
+            // Phones have little flash to spare: clean log segments eagerly.
+            .mode(sled::Mode::LowSpace)
+            .segment_size(1 << 16)
             .open()
             .map_err(|e| StoreError::Io(format!("cannot open store at {}: {e}", path.display())))?;
         let tree = db.open_tree("peersync")?;
