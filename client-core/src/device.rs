@@ -25,7 +25,6 @@ use crate::store::{LocalStore, MemoryStore, SealedStore, SledStore, StoredWrite}
 /// Appended change chunks per document before they are folded into a new snapshot.
 const COMPACT_AFTER: u64 = 8;
 
-const META_ACTOR: &str = "actor";
 const META_WORKER: &str = "worker";
 const DOC_SUMMARY: &str = "summary";
 const DOC_SYNC: &str = "sync";
@@ -114,15 +113,9 @@ impl Device {
     /// A device over any [`LocalStore`] backend.
     pub fn with_store(backend: Box<dyn LocalStore>, key: &[u8], clock: Arc<dyn Clock>) -> Result<Device, CoreError> {
         let store = SealedStore::open(backend, key)?;
-        let actor = match store.meta(META_ACTOR)? {
-            Some(bytes) => ActorId::from(bytes),
-            None => {
-                // One actor per device install: automerge requires that no two writers share one.
-                let actor = ActorId::random();
-                store.commit(vec![StoredWrite::Meta { name: META_ACTOR.into(), value: actor.to_bytes().to_vec() }])?;
-                actor
-            }
-        };
+        // A fresh automerge actor for every open: a store restored from a backup must never
+        // reuse (actor, seq) pairs it already sent to the server with other content.
+        let actor = ActorId::random();
         let worker = match store.meta(META_WORKER)? {
             Some(b) => Some(String::from_utf8(b).map_err(|_| CoreError::document("worker", "not UTF-8"))?),
             None => None,

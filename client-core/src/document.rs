@@ -287,8 +287,8 @@ impl PersonDoc {
     /// a damaged visit or check-in (from a buggy peer) is skipped rather than hiding the rest.
     pub fn record(&self) -> Result<PersonRecord, CoreError> {
         let r = Reader { doc: &self.doc };
-        let profile = self.section("profile")?;
-        let consent = self.section("consent")?;
+        let profile = r.fields(&self.section("profile")?);
+        let consent = r.fields(&self.section("consent")?);
         let bad = |what: &str| CoreError::document(&self.id, format!("{what} is missing or damaged"));
         let person = Person {
             id: r.str(&profile, "id").ok_or_else(|| bad("profile id"))?,
@@ -313,7 +313,7 @@ impl PersonDoc {
         for item in self.doc.map_range(&vmap, ..) {
             let key = item.key.to_string();
             let Value::Object(ObjType::Map) = Value::from(item.value.clone()) else { continue };
-            let obj = item.id().clone();
+            let obj = r.fields(&item.id());
             if let Some(v) = r.visit(&obj, &key) {
                 r.conflicts(&obj, &format!("visits/{key}"), &mut conflicts);
                 visits.push(v);
@@ -326,7 +326,7 @@ impl PersonDoc {
         for item in self.doc.map_range(&cmap, ..) {
             let key = item.key.to_string();
             let Value::Object(ObjType::Map) = Value::from(item.value.clone()) else { continue };
-            if let Some(c) = r.checkin(&item.id(), &key) {
+            if let Some(c) = r.checkin(&r.fields(&item.id()), &key) {
                 checkins.push(c);
             }
         }
@@ -347,22 +347,42 @@ struct Reader<'a> {
     doc: &'a Automerge,
 }
 
+/// The fields of one map object, read in a single pass (much cheaper than a `get` per field).
+struct Fields {
+    obj: ObjId,
+    map: std::collections::HashMap<String, (Value<'static>, ObjId)>,
+    /// Keys holding concurrent values.
+    conflicted: Vec<String>,
+}
+
 impl Reader<'_> {
-    fn scalar(&self, obj: &ObjId, key: &str) -> Option<ScalarValue> {
-        match self.doc.get(obj, key).ok()?? {
-            (Value::Scalar(s), _) => Some(s.into_owned()),
+    fn fields(&self, obj: &ObjId) -> Fields {
+        let mut map = std::collections::HashMap::new();
+        let mut conflicted = Vec::new();
+        for item in self.doc.map_range(obj, ..) {
+            if item.conflict {
+                conflicted.push(item.key.to_string());
+            }
+            map.insert(item.key.to_string(), (Value::from(item.value.clone()), item.id()));
+        }
+        Fields { obj: obj.clone(), map, conflicted }
+    }
+
+    fn scalar(&self, f: &Fields, key: &str) -> Option<ScalarValue> {
+        match f.map.get(key)? {
+            (Value::Scalar(s), _) => Some(s.clone().into_owned()),
             _ => None,
         }
     }
 
-    fn str(&self, obj: &ObjId, key: &str) -> Option<String> {
+    fn str(&self, obj: &Fields, key: &str) -> Option<String> {
         match self.scalar(obj, key)? {
             ScalarValue::Str(s) => Some(s.to_string()),
             _ => None,
         }
     }
 
-    fn int(&self, obj: &ObjId, key: &str) -> Option<i64> {
+    fn int(&self, obj: &Fields, key: &str) -> Option<i64> {
         match self.scalar(obj, key)? {
             ScalarValue::Int(i) => Some(i),
             ScalarValue::Uint(u) => i64::try_from(u).ok(),
@@ -370,14 +390,14 @@ impl Reader<'_> {
         }
     }
 
-    fn bool(&self, obj: &ObjId, key: &str) -> Option<bool> {
+    fn bool(&self, obj: &Fields, key: &str) -> Option<bool> {
         match self.scalar(obj, key)? {
             ScalarValue::Boolean(b) => Some(b),
             _ => None,
         }
     }
 
-    fn time(&self, obj: &ObjId, key: &str) -> Option<DateTime<Utc>> {
+    fn time(&self, obj: &Fields, key: &str) -> Option<DateTime<Utc>> {
         match self.scalar(obj, key)? {
             ScalarValue::Timestamp(ms) | ScalarValue::Int(ms) => Utc.timestamp_millis_opt(ms).single(),
             _ => None,
@@ -385,7 +405,7 @@ impl Reader<'_> {
     }
 
     /// `Some(None)` for an explicit null, `None` for a missing or mistyped field.
-    fn date(&self, obj: &ObjId, key: &str) -> Option<Option<NaiveDate>> {
+    fn date(&self, obj: &Fields, key: &str) -> Option<Option<NaiveDate>> {
         match self.scalar(obj, key)? {
             ScalarValue::Null => Some(None),
             ScalarValue::Str(s) => NaiveDate::parse_from_str(&s, "%Y-%m-%d").ok().map(Some),
@@ -393,11 +413,11 @@ impl Reader<'_> {
         }
     }
 
-    fn list(&self, obj: &ObjId, key: &str) -> Option<Vec<ScalarValue>> {
-        let (Value::Object(ObjType::List), list) = self.doc.get(obj, key).ok()?? else { return None };
+    fn list(&self, obj: &Fields, key: &str) -> Option<Vec<ScalarValue>> {
+        let (Value::Object(ObjType::List), list) = obj.map.get(key)? else { return None };
         Some(
             self.doc
-                .list_range(&list, ..)
+                .list_range(list, ..)
                 .filter_map(|item| match Value::from(item.value) {
                     Value::Scalar(s) => Some(s.into_owned()),
                     _ => None,
@@ -406,7 +426,7 @@ impl Reader<'_> {
         )
     }
 
-    fn str_list(&self, obj: &ObjId, key: &str) -> Option<Vec<String>> {
+    fn str_list(&self, obj: &Fields, key: &str) -> Option<Vec<String>> {
         Some(
             self.list(obj, key)?
                 .into_iter()
@@ -418,7 +438,7 @@ impl Reader<'_> {
         )
     }
 
-    fn visit(&self, obj: &ObjId, id: &str) -> Option<Visit> {
+    fn visit(&self, obj: &Fields, id: &str) -> Option<Visit> {
         Some(Visit {
             id: id.to_string(),
             by: self.str(obj, "by")?,
@@ -435,7 +455,7 @@ impl Reader<'_> {
         })
     }
 
-    fn checkin(&self, obj: &ObjId, id: &str) -> Option<Checkin> {
+    fn checkin(&self, obj: &Fields, id: &str) -> Option<Checkin> {
         let small = |k: &str| self.int(obj, k).and_then(|v| u8::try_from(v).ok());
         let wellbeing = self
             .list(obj, "wellbeing")?
@@ -481,9 +501,9 @@ impl Reader<'_> {
     }
 
     /// Record every field of `obj` that holds more than one concurrent value.
-    fn conflicts(&self, obj: &ObjId, path: &str, out: &mut Vec<FieldConflict>) {
-        for key in self.doc.keys(obj) {
-            let Ok(all) = self.doc.get_all(obj, key.as_str()) else { continue };
+    fn conflicts(&self, f: &Fields, path: &str, out: &mut Vec<FieldConflict>) {
+        for key in &f.conflicted {
+            let Ok(all) = self.doc.get_all(&f.obj, key.as_str()) else { continue };
             if all.len() < 2 {
                 continue;
             }
