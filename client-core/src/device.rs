@@ -45,24 +45,55 @@ pub struct PendingChanges {
     pub changes: u64,
 }
 
-struct Loaded {
-    doc: PersonDoc,
+/// Where a change to a document came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Made on this device: pending until the server acknowledges it.
+    Local,
+    /// Received from the server.
+    Server,
+    /// Received some other way (an exported document).
+    Peer,
+}
+
+/// A change applied in memory whose store writes are ready to commit.
+pub(crate) struct Staged {
+    id: String,
+    pub(crate) writes: Vec<StoredWrite>,
+    new_chunks: u64,
+    compacted: bool,
+    summary: Option<PersonSummary>,
+    sync: DocSyncState,
+}
+
+pub(crate) fn hex_heads(heads: &[automerge::ChangeHash]) -> Vec<String> {
+    heads.iter().map(|h| h.to_string()).collect()
+}
+
+impl Loaded {
+    pub(crate) fn new(doc: PersonDoc) -> Self {
+        Self { doc, next_seq: 0, increments: 0 }
+    }
+}
+
+pub(crate) struct Loaded {
+    pub(crate) doc: PersonDoc,
     next_seq: u64,
     /// Chunks appended since the last snapshot.
     increments: u64,
 }
 
-struct State {
-    worker: Option<String>,
-    docs: HashMap<String, Loaded>,
-    summaries: BTreeMap<String, PersonSummary>,
-    sync: HashMap<String, DocSyncState>,
+pub(crate) struct State {
+    pub(crate) worker: Option<String>,
+    pub(crate) docs: HashMap<String, Loaded>,
+    pub(crate) summaries: BTreeMap<String, PersonSummary>,
+    pub(crate) sync: HashMap<String, DocSyncState>,
 }
 
 pub(crate) struct Inner {
-    store: SealedStore,
-    clock: Arc<dyn Clock>,
-    actor: ActorId,
+    pub(crate) store: SealedStore,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) actor: ActorId,
     // A std Mutex: held only for short, synchronous work inside spawn_blocking, never across
     // an await.
     state: Mutex<State>,
@@ -72,7 +103,8 @@ pub(crate) struct Inner {
 /// Cheap to clone; every clone is the same device. Safe to call from any thread.
 #[derive(Clone)]
 pub struct Device {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
+    sync_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -129,6 +161,7 @@ impl Device {
             sync.insert(id, from_json::<DocSyncState>("sync", &bytes)?);
         }
         Ok(Device {
+            sync_lock: Arc::new(tokio::sync::Mutex::new(())),
             inner: Arc::new(Inner {
                 store,
                 clock,
@@ -243,6 +276,48 @@ impl Device {
         .await
     }
 
+    /// Sync with the server: send what it lacks, receive what this device lacks. One sync at a
+    /// time per device; a failed sync keeps local data and resumes where it stopped.
+    pub async fn sync(&self, options: &crate::sync::SyncOptions) -> Result<crate::sync::SyncReport, crate::sync::SyncError> {
+        let _one_at_a_time = self.sync_lock.lock().await;
+        let inner = self.inner.clone();
+        let device = blocking(move || inner.device_id()).await?;
+        let mut conn = crate::sync::WsConn::connect(&options.server, &device, options.frame_timeout).await?;
+        if let Some(o) = &options.observer {
+            let mut r = crate::sync::SyncReport::default();
+            crate::sync::FrameConn::account(&conn, &mut r);
+            o.progress(&crate::sync::SyncProgress::Connected { upgrade_bytes: r.upgrade_bytes_up + r.upgrade_bytes_down });
+        }
+        self.sync_over(&mut conn, options).await
+    }
+
+    /// Sync over an already open connection (tests use an in-memory one).
+    pub async fn sync_over<C: crate::sync::FrameConn>(
+        &self,
+        conn: &mut C,
+        options: &crate::sync::SyncOptions,
+    ) -> Result<crate::sync::SyncReport, crate::sync::SyncError> {
+        crate::sync::run(&self.inner, conn, options).await
+    }
+
+    /// This install's id, as the server knows it.
+    pub async fn device_id(&self) -> Result<String, CoreError> {
+        let inner = self.inner.clone();
+        blocking(move || inner.device_id()).await
+    }
+
+    /// What this device believes the server holds of one person's document.
+    pub async fn sync_state(&self, person: &str) -> Option<DocSyncState> {
+        self.inner.lock().sync.get(person).cloned()
+    }
+
+    /// Forget what the server is known to hold; the next sync reconciles every document.
+    /// Nothing local is lost. For recovery after a server or device restore.
+    pub async fn forget_sync_state(&self) -> Result<(), CoreError> {
+        let inner = self.inner.clone();
+        blocking(move || inner.forget_sync_state()).await
+    }
+
     /// This device's automerge actor id (hex), for diagnostics.
     pub fn actor_id(&self) -> String {
         self.inner.actor.to_hex_string()
@@ -250,7 +325,7 @@ impl Device {
 }
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -259,7 +334,7 @@ impl Inner {
     }
 
     /// The person's document, loaded from the store on first use.
-    fn loaded<'s>(&self, st: &'s mut State, id: &str) -> Result<&'s mut Loaded, CoreError> {
+    pub(crate) fn loaded<'s>(&self, st: &'s mut State, id: &str) -> Result<&'s mut Loaded, CoreError> {
         if !st.docs.contains_key(id) {
             let data = self.store.load_doc(id)?.ok_or_else(|| CoreError::UnknownPerson(id.to_string()))?;
             let doc = PersonDoc::load(id, &data, self.actor.clone())?;
@@ -271,7 +346,7 @@ impl Inner {
 
     /// Make one local change to `id` with `f` and commit it durably with the document's summary
     /// and sync bookkeeping. `f` returns the new change chunks and a value for the caller.
-    fn write<T>(
+    pub(crate) fn write<T>(
         &self,
         st: &mut State,
         id: &str,
@@ -295,46 +370,71 @@ impl Inner {
         local: bool,
         f: impl FnOnce(&mut PersonDoc) -> Result<(Vec<Vec<u8>>, T), CoreError>,
     ) -> Result<T, CoreError> {
+        let (out, staged) = self.stage(st, id, if local { Origin::Local } else { Origin::Peer }, f)?;
+        if let Some(staged) = staged {
+            self.store.commit(staged.writes.clone())?;
+            self.finish(st, staged);
+        }
+        Ok(out)
+    }
+
+    /// Apply `f` to the loaded document in memory and prepare the store writes that make it
+    /// durable (nothing is written yet). `None` if `f` changed nothing.
+    pub(crate) fn stage<T>(
+        &self,
+        st: &mut State,
+        id: &str,
+        origin: Origin,
+        f: impl FnOnce(&mut PersonDoc) -> Result<(Vec<Vec<u8>>, T), CoreError>,
+    ) -> Result<(T, Option<Staged>), CoreError> {
         let loaded = self.loaded(st, id)?;
         let (chunks, out) = f(&mut loaded.doc)?;
         let chunks: Vec<_> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
         if chunks.is_empty() {
-            return Ok(out);
+            return Ok((out, None));
         }
-        // A document received before its profile (never the case from our server) has no summary yet.
+        // A document received before its profile has no summary yet.
         let summary = loaded.doc.record().ok().map(|r| PersonSummary::of(&r));
-        let mut batch = Vec::new();
+        let mut writes = Vec::new();
         let new_chunks = chunks.len() as u64;
-        if loaded.increments + new_chunks > COMPACT_AFTER {
-            batch.push(StoredWrite::Compact {
+        let compacted = loaded.increments + new_chunks > COMPACT_AFTER;
+        if compacted {
+            writes.push(StoredWrite::Compact {
                 doc: id.to_string(),
                 snapshot: loaded.doc.save(),
                 upto_seq: loaded.next_seq + new_chunks,
             });
         } else {
             for (i, bytes) in chunks.into_iter().enumerate() {
-                batch.push(StoredWrite::AppendChange { doc: id.to_string(), seq: loaded.next_seq + i as u64, bytes });
+                writes.push(StoredWrite::AppendChange { doc: id.to_string(), seq: loaded.next_seq + i as u64, bytes });
             }
         }
-        let compacted = matches!(batch[0], StoredWrite::Compact { .. });
+        let heads = loaded.doc.heads();
         let mut sync = st.sync.get(id).cloned().unwrap_or_default();
-        if local {
-            sync.pending += new_chunks;
+        match origin {
+            Origin::Local => sync.pending += new_chunks,
+            Origin::Peer => {}
+            // Nothing of ours is waiting: the server holds everything this copy holds.
+            Origin::Server if sync.pending == 0 => sync.server_heads = hex_heads(&heads),
+            Origin::Server => {}
         }
         if let Some(summary) = &summary {
-            batch.push(StoredWrite::DocMeta { doc: id.to_string(), name: DOC_SUMMARY.into(), value: json(summary) });
+            writes.push(StoredWrite::DocMeta { doc: id.to_string(), name: DOC_SUMMARY.into(), value: json(summary) });
         }
-        batch.push(StoredWrite::DocMeta { doc: id.to_string(), name: DOC_SYNC.into(), value: json(&sync) });
-        self.store.commit(batch)?;
+        writes.push(StoredWrite::DocMeta { doc: id.to_string(), name: DOC_SYNC.into(), value: json(&sync) });
+        Ok((out, Some(Staged { id: id.to_string(), writes, new_chunks, compacted, summary, sync })))
+    }
 
-        let loaded = st.docs.get_mut(id).expect("loaded above");
-        loaded.next_seq += new_chunks;
-        loaded.increments = if compacted { 0 } else { loaded.increments + new_chunks };
-        if let Some(summary) = summary {
-            st.summaries.insert(id.to_string(), summary);
+    /// Bring memory in line once a staged change is durable.
+    pub(crate) fn finish(&self, st: &mut State, staged: Staged) {
+        if let Some(loaded) = st.docs.get_mut(&staged.id) {
+            loaded.next_seq += staged.new_chunks;
+            loaded.increments = if staged.compacted { 0 } else { loaded.increments + staged.new_chunks };
         }
-        st.sync.insert(id.to_string(), sync);
-        Ok(out)
+        if let Some(summary) = staged.summary {
+            st.summaries.insert(staged.id.clone(), summary);
+        }
+        st.sync.insert(staged.id, staged.sync);
     }
 
     fn import(&self, id: &str, data: &[u8]) -> Result<bool, CoreError> {

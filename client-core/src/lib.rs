@@ -14,7 +14,9 @@ pub mod device;
 pub mod document;
 pub mod error;
 pub mod model;
+pub mod protocol;
 pub mod store;
+pub mod sync;
 pub mod vocab;
 
 pub use caseload::{FollowUp, PersonSummary};

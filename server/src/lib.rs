@@ -1,0 +1,15 @@
+//! peersync-server: the sync server.
+//!
+//! - [`store`]: documents, change log and device records behind the [`store::ServerStore`] trait.
+//! - [`docs`]: the document hub — pushes, downloads, the automerge sync fallback, the cache.
+//! - [`session`]: one device connection, generic over its transport.
+//! - [`auth`]: the identity and access seams every session goes through.
+//! - [`app`]: routes and the websocket upgrade; [`cli`]: the `peersync` command.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod docs;
+pub mod metrics;
+pub mod session;
+pub mod store;

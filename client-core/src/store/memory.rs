@@ -36,6 +36,13 @@ impl LocalStore for MemoryStore {
             .collect())
     }
 
+    fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        Ok(self.map().range(from.to_vec()..to.to_vec()).map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
     fn apply(&self, batch: Vec<Write>) -> Result<(), StoreError> {
         let mut map = self.map();
         for w in batch {

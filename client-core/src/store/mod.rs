@@ -32,6 +32,8 @@ pub trait LocalStore: Send + Sync + 'static {
     fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(self.scan_prefix(prefix)?.into_iter().map(|(k, _)| k).collect())
     }
+    /// Pairs with `from <= key < to`, in key order.
+    fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
     fn apply(&self, batch: Vec<Write>) -> Result<(), StoreError>;
     /// Remove every key, durably.
     fn wipe(&self) -> Result<(), StoreError>;
@@ -93,6 +95,15 @@ macro_rules! local_store_suite {
                 .unwrap();
             let vals: Vec<_> = s.scan_prefix(b"c/").unwrap().into_iter().map(|(_, v)| v[0]).collect();
             assert_eq!(vals, vec![1, 2, 3]);
+        }
+
+        #[test]
+        fn scan_range_is_half_open() {
+            let s = $make();
+            s.apply(vec![put("a1", "1"), put("a2", "2"), put("a3", "3"), put("b", "4")]).unwrap();
+            let keys: Vec<_> = s.scan_range(b"a2", b"b").unwrap().into_iter().map(|(k, _)| k).collect();
+            assert_eq!(keys, vec![b"a2".to_vec(), b"a3".to_vec()]);
+            assert!(s.scan_range(b"c", b"d").unwrap().is_empty());
         }
 
         #[test]
@@ -161,6 +172,9 @@ impl<S: LocalStore> LocalStore for std::sync::Arc<S> {
     }
     fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
         (**self).keys_with_prefix(prefix)
+    }
+    fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        (**self).scan_range(from, to)
     }
     fn apply(&self, batch: Vec<Write>) -> Result<(), StoreError> {
         (**self).apply(batch)

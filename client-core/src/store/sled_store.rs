@@ -11,11 +11,16 @@ pub struct SledStore {
 }
 
 impl SledStore {
+    /// Open with settings for a phone: a small cache (the hot set of a caseload is small).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, 16 * 1024 * 1024)
+    }
+
+    /// Open with a page cache of `cache_bytes` (a server wants more than a phone).
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
-            // Phones have little memory; the hot set of a caseload is small.
-            .cache_capacity(16 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             // Phones have little flash to spare: clean log segments eagerly.
             .mode(sled::Mode::LowSpace)
             .segment_size(1 << 16)
@@ -48,6 +53,16 @@ impl LocalStore for SledStore {
             .scan_prefix(prefix)
             .keys()
             .map(|r| r.map(|k| k.to_vec()).map_err(StoreError::from))
+            .collect()
+    }
+
+    fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        self.tree
+            .range(from..to)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from))
             .collect()
     }
 
@@ -88,6 +103,9 @@ mod suite {
         }
         fn scan_prefix(&self, p: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, crate::error::StoreError> {
             self.store.scan_prefix(p)
+        }
+        fn scan_range(&self, a: &[u8], b: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, crate::error::StoreError> {
+            self.store.scan_range(a, b)
         }
         fn apply(&self, batch: Vec<Write>) -> Result<(), crate::error::StoreError> {
             self.store.apply(batch)

@@ -1,0 +1,275 @@
+//! The device side of the protocol, independent of the socket: it talks to a [`FrameConn`].
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use automerge::sync::State as SyncState;
+
+use super::state::PreparedPush;
+use super::{Refusal, SyncError, SyncOptions, SyncProgress, SyncReport};
+use crate::device::Inner;
+use crate::error::CoreError;
+use crate::protocol::{self, AckStatus, ClientMsg, DocPush, DocSync, ErrorCode, ServerMsg, TARGET_BATCH_BYTES};
+
+/// Push frames sent ahead of their acknowledgements. Bounds what the server buffers and what a
+/// dropped link wastes, while keeping the link busy.
+const WINDOW: usize = 4;
+/// Reconciliation rounds before giving up (automerge needs two or three).
+const MAX_SYNC_ROUNDS: usize = 24;
+
+/// A framed connection to the server, counting what crosses the socket.
+pub trait FrameConn: Send {
+    fn send(&mut self, frame: Vec<u8>) -> impl Future<Output = Result<(), SyncError>> + Send;
+    fn recv(&mut self) -> impl Future<Output = Result<Vec<u8>, SyncError>> + Send;
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
+    /// Fill in the byte and frame counts of `report`.
+    fn account(&self, report: &mut SyncReport);
+}
+
+async fn blocking<T, F>(inner: &Arc<Inner>, f: F) -> Result<T, SyncError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Inner) -> Result<T, CoreError> + Send + 'static,
+{
+    let inner = inner.clone();
+    tokio::task::spawn_blocking(move || f(&inner))
+        .await
+        .map_err(|e| SyncError::Local(CoreError::Task(e.to_string())))?
+        .map_err(SyncError::from)
+}
+
+struct Engine<'a, C: FrameConn> {
+    inner: &'a Arc<Inner>,
+    conn: &'a mut C,
+    opts: &'a SyncOptions,
+    report: SyncReport,
+}
+
+/// Run one sync exchange over `conn`. Every acknowledged batch and every received batch is
+/// durable on the device before the next is handled, so an interrupted sync resumes where it
+/// stopped.
+pub(crate) async fn run<C: FrameConn>(inner: &Arc<Inner>, conn: &mut C, opts: &SyncOptions) -> Result<SyncReport, SyncError> {
+    let started = Instant::now();
+    let mut e = Engine { inner, conn, opts, report: SyncReport::default() };
+    let result = e.exchange().await;
+    e.conn.close().await;
+    e.conn.account(&mut e.report);
+    e.report.duration_ms = started.elapsed().as_millis() as u64;
+    result.map(|()| e.report)
+}
+
+impl<C: FrameConn> Engine<'_, C> {
+    fn progress(&self, p: SyncProgress) {
+        if let Some(o) = &self.opts.observer {
+            o.progress(&p);
+        }
+    }
+
+    async fn send(&mut self, msg: &ClientMsg) -> Result<(), SyncError> {
+        let frame = protocol::encode(msg)?;
+        self.conn.send(frame).await
+    }
+
+    async fn recv(&mut self) -> Result<ServerMsg, SyncError> {
+        let frame = self.conn.recv().await?;
+        match protocol::decode::<ServerMsg>(&frame)? {
+            ServerMsg::Error { code, message } => Err(SyncError::Server { code, message }),
+            m => Ok(m),
+        }
+    }
+
+    /// Prepare the next batch of pushes from `queue`, up to the batch size.
+    async fn next_batch(&mut self, queue: &mut VecDeque<String>) -> Result<Vec<PreparedPush>, SyncError> {
+        let mut batch = Vec::new();
+        let mut size = 0;
+        while size < TARGET_BATCH_BYTES {
+            let Some(id) = queue.pop_front() else { break };
+            if let Some(p) = blocking(self.inner, move |i| i.prepare_push(&id)).await? {
+                size += p.push.data.len();
+                batch.push(p);
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn exchange(&mut self) -> Result<(), SyncError> {
+        let cursor = blocking(self.inner, |i| i.cursor()).await?;
+        let mut queue: VecDeque<String> = blocking(self.inner, |i| i.to_push()).await?.into();
+        let total = queue.len() as u64;
+        let mut acked_docs = 0u64;
+        let mut in_flight: VecDeque<Vec<(String, Vec<[u8; 32]>, u64)>> = VecDeque::new();
+
+        let first = self.next_batch(&mut queue).await?;
+        let more = !queue.is_empty();
+        let (docs, meta) = split(first);
+        if !docs.is_empty() {
+            in_flight.push_back(meta);
+        }
+        self.send(&ClientMsg::Hello { cursor, live: false, docs, more }).await?;
+        let mut all_sent = !more;
+
+        let mut need_sync = Vec::new();
+        let mut downloaded = false;
+        let mut recovery = false;
+        let mut received = 0u64;
+        loop {
+            while !all_sent && in_flight.len() < WINDOW {
+                let batch = self.next_batch(&mut queue).await?;
+                let more = !queue.is_empty();
+                let (docs, meta) = split(batch);
+                if !docs.is_empty() {
+                    in_flight.push_back(meta);
+                }
+                self.send(&ClientMsg::Push { docs, more }).await?;
+                all_sent = !more;
+            }
+            if downloaded && in_flight.is_empty() && all_sent {
+                break;
+            }
+            match self.recv().await? {
+                ServerMsg::Acks { acks } => {
+                    let sent = in_flight.pop_front().ok_or_else(|| unexpected("acknowledgement without a push"))?;
+                    let by_doc: HashMap<_, _> = sent.into_iter().map(|(d, h, p)| (d.clone(), (d, h, p))).collect();
+                    let mut stored = Vec::new();
+                    for ack in acks {
+                        let Some(entry) = by_doc.get(&ack.doc) else { continue };
+                        match ack.status {
+                            AckStatus::Stored => stored.push(entry.clone()),
+                            AckStatus::NeedSync => need_sync.push(ack.doc),
+                            AckStatus::Refused { code, message } => {
+                                self.report.refused.push(Refusal { person: ack.doc, code, message });
+                            }
+                        }
+                    }
+                    acked_docs += stored.len() as u64;
+                    self.report.docs_sent += stored.len() as u64;
+                    blocking(self.inner, move |i| i.acknowledge(&stored)).await?;
+                    self.progress(SyncProgress::Sending { done: acked_docs, total });
+                }
+                ServerMsg::Docs { docs, cursor, remaining, done } => {
+                    received += docs.len() as u64;
+                    self.report.docs_received += docs.len() as u64;
+                    let changed = blocking(self.inner, move |i| i.receive_docs(docs, Some(cursor))).await?;
+                    if let (Some(o), false) = (&self.opts.observer, changed.is_empty()) {
+                        o.records_changed(&changed);
+                    }
+                    self.progress(SyncProgress::Receiving { done: received, total: received + remaining as u64 });
+                    downloaded = done;
+                }
+                ServerMsg::CursorUnknown => {
+                    recovery = true;
+                    downloaded = true;
+                }
+                ServerMsg::Sync { .. } => return Err(unexpected("sync reply outside reconciliation")),
+                ServerMsg::Error { .. } => unreachable!("recv turns errors into Err"),
+            }
+        }
+        self.report.round_trips += 1;
+
+        if recovery {
+            // The server's history is not the one this device knows (restored from a backup, or
+            // this device's state is): reconcile everything held here, then fetch the rest.
+            let all = blocking(self.inner, |i| i.all_docs()).await?;
+            self.reconcile(all.clone()).await?;
+            self.send(&ClientMsg::Fetch { skip: all }).await?;
+            self.report.round_trips += 1;
+            loop {
+                match self.recv().await? {
+                    ServerMsg::Docs { docs, cursor, done, .. } => {
+                        self.report.docs_received += docs.len() as u64;
+                        let changed = blocking(self.inner, move |i| i.receive_docs(docs, Some(cursor))).await?;
+                        if let (Some(o), false) = (&self.opts.observer, changed.is_empty()) {
+                            o.records_changed(&changed);
+                        }
+                        if done {
+                            break;
+                        }
+                    }
+                    _ => return Err(unexpected("expected documents after Fetch")),
+                }
+            }
+        } else if !need_sync.is_empty() {
+            self.reconcile(need_sync).await?;
+        }
+        Ok(())
+    }
+
+    /// Automerge's sync protocol for `ids`, all documents in each round, until both sides have
+    /// nothing more to say.
+    async fn reconcile(&mut self, ids: Vec<String>) -> Result<(), SyncError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.progress(SyncProgress::Reconciling { documents: ids.len() as u64 });
+        let mut states: HashMap<String, SyncState> = ids.iter().map(|id| (id.clone(), SyncState::new())).collect();
+        for _ in 0..MAX_SYNC_ROUNDS {
+            let ids2 = ids.clone();
+            let taken = std::mem::take(&mut states);
+            let (msgs, back) = blocking(self.inner, move |i| {
+                let mut taken = taken;
+                let mut msgs = Vec::new();
+                for id in &ids2 {
+                    let st = taken.get_mut(id).expect("state per id");
+                    if let Some(m) = i.sync_generate(id, st)? {
+                        msgs.push(DocSync { doc: id.clone(), msg: m });
+                    }
+                }
+                Ok((msgs, taken))
+            })
+            .await?;
+            states = back;
+            if msgs.is_empty() {
+                let ids2 = ids.clone();
+                blocking(self.inner, move |i| i.mark_reconciled(&ids2)).await?;
+                self.report.reconciled += ids.len() as u64;
+                return Ok(());
+            }
+            // Bounded frames; the server answers each with one `Sync`.
+            let mut frames = 0;
+            let mut batch = Vec::new();
+            let mut size = 0;
+            for m in msgs {
+                size += m.msg.len();
+                batch.push(m);
+                if size >= TARGET_BATCH_BYTES {
+                    self.send(&ClientMsg::Sync { msgs: std::mem::take(&mut batch) }).await?;
+                    frames += 1;
+                    size = 0;
+                }
+            }
+            if !batch.is_empty() {
+                self.send(&ClientMsg::Sync { msgs: batch }).await?;
+                frames += 1;
+            }
+            self.report.round_trips += 1;
+            for _ in 0..frames {
+                let ServerMsg::Sync { msgs } = self.recv().await? else {
+                    return Err(unexpected("expected a sync reply"));
+                };
+                let taken = std::mem::take(&mut states);
+                states = blocking(self.inner, move |i| {
+                    let mut taken = taken;
+                    for m in msgs {
+                        if let Some(st) = taken.get_mut(&m.doc) {
+                            i.sync_receive(&m.doc, st, &m.msg)?;
+                        }
+                    }
+                    Ok(taken)
+                })
+                .await?;
+            }
+        }
+        Err(SyncError::Server { code: ErrorCode::Internal, message: "reconciliation did not converge".into() })
+    }
+}
+
+fn split(batch: Vec<PreparedPush>) -> (Vec<DocPush>, Vec<(String, Vec<[u8; 32]>, u64)>) {
+    let meta = batch.iter().map(|p| (p.push.doc.clone(), p.push.heads.clone(), p.pending_at)).collect();
+    (batch.into_iter().map(|p| p.push).collect(), meta)
+}
+
+fn unexpected(what: &str) -> SyncError {
+    SyncError::Server { code: ErrorCode::Unexpected, message: what.to_string() }
+}

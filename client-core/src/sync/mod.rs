@@ -1,0 +1,106 @@
+//! The device side of sync: what the app calls, what it gets back, and how it is told of
+//! progress. The protocol logic (`engine`) is independent of the socket (`ws`).
+
+mod engine;
+mod state;
+mod ws;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoreError;
+use crate::protocol::{ErrorCode, ProtocolError};
+
+pub use engine::FrameConn;
+pub use ws::WsConn;
+pub(crate) use engine::run;
+
+/// How to reach the server.
+#[derive(Clone)]
+pub struct SyncOptions {
+    /// Base URL of the server: `ws://host:port` or `wss://host:port`.
+    pub server: String,
+    /// Longest wait for any one frame before the sync is abandoned (it resumes next time).
+    pub frame_timeout: Duration,
+    pub observer: Option<Arc<dyn SyncObserver>>,
+}
+
+impl SyncOptions {
+    pub fn new(server: impl Into<String>) -> Self {
+        Self { server: server.into(), frame_timeout: Duration::from_secs(60), observer: None }
+    }
+
+    pub fn observer(mut self, o: Arc<dyn SyncObserver>) -> Self {
+        self.observer = Some(o);
+        self
+    }
+}
+
+/// Where a sync stands, for a progress bar ("sending 120 of 1,000").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncProgress {
+    Connected { upgrade_bytes: u64 },
+    /// Documents the server has acknowledged, of those this sync sends.
+    Sending { done: u64, total: u64 },
+    /// Documents received, of those announced so far.
+    Receiving { done: u64, total: u64 },
+    /// Documents being reconciled with automerge's sync protocol.
+    Reconciling { documents: u64 },
+}
+
+/// Told of progress and of records that changed through sync. Called from a background
+/// thread; keep it quick.
+pub trait SyncObserver: Send + Sync {
+    fn progress(&self, _progress: &SyncProgress) {}
+    /// People whose records changed on this device because of what the server sent.
+    fn records_changed(&self, _people: &[String]) {}
+}
+
+/// A document the server would not take; the device keeps its data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub person: String,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReport {
+    pub docs_sent: u64,
+    pub docs_received: u64,
+    pub refused: Vec<Refusal>,
+    /// Documents reconciled with automerge's sync protocol (self-healing).
+    pub reconciled: u64,
+    /// Websocket frames (headers included) after the upgrade, each way, counted at the socket.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// The HTTP upgrade request and response.
+    pub upgrade_bytes_up: u64,
+    pub upgrade_bytes_down: u64,
+    pub frames_up: u64,
+    pub frames_down: u64,
+    /// Times the device waited on the server with nothing left to send.
+    pub round_trips: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot reach the server at {url}: {reason} (check the network; nothing was lost, sync again later)")]
+    Connect { url: String, reason: String },
+    #[error("the server refused the connection ({status}): {message}")]
+    Rejected { status: u16, message: String },
+    #[error("the connection dropped during sync; what was acknowledged is kept, sync again to finish")]
+    Dropped,
+    #[error("the server did not answer within {0:?}; sync again to finish")]
+    Timeout(Duration),
+    #[error("the server sent something this device cannot read: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the server ended the sync: {code}: {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error(transparent)]
+    Local(#[from] CoreError),
+}

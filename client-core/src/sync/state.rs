@@ -1,0 +1,210 @@
+//! Sync bookkeeping on the device: the cursor, what the server acknowledged per document, and
+//! applying what arrives, each step durable before it counts.
+
+use automerge::sync::{Message as SyncMessage, State as SyncState, SyncDoc};
+use automerge::ChangeHash;
+
+use crate::device::{DocSyncState, Inner, Origin, Staged, hex_heads};
+use crate::document::PersonDoc;
+use crate::error::CoreError;
+use crate::protocol::{Cursor, DocDown, DocPush};
+use crate::store::StoredWrite;
+
+const META_CURSOR: &str = "cursor";
+const META_DEVICE_ID: &str = "device_id";
+
+/// A push prepared for sending, with what it covers of the pending count.
+pub(crate) struct PreparedPush {
+    pub push: DocPush,
+    pub pending_at: u64,
+}
+
+fn parse_heads(hex: &[String]) -> Vec<ChangeHash> {
+    hex.iter().filter_map(|h| h.parse().ok()).collect()
+}
+
+impl Inner {
+    pub(crate) fn cursor(&self) -> Result<Cursor, CoreError> {
+        Ok(match self.store.meta(META_CURSOR)? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| CoreError::document("cursor", e))?,
+            None => Cursor::START,
+        })
+    }
+
+    /// This install's device id, made on first use.
+    pub(crate) fn device_id(&self) -> Result<String, CoreError> {
+        if let Some(b) = self.store.meta(META_DEVICE_ID)? {
+            return String::from_utf8(b).map_err(|e| CoreError::document("device_id", e));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        self.store.commit(vec![StoredWrite::Meta { name: META_DEVICE_ID.into(), value: id.clone().into_bytes() }])?;
+        Ok(id)
+    }
+
+    /// Documents with something the server has not acknowledged, in id order.
+    pub(crate) fn to_push(&self) -> Result<Vec<String>, CoreError> {
+        let st = self.lock();
+        Ok(st
+            .summaries
+            .keys()
+            .chain(st.sync.keys())
+            .filter(|id| st.sync.get(*id).is_none_or(|s| s.pending > 0 || s.server_heads.is_empty()))
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect())
+    }
+
+    /// What to send for `id`: the whole document if the server has never acknowledged it,
+    /// else the changes since what it acknowledged.
+    pub(crate) fn prepare_push(&self, id: &str) -> Result<Option<PreparedPush>, CoreError> {
+        let mut st = self.lock();
+        let sync = st.sync.get(id).cloned().unwrap_or_default();
+        let loaded = match self.loaded(&mut st, id) {
+            Ok(l) => l,
+            Err(CoreError::UnknownPerson(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let doc = loaded.doc.automerge();
+        let data = if sync.server_heads.is_empty() { doc.save() } else { doc.save_after(&parse_heads(&sync.server_heads)) };
+        if data.is_empty() {
+            return Ok(None);
+        }
+        let heads = doc.get_heads().iter().map(|h| h.0).collect();
+        Ok(Some(PreparedPush { push: DocPush { doc: id.to_string(), heads, data }, pending_at: sync.pending }))
+    }
+
+    /// The server durably holds these pushes: remember their heads, in one durable write.
+    pub(crate) fn acknowledge(&self, acked: &[(String, Vec<[u8; 32]>, u64)]) -> Result<(), CoreError> {
+        let mut st = self.lock();
+        let mut writes = Vec::new();
+        let mut updated = Vec::new();
+        for (id, heads, pending_at) in acked {
+            let mut s = st.sync.get(id).cloned().unwrap_or_default();
+            s.server_heads = heads.iter().map(|h| ChangeHash(*h).to_string()).collect();
+            s.pending = s.pending.saturating_sub(*pending_at);
+            writes.push(StoredWrite::DocMeta { doc: id.clone(), name: "sync".into(), value: serde_json::to_vec(&s).expect("serializes") });
+            updated.push((id.clone(), s));
+        }
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.store.commit(writes)?;
+        st.sync.extend(updated);
+        Ok(())
+    }
+
+    /// Merge a batch of documents from the server and move the cursor, in one durable write.
+    /// Returns the people whose records changed.
+    pub(crate) fn receive_docs(&self, docs: Vec<DocDown>, cursor: Option<Cursor>) -> Result<Vec<String>, CoreError> {
+        let mut st = self.lock();
+        let mut staged: Vec<Staged> = Vec::new();
+        let mut changed = Vec::new();
+        let result = (|| {
+            for d in &docs {
+                crate::model::validate_id("doc", &d.doc)?;
+                if !st.docs.contains_key(&d.doc) && self.store.load_doc(&d.doc)?.is_none() {
+                    st.docs.insert(d.doc.clone(), crate::device::Loaded::new(PersonDoc::empty(&d.doc, self.actor.clone())));
+                }
+                let (_, s) = self.stage(&mut st, &d.doc, Origin::Server, |doc| {
+                    let before = doc.heads();
+                    doc.automerge_mut().load_incremental(&d.data).map_err(|e| CoreError::document(&d.doc, e))?;
+                    Ok((vec![doc.automerge().save_after(&before)], ()))
+                })?;
+                if let Some(s) = s {
+                    changed.push(d.doc.clone());
+                    staged.push(s);
+                }
+            }
+            let mut writes: Vec<StoredWrite> = staged.iter().flat_map(|s| s.writes.clone()).collect();
+            if let Some(c) = cursor {
+                writes.push(StoredWrite::Meta { name: META_CURSOR.into(), value: serde_json::to_vec(&c).expect("serializes") });
+            }
+            if !writes.is_empty() {
+                self.store.commit(writes)?;
+            }
+            Ok::<(), CoreError>(())
+        })();
+        match result {
+            Ok(()) => {
+                for s in staged {
+                    self.finish(&mut st, s);
+                }
+                Ok(changed)
+            }
+            Err(e) => {
+                for d in &docs {
+                    st.docs.remove(&d.doc);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Ids of every document on this device.
+    pub(crate) fn all_docs(&self) -> Result<Vec<String>, CoreError> {
+        Ok(self.store.doc_ids()?)
+    }
+
+    /// The next automerge sync message for `id`, if this side has anything to say.
+    pub(crate) fn sync_generate(&self, id: &str, state: &mut SyncState) -> Result<Option<Vec<u8>>, CoreError> {
+        let mut st = self.lock();
+        let loaded = self.loaded(&mut st, id)?;
+        Ok(loaded.doc.automerge().generate_sync_message(state).map(|m| m.encode()))
+    }
+
+    /// Take in the server's sync message for `id`; what it brings is stored durably.
+    pub(crate) fn sync_receive(&self, id: &str, state: &mut SyncState, msg: &[u8]) -> Result<bool, CoreError> {
+        let msg = SyncMessage::decode(msg).map_err(|e| CoreError::document(id, e))?;
+        let mut st = self.lock();
+        let mut changed = false;
+        self.write(&mut st, id, false, |doc| {
+            let before = doc.heads();
+            doc.automerge_mut().receive_sync_message(state, msg).map_err(|e| CoreError::document(id, e))?;
+            if doc.heads() == before {
+                return Ok((vec![], ()));
+            }
+            changed = true;
+            Ok((vec![doc.automerge().save_after(&before)], ()))
+        })?;
+        Ok(changed)
+    }
+
+    /// After reconciliation the server holds what this device holds for `ids`.
+    pub(crate) fn mark_reconciled(&self, ids: &[String]) -> Result<(), CoreError> {
+        let mut st = self.lock();
+        let mut writes = Vec::new();
+        let mut updated = Vec::new();
+        for id in ids {
+            let heads = self.loaded(&mut st, id)?.doc.heads();
+            let s = DocSyncState { server_heads: hex_heads(&heads), pending: 0 };
+            writes.push(StoredWrite::DocMeta { doc: id.clone(), name: "sync".into(), value: serde_json::to_vec(&s).expect("serializes") });
+            updated.push((id.clone(), s));
+        }
+        if !writes.is_empty() {
+            self.store.commit(writes)?;
+        }
+        st.sync.extend(updated);
+        Ok(())
+    }
+
+    /// Forget what the server is known to hold (cursor and acknowledged heads). The next sync
+    /// re-sends every document and reconciles; nothing local is lost.
+    pub(crate) fn forget_sync_state(&self) -> Result<(), CoreError> {
+        let mut st = self.lock();
+        let mut writes = vec![StoredWrite::Meta { name: META_CURSOR.into(), value: serde_json::to_vec(&Cursor::START).expect("serializes") }];
+        let ids: Vec<String> = st.sync.keys().cloned().collect();
+        for id in &ids {
+            let s = st.sync.get(id).cloned().unwrap_or_default();
+            let s = DocSyncState { server_heads: vec![], pending: s.pending };
+            writes.push(StoredWrite::DocMeta { doc: id.clone(), name: "sync".into(), value: serde_json::to_vec(&s).expect("serializes") });
+        }
+        self.store.commit(writes)?;
+        for id in ids {
+            if let Some(s) = st.sync.get_mut(&id) {
+                s.server_heads.clear();
+            }
+        }
+        Ok(())
+    }
+}

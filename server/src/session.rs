@@ -1,0 +1,290 @@
+//! One device's sync connection: the server side of the protocol in `peersync_core::protocol`.
+//!
+//! Generic over [`Conn`] so that it runs over an axum websocket in production and over plain
+//! channels in tests.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use peersync_core::protocol::{self, ClientMsg, Cursor, ErrorCode, ServerMsg, TARGET_BATCH_BYTES};
+use tokio::sync::{mpsc, watch};
+
+use crate::app::AppState;
+use crate::auth::DeviceIdentity;
+use crate::docs::{DocsBatch, Pushed};
+use crate::store::DeviceSync;
+
+/// A session with no frame from the device for this long is closed (not in live mode).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub enum Incoming {
+    Frame(Vec<u8>),
+    /// A text frame: not part of the protocol.
+    Text,
+    Closed,
+}
+
+/// A framed, bidirectional connection.
+pub trait Conn: Send {
+    fn recv(&mut self) -> impl Future<Output = Incoming> + Send;
+    /// False once the connection is gone.
+    fn send(&mut self, frame: Vec<u8>) -> impl Future<Output = bool> + Send;
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("{code}: {message}")]
+    Protocol { code: ErrorCode, message: String },
+    #[error("connection closed")]
+    Gone,
+}
+
+impl SessionEnd {
+    fn protocol(code: ErrorCode, message: impl Into<String>) -> Self {
+        SessionEnd::Protocol { code, message: message.into() }
+    }
+}
+
+impl From<peersync_core::StoreError> for SessionEnd {
+    fn from(e: peersync_core::StoreError) -> Self {
+        tracing::error!(error = %e, "storage failed during sync");
+        SessionEnd::protocol(ErrorCode::Internal, "the server could not store or read data; try again later")
+    }
+}
+
+struct Session<C: Conn> {
+    conn: C,
+    state: Arc<AppState>,
+    who: DeviceIdentity,
+    cursor: Cursor,
+    cursor_known: bool,
+    hello_seen: bool,
+    live: bool,
+    /// An exchange is complete once its download has been sent.
+    exchanged: bool,
+    pushed: Pushed,
+    sync_states: HashMap<String, automerge::sync::State>,
+    started: Instant,
+    docs_in: u64,
+    docs_out: u64,
+}
+
+pub async fn run<C: Conn>(conn: C, state: Arc<AppState>, who: DeviceIdentity, mut shutdown: watch::Receiver<bool>) {
+    state.metrics.connections_total.fetch_add(1, Relaxed);
+    state.metrics.connections_active.fetch_add(1, Relaxed);
+    let mut announcements = state.hub.subscribe();
+    let mut s = Session {
+        conn,
+        state: state.clone(),
+        who,
+        cursor: Cursor::START,
+        cursor_known: true,
+        hello_seen: false,
+        live: false,
+        exchanged: false,
+        pushed: Pushed::new(),
+        sync_states: HashMap::new(),
+        started: Instant::now(),
+        docs_in: 0,
+        docs_out: 0,
+    };
+    let end = loop {
+        let idle = if s.live && s.exchanged { Duration::MAX } else { IDLE_TIMEOUT };
+        tokio::select! {
+            incoming = tokio::time::timeout(idle, s.conn.recv()) => {
+                let step = match incoming {
+                    Err(_) => Err(SessionEnd::protocol(ErrorCode::Timeout, "no frame for too long")),
+                    Ok(Incoming::Closed) => Err(SessionEnd::Gone),
+                    Ok(Incoming::Text) => Err(SessionEnd::protocol(ErrorCode::BadFrame, "text frames are not part of the protocol; send binary frames")),
+                    Ok(Incoming::Frame(bytes)) => s.on_frame(bytes).await,
+                };
+                if let Err(e) = step { break e; }
+            }
+            note = announcements.recv(), if s.live && s.exchanged => {
+                let relevant = match note {
+                    Ok(a) => a.org == s.who.org && a.seq > s.cursor.seq,
+                    // Missed some: catch up from the cursor all the same.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => false,
+                };
+                if relevant {
+                    if let Err(e) = s.send_download(s.cursor, HashSet::new(), false).await { break e; }
+                }
+            }
+            _ = shutdown.changed() => {
+                break SessionEnd::protocol(ErrorCode::ShuttingDown, "the server is shutting down; sync again shortly");
+            }
+        }
+    };
+    match &end {
+        SessionEnd::Gone => {}
+        SessionEnd::Protocol { code, message } => {
+            if !matches!(code, ErrorCode::ShuttingDown | ErrorCode::Timeout) {
+                state.metrics.errors.fetch_add(1, Relaxed);
+                tracing::info!(device = %s.who.device, %code, %message, "sync session ended with an error");
+            }
+            let frame = protocol::encode(&ServerMsg::Error { code: *code, message: message.clone() });
+            if let Ok(frame) = frame {
+                s.send_raw(frame).await;
+            }
+        }
+    }
+    s.conn.close().await;
+    state.metrics.connections_active.fetch_sub(1, Relaxed);
+}
+
+impl<C: Conn> Session<C> {
+    async fn send_raw(&mut self, frame: Vec<u8>) -> bool {
+        self.state.metrics.frames_out.fetch_add(1, Relaxed);
+        self.state.metrics.bytes_out.fetch_add(frame.len() as u64, Relaxed);
+        self.conn.send(frame).await
+    }
+
+    async fn send(&mut self, msg: &ServerMsg) -> Result<(), SessionEnd> {
+        let frame = protocol::encode(msg).map_err(|e| SessionEnd::protocol(ErrorCode::Internal, e.to_string()))?;
+        if self.send_raw(frame).await { Ok(()) } else { Err(SessionEnd::Gone) }
+    }
+
+    async fn on_frame(&mut self, bytes: Vec<u8>) -> Result<(), SessionEnd> {
+        self.state.metrics.frames_in.fetch_add(1, Relaxed);
+        self.state.metrics.bytes_in.fetch_add(bytes.len() as u64, Relaxed);
+        let msg: ClientMsg = protocol::decode(&bytes).map_err(|e| SessionEnd::protocol(e.code(), e.to_string()))?;
+        match msg {
+            ClientMsg::Hello { cursor, live, docs, more } => {
+                if self.hello_seen {
+                    return Err(SessionEnd::protocol(ErrorCode::Unexpected, "a second Hello on one connection"));
+                }
+                self.hello_seen = true;
+                self.live = live;
+                self.cursor = cursor;
+                let (state, org) = (self.state.clone(), self.who.org.clone());
+                self.cursor_known = blocking(move || state.hub.cursor_known(&org, cursor)).await?;
+                self.push(docs, more).await
+            }
+            ClientMsg::Push { docs, more } => {
+                self.require_hello()?;
+                self.exchanged = false;
+                self.push(docs, more).await
+            }
+            ClientMsg::Sync { msgs } => {
+                self.require_hello()?;
+                let (state, who) = (self.state.clone(), self.who.clone());
+                let mut states = std::mem::take(&mut self.sync_states);
+                let (replies, states) = blocking(move || {
+                    let r = state.hub.sync_round(&who, state.access.as_ref(), msgs, &mut states);
+                    r.map(|r| (r, states))
+                })
+                .await?;
+                self.sync_states = states;
+                self.send(&ServerMsg::Sync { msgs: replies }).await
+            }
+            ClientMsg::Fetch { skip } => {
+                self.require_hello()?;
+                self.cursor_known = true;
+                self.send_download(Cursor::START, skip.into_iter().collect(), true).await
+            }
+        }
+    }
+
+    fn require_hello(&self) -> Result<(), SessionEnd> {
+        if self.hello_seen { Ok(()) } else { Err(SessionEnd::protocol(ErrorCode::Unexpected, "the first frame must be Hello")) }
+    }
+
+    async fn push(&mut self, docs: Vec<protocol::DocPush>, more: bool) -> Result<(), SessionEnd> {
+        if !docs.is_empty() {
+            self.docs_in += docs.len() as u64;
+            self.state.metrics.docs_received.fetch_add(docs.len() as u64, Relaxed);
+            let (state, who) = (self.state.clone(), self.who.clone());
+            let mut pushed = std::mem::take(&mut self.pushed);
+            let (acks, pushed) = blocking(move || {
+                let acks = state.hub.push(&who, state.access.as_ref(), docs, &mut pushed);
+                acks.map(|a| (a, pushed))
+            })
+            .await?;
+            self.pushed = pushed;
+            self.send(&ServerMsg::Acks { acks }).await?;
+        }
+        if more {
+            return Ok(());
+        }
+        if !self.cursor_known {
+            return self.send(&ServerMsg::CursorUnknown).await;
+        }
+        let since = self.cursor;
+        self.send_download(since, HashSet::new(), true).await
+    }
+
+    /// Stream what the device lacks since `since` in bounded batches; the last carries `done`.
+    async fn send_download(&mut self, since: Cursor, skip: HashSet<String>, record: bool) -> Result<(), SessionEnd> {
+        let (tx, mut rx) = mpsc::channel::<DocsBatch>(2);
+        let (state, who) = (self.state.clone(), self.who.clone());
+        let pushed = std::mem::take(&mut self.pushed);
+        let producer = tokio::task::spawn_blocking(move || {
+            let r = state.hub.download(&who, state.access.as_ref(), since, &pushed, &skip, TARGET_BATCH_BYTES, |b| tx.blocking_send(b).is_ok());
+            (r, pushed)
+        });
+        let mut pending: Option<DocsBatch> = None;
+        let mut failed = None;
+        while let Some(batch) = rx.recv().await {
+            // Hold one batch back so the last one can be marked `done`.
+            if let Some(prev) = pending.replace(batch) {
+                if let Err(e) = self.send_batch(prev, false).await {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(rx);
+        let (result, pushed) = producer.await.map_err(|e| SessionEnd::protocol(ErrorCode::Internal, e.to_string()))?;
+        self.pushed = pushed;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let end = result?;
+        let last = pending.unwrap_or(DocsBatch { docs: vec![], cursor: end, remaining: 0 });
+        self.send_batch(last, true).await?;
+        self.exchanged = true;
+        self.pushed.clear();
+        if record {
+            self.record_device(None).await;
+        }
+        Ok(())
+    }
+
+    async fn send_batch(&mut self, b: DocsBatch, done: bool) -> Result<(), SessionEnd> {
+        self.docs_out += b.docs.len() as u64;
+        self.state.metrics.docs_sent.fetch_add(b.docs.len() as u64, Relaxed);
+        self.cursor = b.cursor;
+        self.send(&ServerMsg::Docs { docs: b.docs, cursor: b.cursor, remaining: b.remaining, done }).await
+    }
+
+    async fn record_device(&mut self, error: Option<String>) {
+        self.state.metrics.observe_sync(self.started.elapsed());
+        let info = DeviceSync {
+            cursor: self.cursor.seq,
+            last_sync_at: Some(chrono::Utc::now()),
+            docs_received: self.docs_in,
+            docs_sent: self.docs_out,
+            last_error: error,
+        };
+        let (state, who) = (self.state.clone(), self.who.clone());
+        let r = tokio::task::spawn_blocking(move || state.hub.store().put_device(&who.org, &who.device, &info)).await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, "could not record device sync");
+        }
+        self.started = Instant::now();
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, peersync_core::StoreError> + Send + 'static,
+) -> Result<T, SessionEnd> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(SessionEnd::from),
+        Err(e) => Err(SessionEnd::protocol(ErrorCode::Internal, format!("task failed: {e}"))),
+    }
+}

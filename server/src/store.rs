@@ -1,0 +1,367 @@
+//! Server storage: person documents, each organisation's change log, device sync records.
+//!
+//! [`ServerStore`] is shaped for more than one backend: its operations map onto tables
+//! (`docs(org, doc, seq, data)`, `log(org, seq, doc, tag)`, `devices(org, device, info)`), so a
+//! PostgreSQL backend for several server nodes can implement it directly. [`KvServerStore`]
+//! implements it over any ordered key-value store (sled on disk, memory in tests) and every
+//! backend runs the same suite ([`server_store_suite!`]).
+//!
+//! The log holds, per organisation, one entry per document: the sequence number of the
+//! document's latest change. A device that asks for "everything since N" gets the documents
+//! whose entry is above N. Each document's data is a snapshot plus increments, each keyed by the
+//! log sequence number that wrote it, so "what changed since N" is a range read that needs no
+//! automerge work.
+
+use std::sync::Mutex;
+
+use peersync_core::protocol::Cursor;
+use peersync_core::store::{LocalStore, Write};
+use peersync_core::StoreError;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+/// A document as stored: a snapshot covering every change up to its sequence number, and
+/// increments written after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredDoc {
+    pub snapshot: Option<(u64, Vec<u8>)>,
+    pub increments: Vec<(u64, Vec<u8>)>,
+}
+
+impl StoredDoc {
+    /// Sequence number of the latest data.
+    pub fn last_seq(&self) -> u64 {
+        self.increments.last().map(|(s, _)| *s).or(self.snapshot.as_ref().map(|(s, _)| *s)).unwrap_or(0)
+    }
+
+    /// All the data, concatenated: a valid input to automerge's `load_incremental`.
+    pub fn concat(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Some((_, s)) = &self.snapshot {
+            out.extend_from_slice(s);
+        }
+        for (_, i) in &self.increments {
+            out.extend_from_slice(i);
+        }
+        out
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.snapshot.as_ref().map_or(0, |(_, s)| s.len()) + self.increments.iter().map(|(_, i)| i.len()).sum::<usize>()
+    }
+}
+
+/// New data for a document, appended under the next sequence number of the log.
+#[derive(Debug, Clone)]
+pub enum DocWrite {
+    /// Changes since what is stored.
+    Increment(Vec<u8>),
+    /// The document's whole state; replaces what is stored.
+    Snapshot(Vec<u8>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Append {
+    pub doc: String,
+    pub write: DocWrite,
+}
+
+/// What the server remembers of a device's syncs (for sync health on the dashboard).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSync {
+    pub cursor: u64,
+    pub last_sync_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub docs_received: u64,
+    pub docs_sent: u64,
+    pub last_error: Option<String>,
+}
+
+pub trait ServerStore: Send + Sync + 'static {
+    /// Atomically and durably: give each append the next sequence number of `org`'s log, store
+    /// its data and point the document's log entry at it. Returns each append's cursor, in order.
+    fn append(&self, org: &str, appends: Vec<Append>) -> Result<Vec<Cursor>, StoreError>;
+    fn load_doc(&self, org: &str, doc: &str) -> Result<Option<StoredDoc>, StoreError>;
+    /// Replace the data with sequence numbers up to `upto` by `snapshot` (the log is unchanged).
+    fn compact(&self, org: &str, doc: &str, snapshot: Vec<u8>, upto: u64) -> Result<(), StoreError>;
+    /// Documents whose latest change is after `after`, as `(seq, doc)` in log order.
+    fn changed_since(&self, org: &str, after: u64) -> Result<Vec<(u64, String)>, StoreError>;
+    /// The newest log position of `org` (`Cursor::START` for an empty log).
+    fn head(&self, org: &str) -> Result<Cursor, StoreError>;
+    /// The tag drawn for log entry `seq`, if this log has written it.
+    fn tag_at(&self, org: &str, seq: u64) -> Result<Option<u32>, StoreError>;
+    fn put_device(&self, org: &str, device: &str, info: &DeviceSync) -> Result<(), StoreError>;
+    fn devices(&self, org: &str) -> Result<Vec<(String, DeviceSync)>, StoreError>;
+}
+
+/// [`ServerStore`] over an ordered key-value store. Key layout (org and doc ids hold no NUL):
+/// - `S` org 0 doc            → snapshot seq (8 bytes BE) ++ snapshot
+/// - `I` org 0 doc 0 seq(BE)  → increment
+/// - `E` org 0 doc            → seq of the document's log entry
+/// - `L` org 0 seq(BE)        → doc (one entry per document: its latest change)
+/// - `T` org 0 seq(BE)        → tag of entry seq (kept after the entry moves on)
+/// - `H` org                  → head seq ++ tag
+/// - `V` org 0 device         → DeviceSync as JSON
+pub struct KvServerStore<S: LocalStore> {
+    kv: S,
+    rng: SystemRandom,
+    // Appends are serialised so that sequence numbers become visible in order: a reader that
+    // sees entry N has seen every entry below N.
+    append_lock: Mutex<()>,
+}
+
+fn k(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = vec![tag];
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            key.push(0);
+        }
+        key.extend_from_slice(p);
+    }
+    key
+}
+
+fn seq_key(tag: u8, org: &str, seq: u64) -> Vec<u8> {
+    let mut key = k(tag, &[org.as_bytes(), b""]);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn be64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
+    bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt { key: what.to_string(), reason: "expected 8-byte sequence number".into() })
+}
+
+impl<S: LocalStore> KvServerStore<S> {
+    pub fn new(kv: S) -> Self {
+        Self { kv, rng: SystemRandom::new(), append_lock: Mutex::new(()) }
+    }
+
+    fn tag(&self) -> Result<u32, StoreError> {
+        let mut b = [0u8; 4];
+        self.rng.fill(&mut b).map_err(|_| StoreError::Io("random generator failed".into()))?;
+        // Zero is the tag of the start cursor; never draw it.
+        Ok(u32::from_be_bytes(b).max(1))
+    }
+
+    fn increment_prefix(org: &str, doc: &str) -> Vec<u8> {
+        k(b'I', &[org.as_bytes(), doc.as_bytes(), b""])
+    }
+}
+
+impl<S: LocalStore> ServerStore for KvServerStore<S> {
+    fn append(&self, org: &str, appends: Vec<Append>) -> Result<Vec<Cursor>, StoreError> {
+        let _serial = self.append_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let head = self.head(org)?;
+        let mut seq = head.seq;
+        let mut batch = Vec::new();
+        let mut out = Vec::with_capacity(appends.len());
+        // Within one batch a document may appear twice; track its entry as we go.
+        let mut entries: std::collections::HashMap<String, Option<u64>> = Default::default();
+        for a in appends {
+            seq += 1;
+            let tag = self.tag()?;
+            let (o, d) = (org.as_bytes(), a.doc.as_bytes());
+            let previous = match entries.get(&a.doc) {
+                Some(p) => *p,
+                None => self.kv.get(&k(b'E', &[o, d]))?.map(|v| be64(&v, "E")).transpose()?,
+            };
+            if let Some(p) = previous {
+                batch.push(Write::Delete(seq_key(b'L', org, p)));
+            }
+            entries.insert(a.doc.clone(), Some(seq));
+            batch.push(Write::Put(seq_key(b'L', org, seq), d.to_vec()));
+            batch.push(Write::Put(seq_key(b'T', org, seq), tag.to_be_bytes().to_vec()));
+            batch.push(Write::Put(k(b'E', &[o, d]), seq.to_be_bytes().to_vec()));
+            match a.write {
+                DocWrite::Increment(data) => {
+                    let mut key = Self::increment_prefix(org, &a.doc);
+                    key.extend_from_slice(&seq.to_be_bytes());
+                    batch.push(Write::Put(key, data));
+                }
+                DocWrite::Snapshot(data) => {
+                    for key in self.kv.keys_with_prefix(&Self::increment_prefix(org, &a.doc))? {
+                        batch.push(Write::Delete(key));
+                    }
+                    let mut v = seq.to_be_bytes().to_vec();
+                    v.extend_from_slice(&data);
+                    batch.push(Write::Put(k(b'S', &[o, d]), v));
+                }
+            }
+            out.push(Cursor { seq, tag });
+        }
+        if let Some(last) = out.last() {
+            let mut h = last.seq.to_be_bytes().to_vec();
+            h.extend_from_slice(&last.tag.to_be_bytes());
+            batch.push(Write::Put(k(b'H', &[org.as_bytes()]), h));
+        }
+        self.kv.apply(batch)?;
+        Ok(out)
+    }
+
+    fn load_doc(&self, org: &str, doc: &str) -> Result<Option<StoredDoc>, StoreError> {
+        let snapshot = match self.kv.get(&k(b'S', &[org.as_bytes(), doc.as_bytes()]))? {
+            Some(v) => Some((be64(&v, "S")?, v[8..].to_vec())),
+            None => None,
+        };
+        let prefix = Self::increment_prefix(org, doc);
+        let mut increments = Vec::new();
+        for (key, v) in self.kv.scan_prefix(&prefix)? {
+            increments.push((be64(&key[prefix.len()..], "I")?, v));
+        }
+        if snapshot.is_none() && increments.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(StoredDoc { snapshot, increments }))
+    }
+
+    fn compact(&self, org: &str, doc: &str, snapshot: Vec<u8>, upto: u64) -> Result<(), StoreError> {
+        let _serial = self.append_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let prefix = Self::increment_prefix(org, doc);
+        let mut batch = Vec::new();
+        for key in self.kv.keys_with_prefix(&prefix)? {
+            if be64(&key[prefix.len()..], "I")? <= upto {
+                batch.push(Write::Delete(key));
+            }
+        }
+        let mut v = upto.to_be_bytes().to_vec();
+        v.extend_from_slice(&snapshot);
+        batch.push(Write::Put(k(b'S', &[org.as_bytes(), doc.as_bytes()]), v));
+        self.kv.apply(batch)
+    }
+
+    fn changed_since(&self, org: &str, after: u64) -> Result<Vec<(u64, String)>, StoreError> {
+        let from = seq_key(b'L', org, after.saturating_add(1));
+        let to = seq_key(b'L', org, u64::MAX);
+        let prefix_len = from.len() - 8;
+        let mut out = Vec::new();
+        for (key, v) in self.kv.scan_range(&from, &to)? {
+            let doc = String::from_utf8(v).map_err(|_| StoreError::Corrupt { key: "L".into(), reason: "doc id not UTF-8".into() })?;
+            out.push((be64(&key[prefix_len..], "L")?, doc));
+        }
+        Ok(out)
+    }
+
+    fn head(&self, org: &str) -> Result<Cursor, StoreError> {
+        Ok(match self.kv.get(&k(b'H', &[org.as_bytes()]))? {
+            Some(v) if v.len() == 12 => Cursor { seq: be64(&v, "H")?, tag: u32::from_be_bytes(v[8..12].try_into().expect("length checked")) },
+            Some(_) => return Err(StoreError::Corrupt { key: "H".into(), reason: "bad head".into() }),
+            None => Cursor::START,
+        })
+    }
+
+    fn tag_at(&self, org: &str, seq: u64) -> Result<Option<u32>, StoreError> {
+        Ok(self.kv.get(&seq_key(b'T', org, seq))?.and_then(|v| v.try_into().ok()).map(u32::from_be_bytes))
+    }
+
+    fn put_device(&self, org: &str, device: &str, info: &DeviceSync) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(info).expect("plain data serializes");
+        self.kv.apply(vec![Write::Put(k(b'V', &[org.as_bytes(), device.as_bytes()]), v)])
+    }
+
+    fn devices(&self, org: &str) -> Result<Vec<(String, DeviceSync)>, StoreError> {
+        let prefix = k(b'V', &[org.as_bytes(), b""]);
+        let mut out = Vec::new();
+        for (key, v) in self.kv.scan_prefix(&prefix)? {
+            let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let info = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt { key: "V".into(), reason: e.to_string() })?;
+            out.push((id, info));
+        }
+        Ok(out)
+    }
+}
+
+/// The conformance suite for [`ServerStore`] backends: `server_store_suite!(make)` where
+/// `make()` returns a fresh, empty store.
+#[cfg(test)]
+macro_rules! server_store_suite {
+    ($make:expr) => {
+        use peersync_core::protocol::Cursor;
+        use $crate::store::{Append, DeviceSync, DocWrite, ServerStore};
+
+        fn inc(doc: &str, data: &[u8]) -> Append {
+            Append { doc: doc.into(), write: DocWrite::Increment(data.to_vec()) }
+        }
+
+        #[test]
+        fn appends_get_consecutive_sequence_numbers_and_tags() {
+            let s = $make();
+            assert_eq!(s.head("o").unwrap(), Cursor::START);
+            let c = s.append("o", vec![inc("a", b"1"), inc("b", b"2")]).unwrap();
+            assert_eq!(c.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2]);
+            assert!(c.iter().all(|c| c.tag != 0));
+            let c3 = s.append("o", vec![inc("a", b"3")]).unwrap();
+            assert_eq!(c3[0].seq, 3);
+            assert_eq!(s.head("o").unwrap(), c3[0]);
+            assert_eq!(s.tag_at("o", 1).unwrap(), Some(c[0].tag));
+            assert_eq!(s.tag_at("o", 9).unwrap(), None);
+            assert_eq!(s.head("other").unwrap(), Cursor::START, "organisations have separate logs");
+        }
+
+        #[test]
+        fn the_log_keeps_one_entry_per_document() {
+            let s = $make();
+            s.append("o", vec![inc("a", b"1"), inc("b", b"2"), inc("a", b"3")]).unwrap();
+            assert_eq!(s.changed_since("o", 0).unwrap(), vec![(2, "b".to_string()), (3, "a".to_string())]);
+            assert_eq!(s.changed_since("o", 2).unwrap(), vec![(3, "a".to_string())]);
+            assert!(s.changed_since("o", 3).unwrap().is_empty());
+            assert!(s.changed_since("x", 0).unwrap().is_empty());
+        }
+
+        #[test]
+        fn documents_are_snapshot_plus_increments_by_sequence() {
+            let s = $make();
+            assert_eq!(s.load_doc("o", "a").unwrap(), None);
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S".to_vec()) }]).unwrap();
+            s.append("o", vec![inc("a", b"i2"), inc("b", b"x"), inc("a", b"i4")]).unwrap();
+            let d = s.load_doc("o", "a").unwrap().unwrap();
+            assert_eq!(d.snapshot, Some((1, b"S".to_vec())));
+            assert_eq!(d.increments, vec![(2, b"i2".to_vec()), (4, b"i4".to_vec())]);
+            assert_eq!(d.last_seq(), 4);
+            assert_eq!(d.concat(), b"Si2i4".to_vec());
+            s.compact("o", "a", b"S2".to_vec(), 2).unwrap();
+            let d = s.load_doc("o", "a").unwrap().unwrap();
+            assert_eq!(d.snapshot, Some((2, b"S2".to_vec())));
+            assert_eq!(d.increments, vec![(4, b"i4".to_vec())]);
+            // A snapshot write replaces everything.
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S5".to_vec()) }]).unwrap();
+            let d = s.load_doc("o", "a").unwrap().unwrap();
+            assert_eq!(d.snapshot, Some((5, b"S5".to_vec())));
+            assert!(d.increments.is_empty());
+            assert_eq!(s.load_doc("p", "a").unwrap(), None, "documents do not cross organisations");
+        }
+
+        #[test]
+        fn device_records_round_trip() {
+            let s = $make();
+            let info = DeviceSync { cursor: 7, docs_received: 3, ..Default::default() };
+            s.put_device("o", "d1", &info).unwrap();
+            s.put_device("o2", "d2", &DeviceSync::default()).unwrap();
+            assert_eq!(s.devices("o").unwrap(), vec![("d1".to_string(), info)]);
+        }
+    };
+}
+
+#[cfg(test)]
+mod memory_suite {
+    server_store_suite!(|| super::KvServerStore::new(peersync_core::store::MemoryStore::new()));
+}
+
+#[cfg(test)]
+mod sled_suite {
+    struct TempStore(super::KvServerStore<peersync_core::store::SledStore>, #[allow(dead_code)] tempfile::TempDir);
+    impl std::ops::Deref for TempStore {
+        type Target = super::KvServerStore<peersync_core::store::SledStore>;
+        fn deref(&self) -> &Self::Target {
+            &self.0
+        }
+    }
+    fn make() -> TempStore {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = peersync_core::store::SledStore::open(dir.path()).unwrap();
+        TempStore(super::KvServerStore::new(kv), dir)
+    }
+    server_store_suite!(make);
+}
