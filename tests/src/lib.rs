@@ -126,3 +126,52 @@ pub async fn visit_ids(d: &Device, person: &str) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The server as a separate OS process (so that it can be killed with SIGKILL).
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl ServerProcess {
+    /// Start `peersync serve` (the binary `bin`: pass `env!("CARGO_BIN_EXE_server_process")`)
+    /// on `data`, on a free loopback port; waits until it listens.
+    pub fn start(bin: &str, data: &Path) -> ServerProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .env("PEERSYNC_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("server process starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).expect("server prints its address");
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_string();
+        ServerProcess { child, url: format!("ws://{addr}") }
+    }
+
+    pub fn options(&self) -> SyncOptions {
+        let mut o = SyncOptions::new(self.url.clone());
+        o.frame_timeout = std::time::Duration::from_secs(20);
+        o
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
