@@ -175,3 +175,90 @@ impl Drop for ServerProcess {
         self.kill();
     }
 }
+
+/// A loopback TCP proxy that cuts each connection once `limit` bytes (both directions
+/// together) have crossed it. `None`: no limit.
+pub struct CuttingProxy {
+    pub url: String,
+    limit: Arc<std::sync::atomic::AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl CuttingProxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> CuttingProxy {
+        use std::sync::atomic::Ordering::Relaxed;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limit = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let lim = limit.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let limit = lim.load(Relaxed);
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    let used = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let up = pump(cr, sw, used.clone(), limit);
+                    let down = pump(sr, cw, used, limit);
+                    // Either direction hitting the limit (or closing) ends both.
+                    tokio::select! { _ = up => {}, _ = down => {} }
+                });
+            }
+        });
+        CuttingProxy { url: format!("ws://{addr}"), limit, task }
+    }
+
+    /// Cut connections opened from now on after `bytes` bytes; `None` lifts the limit.
+    pub fn cut_after(&self, bytes: Option<u64>) {
+        self.limit.store(bytes.unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn options(&self) -> SyncOptions {
+        let mut o = SyncOptions::new(self.url.clone());
+        o.frame_timeout = std::time::Duration::from_secs(10);
+        o
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    used: Arc<std::sync::atomic::AtomicU64>,
+    limit: u64,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let before = used.fetch_add(n as u64, Relaxed);
+        let allowed = limit.saturating_sub(before).min(n as u64) as usize;
+        if to.write_all(&buf[..allowed]).await.is_err() || allowed < n {
+            return;
+        }
+    }
+}
+
+/// Copy a directory tree (a backup of a stopped server's or device's store).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Self-healing: when a device's idea of what the server holds is wrong, sync falls back to
+//! automerge's own sync protocol for the documents concerned and still converges.
+
+use std::sync::Arc;
+
+use peersync_core::{Device, ManualClock};
+use peersync_tests::*;
+
+/// The server is restored from an old backup: it lost changes that devices believe it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restored_from_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let backup = dir.path().join("backup");
+    let server = TestServer::start(&data).await;
+    let (a, _) = phone(dir.path(), "w-001").await;
+    let (b, _) = phone(dir.path(), "w-002").await;
+    for i in 0..5 {
+        a.register_person(person(&format!("p-{i}"), "AB")).await.unwrap();
+    }
+    sync(&a, &server).await;
+    sync(&b, &server).await;
+    // 1. Back up, then carry on: both phones add visits and sync them.
+    server.stop().await;
+    copy_dir(&data, &backup);
+    let server = TestServer::start(&data).await;
+    a.record_visit("p-1", visit("v-a1", "")).await.unwrap();
+    b.record_visit("p-2", visit("v-b1", "")).await.unwrap();
+    b.register_person(person("p-9", "NEW")).await.unwrap();
+    sync(&a, &server).await;
+    sync(&b, &server).await;
+    sync(&a, &server).await;
+    // 2. Disaster: the server comes back from the backup, without those changes. A has also
+    //    recorded something new meanwhile (its base is gone on the server).
+    server.stop().await;
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_dir(&backup, &data);
+    let server = TestServer::start(&data).await;
+    a.record_visit("p-1", visit("v-a2", "")).await.unwrap();
+    // 3. Each phone's next sync notices and reconciles.
+    let ra = sync(&a, &server).await;
+    assert!(ra.reconciled > 0, "A fell back to automerge sync: {ra:?}");
+    let rb = sync(&b, &server).await;
+    assert!(rb.reconciled > 0, "{rb:?}");
+    sync(&a, &server).await;
+    // 4. A fresh phone sees everything again.
+    let (c, _) = phone(dir.path(), "w-003").await;
+    sync(&c, &server).await;
+    assert_eq!(visit_ids(&c, "p-1").await, ["v-a1", "v-a2"]);
+    assert_eq!(visit_ids(&c, "p-2").await, ["v-b1"]);
+    assert_eq!(c.people().await.unwrap().len(), 6);
+    for d in [&a, &b] {
+        assert_eq!(d.pending_changes().await.unwrap().changes, 0);
+    }
+    // 5. And idle is idle again.
+    let idle = sync(&a, &server).await;
+    assert_eq!((idle.round_trips, idle.reconciled, idle.docs_received), (1, 0, 0));
+    server.stop().await;
+}
+
+/// A phone's store is restored from an old backup: it lost records the server has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_restored_from_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let store = dir.path().join("phone");
+    let backup = dir.path().join("phone-backup");
+    let clock = ManualClock::new(t(1, 9));
+    let open = || Device::open(&store, &KEY, Arc::new(clock.clone()));
+    let a = open().await.unwrap();
+    a.set_worker("w-001").await.unwrap();
+    a.register_person(person("p-1", "AB")).await.unwrap();
+    sync(&a, &server).await;
+    drop(a);
+    copy_dir(&store, &backup);
+    let a = open().await.unwrap();
+    a.record_visit("p-1", visit("v-1", "")).await.unwrap();
+    sync(&a, &server).await;
+    drop(a);
+    std::fs::remove_dir_all(&store).unwrap();
+    copy_dir(&backup, &store);
+    // The restored phone records again, then syncs: it gets its lost visit back and the new one
+    // reaches the server.
+    let a = open().await.unwrap();
+    assert!(visit_ids(&a, "p-1").await.is_empty());
+    a.record_visit("p-1", visit("v-2", "")).await.unwrap();
+    sync(&a, &server).await;
+    assert_eq!(visit_ids(&a, "p-1").await, ["v-1", "v-2"]);
+    let (b, _) = phone(dir.path(), "w-002").await;
+    sync(&b, &server).await;
+    assert_eq!(visit_ids(&b, "p-1").await, ["v-1", "v-2"]);
+    server.stop().await;
+}
+
+/// A phone loses its cursor and acknowledgements: the next sync still converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursor_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, _) = phone(dir.path(), "w-001").await;
+    let (b, _) = phone(dir.path(), "w-002").await;
+    a.register_person(person("p-1", "AB")).await.unwrap();
+    sync(&a, &server).await;
+    sync(&b, &server).await;
+    b.record_visit("p-1", visit("v-b", "")).await.unwrap();
+    sync(&b, &server).await;
+    a.record_visit("p-1", visit("v-a", "")).await.unwrap();
+    a.forget_sync_state().await.unwrap();
+    sync(&a, &server).await;
+    sync(&b, &server).await;
+    assert_eq!(visit_ids(&a, "p-1").await, ["v-a", "v-b"]);
+    assert_eq!(visit_ids(&b, "p-1").await, ["v-a", "v-b"]);
+    server.stop().await;
+}
