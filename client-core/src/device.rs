@@ -94,6 +94,8 @@ pub(crate) struct Inner {
     pub(crate) store: SealedStore,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) actor: ActorId,
+    /// Woken by every local change, for live sync.
+    pub(crate) local_changes: Arc<tokio::sync::Notify>,
     // A std Mutex: held only for short, synchronous work inside spawn_blocking, never across
     // an await.
     state: Mutex<State>,
@@ -166,6 +168,7 @@ impl Device {
                 store,
                 clock,
                 actor,
+                local_changes: Arc::new(tokio::sync::Notify::new()),
                 state: Mutex::new(State { worker, docs: HashMap::new(), summaries, sync }),
             }),
         })
@@ -291,6 +294,20 @@ impl Device {
         self.sync_over(&mut conn, options).await
     }
 
+    /// Sync, then stay connected (see [`crate::sync::LiveSync`]).
+    pub async fn sync_live(&self, options: &crate::sync::SyncOptions) -> Result<crate::sync::LiveSync, crate::sync::SyncError> {
+        let inner = self.inner.clone();
+        let device = blocking(move || inner.device_id()).await?;
+        let mut conn = crate::sync::WsConn::connect(&options.server, &device, options.frame_timeout).await?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let (inner, opts, lock) = (self.inner.clone(), options.clone(), self.sync_lock.clone());
+        let task = tokio::spawn(async move {
+            let _one_at_a_time = lock.lock().await;
+            crate::sync::run_until(&inner, &mut conn, &opts, Some(stop_rx)).await
+        });
+        Ok(crate::sync::LiveSync::new(stop_tx, task))
+    }
+
     /// Sync over an already open connection (tests use an in-memory one).
     pub async fn sync_over<C: crate::sync::FrameConn>(
         &self,
@@ -374,6 +391,9 @@ impl Inner {
         if let Some(staged) = staged {
             self.store.commit(staged.writes.clone())?;
             self.finish(st, staged);
+            if local {
+                self.local_changes.notify_one();
+            }
         }
         Ok(out)
     }

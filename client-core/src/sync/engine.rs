@@ -51,9 +51,26 @@ struct Engine<'a, C: FrameConn> {
 /// durable on the device before the next is handled, so an interrupted sync resumes where it
 /// stopped.
 pub(crate) async fn run<C: FrameConn>(inner: &Arc<Inner>, conn: &mut C, opts: &SyncOptions) -> Result<SyncReport, SyncError> {
+    run_until(inner, conn, opts, None).await
+}
+
+/// As [`run`]; with `live` set, stay connected after the exchange: receive what the server
+/// forwards and push local changes as they are made, until `live` resolves.
+pub(crate) async fn run_until<C: FrameConn>(
+    inner: &Arc<Inner>,
+    conn: &mut C,
+    opts: &SyncOptions,
+    live: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
     let mut e = Engine { inner, conn, opts, report: SyncReport::default() };
-    let result = e.exchange().await;
+    let result = match live {
+        None => e.exchange(false).await,
+        Some(stop) => match e.exchange(true).await {
+            Ok(()) => e.live(stop).await,
+            Err(err) => Err(err),
+        },
+    };
     e.conn.close().await;
     e.conn.account(&mut e.report);
     e.report.duration_ms = started.elapsed().as_millis() as u64;
@@ -94,7 +111,7 @@ impl<C: FrameConn> Engine<'_, C> {
         Ok(batch)
     }
 
-    async fn exchange(&mut self) -> Result<(), SyncError> {
+    async fn exchange(&mut self, live: bool) -> Result<(), SyncError> {
         let cursor = blocking(self.inner, |i| i.cursor()).await?;
         let mut queue: VecDeque<String> = blocking(self.inner, |i| i.to_push()).await?.into();
         let total = queue.len() as u64;
@@ -107,7 +124,7 @@ impl<C: FrameConn> Engine<'_, C> {
         if !docs.is_empty() {
             in_flight.push_back(meta);
         }
-        self.send(&ClientMsg::Hello { cursor, live: false, docs, more }).await?;
+        self.send(&ClientMsg::Hello { cursor, live, docs, more }).await?;
         let mut all_sent = !more;
 
         let mut need_sync = Vec::new();
@@ -194,6 +211,54 @@ impl<C: FrameConn> Engine<'_, C> {
             self.reconcile(need_sync).await?;
         }
         Ok(())
+    }
+
+    /// Stay connected: apply what the server forwards, push what is recorded here.
+    async fn live(&mut self, mut stop: tokio::sync::oneshot::Receiver<()>) -> Result<(), SyncError> {
+        let changed_here = self.inner.local_changes.clone();
+        let mut in_flight: VecDeque<Vec<(String, Vec<[u8; 32]>, u64)>> = VecDeque::new();
+        loop {
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                _ = changed_here.notified() => {
+                    let mut queue: VecDeque<String> = blocking(self.inner, |i| i.to_push()).await?.into();
+                    while !queue.is_empty() {
+                        let batch = self.next_batch(&mut queue).await?;
+                        let more = !queue.is_empty();
+                        let (docs, meta) = split(batch);
+                        if docs.is_empty() && more {
+                            continue;
+                        }
+                        if !docs.is_empty() {
+                            in_flight.push_back(meta);
+                        }
+                        self.send(&ClientMsg::Push { docs, more }).await?;
+                    }
+                }
+                msg = self.recv() => match msg {
+                    Ok(ServerMsg::Acks { acks }) => {
+                        let sent = in_flight.pop_front().ok_or_else(|| unexpected("acknowledgement without a push"))?;
+                        let stored: Vec<_> = sent
+                            .into_iter()
+                            .filter(|(d, _, _)| acks.iter().any(|a| &a.doc == d && a.status == AckStatus::Stored))
+                            .collect();
+                        self.report.docs_sent += stored.len() as u64;
+                        blocking(self.inner, move |i| i.acknowledge(&stored)).await?;
+                    }
+                    Ok(ServerMsg::Docs { docs, cursor, .. }) => {
+                        self.report.docs_received += docs.len() as u64;
+                        let changed = blocking(self.inner, move |i| i.receive_docs(docs, Some(cursor))).await?;
+                        if let (Some(o), false) = (&self.opts.observer, changed.is_empty()) {
+                            o.records_changed(&changed);
+                        }
+                    }
+                    Ok(_) => return Err(unexpected("unexpected message while live")),
+                    // Quiet is normal while live; the socket is still there.
+                    Err(SyncError::Timeout(_)) => continue,
+                    Err(e) => return Err(e),
+                },
+            }
+        }
     }
 
     /// Automerge's sync protocol for `ids`, all documents in each round, until both sides have

@@ -15,7 +15,7 @@ use crate::protocol::{ErrorCode, ProtocolError};
 
 pub use engine::FrameConn;
 pub use ws::WsConn;
-pub(crate) use engine::run;
+pub(crate) use engine::{run, run_until};
 
 /// How to reach the server.
 #[derive(Clone)]
@@ -103,4 +103,41 @@ pub enum SyncError {
     Server { code: ErrorCode, message: String },
     #[error(transparent)]
     Local(#[from] CoreError),
+}
+
+/// A live connection: the device stays connected, receives what teammates sync as it arrives,
+/// and pushes what is recorded here at once. Dropping the handle disconnects.
+pub struct LiveSync {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<SyncReport, SyncError>>>,
+}
+
+impl LiveSync {
+    pub(crate) fn new(stop: tokio::sync::oneshot::Sender<()>, task: tokio::task::JoinHandle<Result<SyncReport, SyncError>>) -> Self {
+        Self { stop: Some(stop), task: Some(task) }
+    }
+
+    /// Disconnect and return what the connection did.
+    pub async fn stop(mut self) -> Result<SyncReport, SyncError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.task.take() {
+            Some(t) => t.await.map_err(|e| SyncError::Local(CoreError::Task(e.to_string())))?,
+            None => Ok(SyncReport::default()),
+        }
+    }
+
+    /// Whether the connection has ended (an error, or the server went away).
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+impl Drop for LiveSync {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
 }
