@@ -35,9 +35,9 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn ServerStore>, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(store: Arc<dyn ServerStore>, shutdown: watch::Receiver<bool>, cache_docs: usize) -> Self {
         Self {
-            hub: DocHub::new(store, DEFAULT_CACHE_DOCS),
+            hub: DocHub::new(store, cache_docs),
             auth: Arc::new(DeclaredDevice { org: "default".into() }),
             access: Arc::new(SameOrganisation),
             metrics: Metrics::default(),
@@ -47,10 +47,14 @@ impl AppState {
 
     /// State over the sled store in `data_dir`.
     pub fn open(data_dir: &Path, shutdown: watch::Receiver<bool>) -> Result<Self, peersync_core::StoreError> {
+        Self::open_with(data_dir, shutdown, DEFAULT_CACHE_DOCS)
+    }
+
+    pub fn open_with(data_dir: &Path, shutdown: watch::Receiver<bool>, cache_docs: usize) -> Result<Self, peersync_core::StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| peersync_core::StoreError::Io(format!("cannot create {}: {e}", data_dir.display())))?;
         let kv = SledStore::open_with_cache(&data_dir.join("store"), SLED_CACHE_BYTES)?;
-        Ok(Self::new(Arc::new(KvServerStore::new(kv)), shutdown))
+        Ok(Self::new(Arc::new(KvServerStore::new(kv)), shutdown, cache_docs))
     }
 }
 

@@ -25,6 +25,9 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080", env = "PEERSYNC_LISTEN")]
         listen: SocketAddr,
+        /// Person documents kept in memory at most; others are loaded on demand.
+        #[arg(long, default_value_t = crate::app::DEFAULT_CACHE_DOCS, env = "PEERSYNC_CACHE_DOCS")]
+        cache_docs: usize,
     },
 }
 
@@ -41,9 +44,9 @@ pub enum CliError {
 /// Run the command line; returns when the command is done.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve { data, listen } => {
+        Command::Serve { data, listen, cache_docs } => {
             let (tx, rx) = tokio::sync::watch::channel(false);
-            let state = Arc::new(AppState::open(&data, rx)?);
+            let state = Arc::new(AppState::open_with(&data, rx, cache_docs)?);
             let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CliError::Listen { addr: listen, source })?;
             let addr = listener.local_addr().map_err(CliError::Serve)?;
             tracing::info!(%addr, data = %data.display(), "peersync serving");

@@ -11,5 +11,6 @@ pub mod auth;
 pub mod cli;
 pub mod docs;
 pub mod metrics;
+pub mod scenario;
 pub mod session;
 pub mod store;
