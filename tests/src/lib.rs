@@ -28,8 +28,13 @@ impl TestServer {
     }
 
     pub async fn start_on(data: &Path, addr: &str) -> TestServer {
+        Self::start_with(data, addr, peersync_server::app::DEFAULT_CACHE_DOCS).await
+    }
+
+    /// Start with a document cache of `cache_docs` entries.
+    pub async fn start_with(data: &Path, addr: &str, cache_docs: usize) -> TestServer {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let state = Arc::new(AppState::open(data, rx).expect("server store opens"));
+        let state = Arc::new(AppState::open_with(data, rx, cache_docs).expect("server store opens"));
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind loopback");
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
