@@ -88,12 +88,16 @@ pub(crate) struct State {
     pub(crate) docs: HashMap<String, Loaded>,
     pub(crate) summaries: BTreeMap<String, PersonSummary>,
     pub(crate) sync: HashMap<String, DocSyncState>,
+    /// Set once the device has been wiped: every call fails from then on.
+    pub(crate) wiped: bool,
 }
 
 pub(crate) struct Inner {
     pub(crate) store: SealedStore,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) actor: ActorId,
+    /// Seconds to add to the phone's clock for signed tokens (learned from the server).
+    pub(crate) clock_offset: std::sync::atomic::AtomicI64,
     /// Woken by every local change, for live sync.
     pub(crate) local_changes: Arc<tokio::sync::Notify>,
     // A std Mutex: held only for short, synchronous work inside spawn_blocking, never across
@@ -169,7 +173,8 @@ impl Device {
                 clock,
                 actor,
                 local_changes: Arc::new(tokio::sync::Notify::new()),
-                state: Mutex::new(State { worker, docs: HashMap::new(), summaries, sync }),
+                clock_offset: std::sync::atomic::AtomicI64::new(0),
+                state: Mutex::new(State { worker, docs: HashMap::new(), summaries, sync, wiped: false }),
             }),
         })
     }
@@ -279,13 +284,35 @@ impl Device {
         .await
     }
 
+    /// Enroll this phone with a one-time code from a coordinator: the phone makes its key pair,
+    /// keeps the private key in the sealed store and registers the public key.
+    pub async fn enroll(&self, server: &str, code: &str, device_name: &str) -> Result<crate::sync::Enrollment, crate::sync::SyncError> {
+        crate::sync::enroll(&self.inner, server, code, device_name).await
+    }
+
+    /// Open a signed connection; retries once with the server's time if the phone's clock is
+    /// off (phones offline for weeks drift).
+    async fn connect(&self, options: &crate::sync::SyncOptions) -> Result<crate::sync::WsConn, crate::sync::SyncError> {
+        use crate::sync::SyncError;
+        for attempt in 0..2 {
+            let inner = self.inner.clone();
+            let header = blocking(move || inner.auth_header()).await?.ok_or(SyncError::NotEnrolled)?;
+            match crate::sync::WsConn::connect(&options.server, &header, options.frame_timeout).await {
+                Err(SyncError::ClockSkew { server_time }) if attempt == 0 => {
+                    let offset = server_time - chrono::Utc::now().timestamp();
+                    self.inner.clock_offset.store(offset, std::sync::atomic::Ordering::Relaxed);
+                }
+                other => return other,
+            }
+        }
+        Err(SyncError::NotEnrolled)
+    }
+
     /// Sync with the server: send what it lacks, receive what this device lacks. One sync at a
     /// time per device; a failed sync keeps local data and resumes where it stopped.
     pub async fn sync(&self, options: &crate::sync::SyncOptions) -> Result<crate::sync::SyncReport, crate::sync::SyncError> {
         let _one_at_a_time = self.sync_lock.lock().await;
-        let inner = self.inner.clone();
-        let device = blocking(move || inner.device_id()).await?;
-        let mut conn = crate::sync::WsConn::connect(&options.server, &device, options.frame_timeout).await?;
+        let mut conn = self.connect(options).await?;
         if let Some(o) = &options.observer {
             let mut r = crate::sync::SyncReport::default();
             crate::sync::FrameConn::account(&conn, &mut r);
@@ -296,9 +323,7 @@ impl Device {
 
     /// Sync, then stay connected (see [`crate::sync::LiveSync`]).
     pub async fn sync_live(&self, options: &crate::sync::SyncOptions) -> Result<crate::sync::LiveSync, crate::sync::SyncError> {
-        let inner = self.inner.clone();
-        let device = blocking(move || inner.device_id()).await?;
-        let mut conn = crate::sync::WsConn::connect(&options.server, &device, options.frame_timeout).await?;
+        let mut conn = self.connect(options).await?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let (inner, opts, lock) = (self.inner.clone(), options.clone(), self.sync_lock.clone());
         let task = tokio::spawn(async move {
@@ -306,6 +331,18 @@ impl Device {
             crate::sync::run_until(&inner, &mut conn, &opts, Some(stop_rx)).await
         });
         Ok(crate::sync::LiveSync::new(stop_tx, task))
+    }
+
+    /// The `Authorization` header value that proves this device on a new connection to the
+    /// server (for apps that open the sync socket through their own transport).
+    pub async fn connection_token(&self) -> Result<Option<String>, CoreError> {
+        let inner = self.inner.clone();
+        blocking(move || inner.auth_header()).await
+    }
+
+    /// Whether a coordinator revoked this device and its records were deleted.
+    pub fn is_wiped(&self) -> bool {
+        self.inner.lock().wiped
     }
 
     /// Sync over an already open connection (tests use an in-memory one).
@@ -347,11 +384,17 @@ impl Inner {
     }
 
     fn worker(&self, st: &State) -> Result<String, CoreError> {
+        self.check_not_wiped(st)?;
         st.worker.clone().ok_or(CoreError::NoWorker)
+    }
+
+    pub(crate) fn check_not_wiped(&self, st: &State) -> Result<(), CoreError> {
+        if st.wiped { Err(CoreError::Wiped) } else { Ok(()) }
     }
 
     /// The person's document, loaded from the store on first use.
     pub(crate) fn loaded<'s>(&self, st: &'s mut State, id: &str) -> Result<&'s mut Loaded, CoreError> {
+        self.check_not_wiped(st)?;
         if !st.docs.contains_key(id) {
             let data = self.store.load_doc(id)?.ok_or_else(|| CoreError::UnknownPerson(id.to_string()))?;
             let doc = PersonDoc::load(id, &data, self.actor.clone())?;

@@ -117,6 +117,11 @@ impl PersonDoc {
         Ok(Self { id: id.to_string(), doc })
     }
 
+    /// Wrap automerge data received from elsewhere (the server reads records this way).
+    pub fn from_automerge(id: &str, doc: Automerge) -> Self {
+        Self { id: id.to_string(), doc }
+    }
+
     /// An empty document (no skeleton), to receive a peer's data into.
     pub fn empty(id: &str, actor: ActorId) -> Self {
         Self { id: id.to_string(), doc: Automerge::new().with_actor(actor) }
@@ -333,6 +338,26 @@ impl PersonDoc {
         checkins.sort_by(|a, b| b.taken_at.cmp(&a.taken_at).then_with(|| a.id.cmp(&b.id)));
         Ok(PersonRecord { person, consent: consent_rec, visits, checkins, conflicts })
     }
+}
+
+/// The workers listed in a document's profile and its consent, read straight from automerge
+/// data (the server's view; it never needs the rest of the record).
+pub fn profile_and_consent(doc: &Automerge) -> (Vec<String>, Option<Consent>) {
+    let r = Reader { doc };
+    let map = |name: &str| match doc.get(ROOT, name) {
+        Ok(Some((Value::Object(ObjType::Map), id))) => Some(r.fields(&id)),
+        _ => None,
+    };
+    let workers = map("profile").and_then(|p| r.str_list(&p, "workers")).unwrap_or_default();
+    let consent = map("consent").and_then(|c| {
+        Some(Consent {
+            record: r.bool(&c, "record")?,
+            share_with_coordinator: r.bool(&c, "share_with_coordinator")?,
+            research: r.bool(&c, "research").unwrap_or(false),
+            updated_at: r.time(&c, "updated_at").unwrap_or_default(),
+        })
+    });
+    (workers, consent)
 }
 
 fn write_consent(tx: &mut Transaction<'_>, obj: &ObjId, c: &Consent) -> Result<(), AutomergeError> {

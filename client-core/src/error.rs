@@ -85,6 +85,8 @@ pub enum CoreError {
     RecordExists(String),
     #[error("person {0:?} has withdrawn consent to a record being kept: nothing more can be recorded")]
     NoConsentToRecord(String),
+    #[error("this device was revoked by a coordinator and its records were deleted; enroll it again to continue")]
+    Wiped,
     #[error("this device has no worker identity yet: enroll it (or call set_worker) before recording")]
     NoWorker,
     #[error("the person document {doc:?} is damaged: {reason}")]

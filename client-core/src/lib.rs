@@ -9,7 +9,7 @@
 
 pub mod caseload;
 pub mod clock;
-mod crypto;
+pub mod crypto;
 pub mod device;
 pub mod document;
 pub mod error;

@@ -62,13 +62,16 @@ pub enum ServerMsg {
     Acks { acks: Vec<DocAck> },
     /// What the device lacks. `cursor` is where the device stands once it has stored this
     /// batch; `remaining` documents follow; `done` marks the last batch of this exchange.
-    Docs { docs: Vec<DocDown>, cursor: Cursor, remaining: u32, done: bool },
+    /// `purge`: people this device must delete (erased, or no longer assigned to its worker).
+    Docs { docs: Vec<DocDown>, purge: Vec<String>, cursor: Cursor, remaining: u32, done: bool },
     /// Replies to a `Sync` round (documents with nothing to say are left out).
     Sync { msgs: Vec<DocSync> },
     /// The device's cursor is from another history: reconcile with `Sync` rounds, then `Fetch`.
     CursorUnknown,
     /// Fatal for the connection; the server closes after sending it.
     Error { code: ErrorCode, message: String },
+    /// This device was revoked (lost or stolen): delete every local record now.
+    Wipe { message: String },
 }
 
 /// A document's changes the server has not acknowledged: either the whole document (automerge
@@ -223,7 +226,7 @@ mod tests {
     #[test]
     fn idle_hello_and_reply_are_tiny() {
         let hello = encode(&ClientMsg::Hello { cursor: Cursor { seq: 123_456, tag: 0xdead_beef }, live: false, docs: vec![], more: false }).unwrap();
-        let reply = encode(&ServerMsg::Docs { docs: vec![], cursor: Cursor { seq: 123_456, tag: 0xdead_beef }, remaining: 0, done: true }).unwrap();
+        let reply = encode(&ServerMsg::Docs { docs: vec![], purge: vec![], cursor: Cursor { seq: 123_456, tag: 0xdead_beef }, remaining: 0, done: true }).unwrap();
         assert!(hello.len() < 16, "{}", hello.len());
         assert!(reply.len() < 16, "{}", reply.len());
         assert_eq!(decode::<ClientMsg>(&hello).unwrap(), ClientMsg::Hello { cursor: Cursor { seq: 123_456, tag: 0xdead_beef }, live: false, docs: vec![], more: false });

@@ -1,76 +1,118 @@
-//! The HTTP layer: routes, shared state, the websocket upgrade.
+//! The HTTP layer: shared state, routes, the websocket upgrade.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
+use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use futures_util::StreamExt;
 use peersync_core::protocol::MAX_FRAME_BYTES;
-use peersync_core::store::SledStore;
+use peersync_core::store::{LocalStore, SledStore};
 use tokio::sync::watch;
 
-use crate::auth::{Access, Authenticator, DeclaredDevice, SameOrganisation};
+use crate::audit::AuditLog;
+use crate::auth::{Access, Assignments, Authenticator, DeviceIdentity, SignedDevice};
+use crate::directory::Directory;
 use crate::docs::DocHub;
+use crate::keyring::Keyring;
 use crate::metrics::Metrics;
 use crate::session::{self, Conn, Incoming};
 use crate::store::{KvServerStore, ServerStore};
+use crate::throttle::Throttle;
 
 /// Documents kept in memory at most; the rest are loaded on demand.
 pub const DEFAULT_CACHE_DOCS: usize = 2_000;
 /// The server's sled page cache.
 const SLED_CACHE_BYTES: u64 = 64 << 20;
+/// Coordinator sessions end after this long.
+pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
+
+/// The ordered key-value store everything on the server lives in.
+pub type Kv = Arc<dyn LocalStore>;
 
 pub struct AppState {
     pub hub: DocHub,
+    pub dir: Arc<Directory<Kv>>,
+    pub audit: AuditLog<Kv>,
     pub auth: Arc<dyn Authenticator>,
     pub access: Arc<dyn Access>,
     pub metrics: Metrics,
     pub shutdown: watch::Receiver<bool>,
+    /// Token for the admin API; `None` disables it.
+    pub admin_token: Option<String>,
+    pub sessions: crate::api::Sessions,
+    /// Failed logins per account and per client address.
+    pub login_throttle: Throttle,
+    /// Wrong enrollment codes per client address, and overall.
+    pub code_throttle: Throttle,
+    /// Whether the server speaks TLS (session cookies are then `Secure`).
+    pub tls: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub cache_docs: usize,
+    pub admin_token: Option<String>,
+    pub tls: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { cache_docs: DEFAULT_CACHE_DOCS, admin_token: None, tls: false }
+    }
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn ServerStore>, shutdown: watch::Receiver<bool>, cache_docs: usize) -> Self {
+    pub fn new(kv: Kv, keyring: Keyring, shutdown: watch::Receiver<bool>, opts: Options) -> Self {
+        let dir = Arc::new(Directory::new(kv.clone()));
+        let store: Arc<dyn ServerStore> = Arc::new(KvServerStore::with_keyring(kv.clone(), keyring));
         Self {
-            hub: DocHub::new(store, cache_docs),
-            auth: Arc::new(DeclaredDevice { org: "default".into() }),
-            access: Arc::new(SameOrganisation),
+            hub: DocHub::new(store, opts.cache_docs),
+            auth: Arc::new(SignedDevice::new(dir.clone())),
+            access: Arc::new(Assignments { dir: dir.clone() }),
+            audit: AuditLog::new(kv),
+            dir,
             metrics: Metrics::default(),
             shutdown,
+            admin_token: opts.admin_token.filter(|t| !t.is_empty()),
+            sessions: crate::api::Sessions::default(),
+            login_throttle: Throttle::new(5, Duration::from_secs(15 * 60)),
+            code_throttle: Throttle::new(10, Duration::from_secs(10 * 60)),
+            tls: opts.tls,
         }
     }
 
-    /// State over the sled store in `data_dir`.
-    pub fn open(data_dir: &Path, shutdown: watch::Receiver<bool>) -> Result<Self, peersync_core::StoreError> {
-        Self::open_with(data_dir, shutdown, DEFAULT_CACHE_DOCS)
-    }
-
-    pub fn open_with(data_dir: &Path, shutdown: watch::Receiver<bool>, cache_docs: usize) -> Result<Self, peersync_core::StoreError> {
+    /// State over the data directory: sled in `store/`, person keys in `keys`.
+    pub fn open(data_dir: &Path, shutdown: watch::Receiver<bool>, opts: Options) -> Result<Self, peersync_core::StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| peersync_core::StoreError::Io(format!("cannot create {}: {e}", data_dir.display())))?;
-        let kv = SledStore::open_with_cache(&data_dir.join("store"), SLED_CACHE_BYTES)?;
-        Ok(Self::new(Arc::new(KvServerStore::new(kv)), shutdown, cache_docs))
+        let kv = SledStore::open_with_cache(&data_dir.join("store"), SLED_CACHE_BYTES).map_err(|e| {
+            peersync_core::StoreError::Io(format!("{e} (is another peersync process using {}?)", data_dir.display()))
+        })?;
+        let keyring = Keyring::open(&data_dir.join("keys"))?;
+        Ok(Self::new(Arc::new(kv), keyring, shutdown, opts))
+    }
+
+    /// Audit a device's action; a failure to audit is logged, never fatal to the sync.
+    pub fn audit_device(&self, who: &DeviceIdentity, action: &str, people: Vec<String>, ok: bool, detail: impl Into<String>) {
+        let actor = format!("device:{} (worker {})", who.device, who.worker);
+        if let Err(e) = self.audit.record(&who.org, &actor, action, people, ok, detail) {
+            tracing::error!(error = %e, "audit log write failed");
+        }
     }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    crate::api::routes()
         .route("/v1/sync", get(sync))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
         .with_state(state)
-}
-
-async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(state.hub.cached_docs()),
-    )
 }
 
 async fn sync(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Response {
@@ -79,7 +121,13 @@ async fn sync(State(state): State<Arc<AppState>>, request: axum::extract::Reques
         Ok(who) => who,
         Err(e) => {
             state.metrics.auth_failures.fetch_add(1, Relaxed);
-            return (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
+            let mut resp = (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
+            if let crate::auth::AuthError::Clock { server_time } = e {
+                if let Ok(v) = server_time.to_string().parse() {
+                    resp.headers_mut().insert("x-peersync-time", v);
+                }
+            }
+            return resp;
         }
     };
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
@@ -108,14 +156,11 @@ impl Conn for AxumConn {
                     tracing::debug!(error = %e, "websocket read failed");
                     // An oversized or malformed websocket frame: answer with a protocol error
                     // if the socket still takes it.
-                    let _ = self.0.send(Message::Binary(
-                        peersync_core::protocol::encode(&peersync_core::protocol::ServerMsg::Error {
-                            code: peersync_core::protocol::ErrorCode::BadFrame,
-                            message: format!("unreadable websocket frame: {e}"),
-                        })
-                        .unwrap_or_default()
-                        .into(),
-                    )).await;
+                    let frame = peersync_core::protocol::encode(&peersync_core::protocol::ServerMsg::Error {
+                        code: peersync_core::protocol::ErrorCode::BadFrame,
+                        message: format!("unreadable websocket frame: {e}"),
+                    });
+                    let _ = self.0.send(Message::Binary(frame.unwrap_or_default().into())).await;
                     Incoming::Closed
                 }
             };
@@ -129,7 +174,7 @@ impl Conn for AxumConn {
     async fn close(&mut self) {
         let _ = self.0.send(Message::Close(None)).await;
         // Let the device read the close; then drop.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
             while let Some(Ok(m)) = self.0.next().await {
                 if matches!(m, Message::Close(_)) {
                     break;
@@ -147,7 +192,7 @@ pub async fn serve(
     shutdown_tx: watch::Sender<bool>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state);
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use crate::app::{AppState, serve};
+use crate::app::{AppState, Options, serve};
 
 #[derive(Parser, Debug)]
 #[command(name = "peersync", version, about = "Offline-first sync backend for peer-support services")]
@@ -28,6 +28,69 @@ pub enum Command {
         /// Person documents kept in memory at most; others are loaded on demand.
         #[arg(long, default_value_t = crate::app::DEFAULT_CACHE_DOCS, env = "PEERSYNC_CACHE_DOCS")]
         cache_docs: usize,
+        /// Token for the admin HTTP API (Authorization: Bearer …); without it the API is off.
+        #[arg(long, env = "PEERSYNC_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+    },
+    /// Administer the data directory directly (while no server runs on it).
+    Admin {
+        #[arg(long, default_value = "./peersync-data", env = "PEERSYNC_DATA")]
+        data: PathBuf,
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminAction {
+    /// Create an organisation.
+    CreateOrg {
+        id: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Create a coordinator account (password from --password, PEERSYNC_PASSWORD, or stdin).
+    CreateCoordinator {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        username: String,
+        #[arg(long, env = "PEERSYNC_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    },
+    /// Add a worker with one of the five peer roles.
+    AddWorker {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Issue a one-time enrollment code for a worker's phone (valid 24 hours).
+    EnrollmentCode {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        worker: String,
+    },
+    /// Assign a person to a worker.
+    Assign {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        person: String,
+        #[arg(long)]
+        worker: String,
+    },
+    /// Revoke a device (a lost phone): it is told to wipe when it next connects.
+    Revoke {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        device: String,
     },
 }
 
@@ -35,18 +98,23 @@ pub enum Command {
 pub enum CliError {
     #[error("cannot open the data directory: {0}")]
     Store(#[from] peersync_core::StoreError),
+    #[error("{0}")]
+    Directory(#[from] crate::directory::DirectoryError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// Run the command line; returns when the command is done.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve { data, listen, cache_docs } => {
+        Command::Serve { data, listen, cache_docs, admin_token } => {
             let (tx, rx) = tokio::sync::watch::channel(false);
-            let state = Arc::new(AppState::open_with(&data, rx, cache_docs)?);
+            let opts = Options { cache_docs, admin_token, tls: false };
+            let state = Arc::new(AppState::open(&data, rx, opts)?);
             let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CliError::Listen { addr: listen, source })?;
             let addr = listener.local_addr().map_err(CliError::Serve)?;
             tracing::info!(%addr, data = %data.display(), "peersync serving");
@@ -55,7 +123,63 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             tracing::info!("peersync stopped");
             Ok(())
         }
+        Command::Admin { data, action } => {
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            let state = AppState::open(&data, rx, Options::default())?;
+            tokio::task::spawn_blocking(move || admin(&state, action)).await.map_err(|e| CliError::Usage(e.to_string()))?
+        }
     }
+}
+
+fn admin(state: &AppState, action: AdminAction) -> Result<(), CliError> {
+    let dir = &state.dir;
+    match action {
+        AdminAction::CreateOrg { id, name } => {
+            let o = dir.create_org(&id, &name)?;
+            let _ = state.audit.record(&o.id, "admin", "create-org", vec![], true, "via peersync admin");
+            println!("created organisation {}", o.id);
+        }
+        AdminAction::CreateCoordinator { org, username, password } => {
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    eprintln!("password for {username}:");
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).map_err(|e| CliError::Usage(e.to_string()))?;
+                    line.trim_end_matches(['\n', '\r']).to_string()
+                }
+            };
+            dir.create_coordinator(&org, &username, &password)?;
+            let _ = state.audit.record(&org, "admin", "create-coordinator", vec![], true, format!("coordinator {username}"));
+            println!("created coordinator {username} in {org}");
+        }
+        AdminAction::AddWorker { org, id, role, name } => {
+            let w = dir.add_worker(&org, &id, &name, &role)?;
+            let _ = state.audit.record(&org, "admin", "create-worker", vec![], true, format!("worker {} ({})", w.id, w.role));
+            println!("added worker {} ({})", w.id, w.role);
+        }
+        AdminAction::EnrollmentCode { org, worker } => {
+            let (code, expires) = dir.issue_code(&org, &worker)?;
+            let _ = state.audit.record(&org, "admin", "issue-code", vec![], true, format!("enrollment code for worker {worker}"));
+            println!("{code}  (for {worker}; single use; expires {expires})");
+        }
+        AdminAction::Assign { org, person, worker } => {
+            if dir.worker(&org, &worker)?.is_none() {
+                return Err(CliError::Usage(format!("no worker {worker:?} in {org:?}")));
+            }
+            state.hub.touch(&org, &person, |seq| {
+                dir.assign(&org, &person, std::slice::from_ref(&worker), seq, "admin").map(|_| ()).map_err(|e| peersync_core::StoreError::Io(e.to_string()))
+            })?;
+            let _ = state.audit.record(&org, "admin", "assign", vec![person.clone()], true, format!("to worker {worker}"));
+            println!("assigned {person} to {worker}");
+        }
+        AdminAction::Revoke { org, device } => {
+            dir.revoke(&org, &device, "admin")?;
+            let _ = state.audit.record(&org, "admin", "revoke", vec![], true, format!("device {device}"));
+            println!("revoked {device}");
+        }
+    }
+    Ok(())
 }
 
 /// Ctrl-C or SIGTERM.

@@ -58,9 +58,24 @@ fn refused(code: ErrorCode, message: impl Into<String>) -> AckStatus {
     AckStatus::Refused { code, message: message.into() }
 }
 
+/// What the server learnt from a document it is about to store.
+struct Applied {
+    doc: String,
+    /// The store held nothing of it before: its creator's worker and teammates get it.
+    created: bool,
+    teammates: Vec<String>,
+    consent: Option<peersync_core::Consent>,
+}
+
+fn applied(doc: &str, e: &CachedDoc) -> Applied {
+    let (teammates, consent) = peersync_core::document::profile_and_consent(&e.doc);
+    Applied { doc: doc.to_string(), created: !e.stored, teammates, consent }
+}
+
 /// One batch of a download.
 pub struct DocsBatch {
     pub docs: Vec<DocDown>,
+    pub purge: Vec<String>,
     pub cursor: Cursor,
     pub remaining: u32,
 }
@@ -141,7 +156,7 @@ impl DocHub {
             }
             acks.push(DocAck { doc: p.doc, status });
         }
-        self.commit(org, appends, &touched)?;
+        self.commit(who, access, appends, &touched)?;
         Ok(acks)
     }
 
@@ -150,20 +165,20 @@ impl DocHub {
         who: &DeviceIdentity,
         access: &dyn Access,
         p: &DocPush,
-        appends: &mut Vec<Append>,
+        appends: &mut Vec<(Append, Applied)>,
         touched: &mut Vec<String>,
     ) -> Result<AckStatus, StoreError> {
         if let Err(e) = peersync_core::model::validate_id("doc", &p.doc) {
             return Ok(refused(ErrorCode::InvalidDocument, e.to_string()));
-        }
-        if let Some(refusal) = access.check_write(who, &p.doc)? {
-            return Ok(refusal);
         }
         if p.data.len() > MAX_DOC_BYTES {
             return Ok(refused(ErrorCode::TooLarge, format!("document data of {} bytes exceeds {MAX_DOC_BYTES}", p.data.len())));
         }
         let entry = self.cached(&who.org, &p.doc)?;
         let mut e = lock(&entry);
+        if let Some(refusal) = access.check_write(who, &p.doc, e.stored)? {
+            return Ok(refusal);
+        }
         let before = e.doc.get_heads();
         if let Err(err) = e.doc.load_incremental(&p.data) {
             drop(e);
@@ -178,7 +193,7 @@ impl DocHub {
             } else {
                 DocWrite::Snapshot(e.doc.save())
             };
-            appends.push(Append { doc: p.doc.clone(), write });
+            appends.push((Append { doc: p.doc.clone(), write }, applied(&p.doc, &e)));
             touched.push(p.doc.clone());
         }
         if !complete {
@@ -192,11 +207,14 @@ impl DocHub {
         Ok(AckStatus::Stored)
     }
 
-    /// Store `appends` durably and bring the cache in line; announce the new log head.
-    fn commit(&self, org: &str, appends: Vec<Append>, touched: &[String]) -> Result<(), StoreError> {
+    /// Store `appends` durably and bring the cache in line; tell `access` what was created
+    /// and changed; announce the new log head.
+    fn commit(&self, who: &DeviceIdentity, access: &dyn Access, appends: Vec<(Append, Applied)>, touched: &[String]) -> Result<(), StoreError> {
+        let org = who.org.as_str();
         if appends.is_empty() {
             return Ok(());
         }
+        let (appends, learnt): (Vec<Append>, Vec<Applied>) = appends.into_iter().unzip();
         let kinds: Vec<(String, bool)> =
             appends.iter().map(|a| (a.doc.clone(), matches!(a.write, DocWrite::Snapshot(_)))).collect();
         let cursors = match self.store.append(org, appends) {
@@ -211,7 +229,8 @@ impl DocHub {
         let mut to_compact = Vec::new();
         for ((doc, snapshot), cursor) in kinds.iter().zip(&cursors) {
             let key = (org.to_string(), doc.clone());
-            let Some(entry) = lock(&self.cache).get(&key).cloned() else { continue };
+            let hit = lock(&self.cache).get(&key).cloned();
+            let Some(entry) = hit else { continue };
             let mut e = lock(&entry);
             e.stored = true;
             e.increments = if *snapshot { 0 } else { e.increments + 1 };
@@ -219,6 +238,12 @@ impl DocHub {
                 to_compact.push((doc.clone(), e.doc.save(), cursor.seq));
                 e.increments = 0;
             }
+        }
+        for (a, cursor) in learnt.iter().zip(&cursors) {
+            if a.created {
+                access.created(who, &a.doc, &a.teammates, cursor.seq)?;
+            }
+            access.changed(org, &a.doc, a.consent.as_ref())?;
         }
         for (doc, snapshot, upto) in to_compact {
             if let Err(err) = self.store.compact(org, &doc, snapshot, upto) {
@@ -259,9 +284,15 @@ impl DocHub {
         let total = entries.len();
         let mut cursor = since;
         let mut docs = Vec::new();
+        let mut purge = Vec::new();
         let mut size = 0usize;
         for (i, (seq, doc)) in entries.into_iter().enumerate() {
-            if !skip.contains(&doc) && access.can_read(who, &doc)? {
+            let readable = if skip.contains(&doc) { None } else { access.read_since(who, &doc)? };
+            if readable.is_none() && access.must_purge(who, &doc, since.seq)? {
+                size += doc.len();
+                purge.push(doc.clone());
+            }
+            if let Some(granted) = readable {
                 let data = match pushed.get(&doc) {
                     Some(heads) => {
                         let entry = self.cached(org, &doc)?;
@@ -269,6 +300,8 @@ impl DocHub {
                         e.doc.get_changes(heads).iter().flat_map(|c| c.raw_bytes().to_vec()).collect()
                     }
                     None => match self.store.load_doc(org, &doc)? {
+                        // Newly assigned: the device cannot have anything of it yet.
+                        Some(stored) if granted > since.seq => stored.concat(),
                         Some(stored) => since_cursor(&stored, since.seq),
                         None => Vec::new(),
                     },
@@ -281,7 +314,7 @@ impl DocHub {
             cursor = Cursor { seq, tag: 0 };
             if size >= batch_bytes {
                 cursor.tag = self.store.tag_at(org, seq)?.unwrap_or(0);
-                let batch = DocsBatch { docs: std::mem::take(&mut docs), cursor, remaining: (total - i - 1) as u32 };
+                let batch = DocsBatch { docs: std::mem::take(&mut docs), purge: std::mem::take(&mut purge), cursor, remaining: (total - i - 1) as u32 };
                 size = 0;
                 if !emit(batch) {
                     return Ok(cursor);
@@ -291,8 +324,48 @@ impl DocHub {
         if cursor.seq != since.seq {
             cursor.tag = self.store.tag_at(org, cursor.seq)?.unwrap_or(0);
         }
-        emit(DocsBatch { docs, cursor, remaining: 0 });
+        emit(DocsBatch { docs, purge, cursor, remaining: 0 });
         Ok(cursor)
+    }
+
+    /// Move `doc`'s log entry forward (after an assignment changed) and return its position.
+    /// `before` runs first, under the writers' lock, with the position the entry will take.
+    pub fn touch(&self, org: &str, doc: &str, before: impl FnOnce(u64) -> Result<(), StoreError>) -> Result<u64, StoreError> {
+        let _w = lock(&self.write_lock);
+        before(self.store.head(org)?.seq + 1)?;
+        let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Touch }])?;
+        let seq = c.last().map_or(0, |c| c.seq);
+        let _ = self.announce.send(Announcement { org: org.to_string(), seq });
+        Ok(seq)
+    }
+
+    /// Erase `doc`: `bury` records the tombstone first (pushes are refused from then on), then
+    /// the data is deleted and its key destroyed, and the log tells devices to purge.
+    pub fn erase(&self, org: &str, doc: &str, bury: impl FnOnce() -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let _w = lock(&self.write_lock);
+        bury()?;
+        self.evict(org, doc);
+        let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Erase }])?;
+        self.evict(org, doc);
+        if let Some(c) = c.last() {
+            let _ = self.announce.send(Announcement { org: org.to_string(), seq: c.seq });
+        }
+        Ok(())
+    }
+
+    /// The person's current record as the server holds it (for coordinators' reads).
+    pub fn record(&self, org: &str, doc: &str) -> Result<Option<peersync_core::PersonRecord>, StoreError> {
+        let entry = self.cached(org, doc)?;
+        let e = lock(&entry);
+        if !e.stored {
+            drop(e);
+            self.evict(org, doc);
+            return Ok(None);
+        }
+        let am = e.doc.clone();
+        drop(e);
+        let pd = peersync_core::PersonDoc::from_automerge(doc, am);
+        Ok(pd.record().ok())
     }
 
     /// One round of automerge's sync protocol for each document in `msgs`, with per-session
@@ -310,12 +383,17 @@ impl DocHub {
         let mut touched = Vec::new();
         let mut replies = Vec::new();
         for m in msgs {
-            if peersync_core::model::validate_id("doc", &m.doc).is_err() || !access.can_read(who, &m.doc)? {
+            if peersync_core::model::validate_id("doc", &m.doc).is_err() {
                 continue;
             }
-            let may_write = access.check_write(who, &m.doc)?.is_none();
             let entry = self.cached(org, &m.doc)?;
             let mut e = lock(&entry);
+            // A document the server has never held may be created through the sync protocol too.
+            let may_read = !e.stored || access.read_since(who, &m.doc)?.is_some();
+            if !may_read {
+                continue;
+            }
+            let may_write = access.check_write(who, &m.doc, e.stored)?.is_none();
             let state = states.entry(m.doc.clone()).or_default();
             if !m.msg.is_empty() {
                 let Ok(msg) = SyncMessage::decode(&m.msg) else { continue };
@@ -334,7 +412,7 @@ impl DocHub {
                 let after = e.doc.get_heads();
                 if after != before {
                     let write = if e.stored { DocWrite::Increment(e.doc.save_after(&before)) } else { DocWrite::Snapshot(e.doc.save()) };
-                    appends.push(Append { doc: m.doc.clone(), write });
+                    appends.push((Append { doc: m.doc.clone(), write }, applied(&m.doc, &e)));
                     touched.push(m.doc.clone());
                 }
             }
@@ -342,7 +420,7 @@ impl DocHub {
                 replies.push(DocSync { doc: m.doc, msg: reply.encode() });
             }
         }
-        self.commit(org, appends, &touched)?;
+        self.commit(who, access, appends, &touched)?;
         Ok(replies)
     }
 }

@@ -6,11 +6,16 @@
 //! - [`auth`]: the identity and access seams every session goes through.
 //! - [`app`]: routes and the websocket upgrade; [`cli`]: the `peersync` command.
 
+pub mod api;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod directory;
 pub mod docs;
+pub mod keyring;
 pub mod metrics;
 pub mod scenario;
 pub mod session;
 pub mod store;
+pub mod throttle;

@@ -71,10 +71,22 @@ struct Session<C: Conn> {
     started: Instant,
     docs_in: u64,
     docs_out: u64,
+    /// People written and read during the current exchange, for the audit log.
+    written: Vec<String>,
+    read: Vec<String>,
 }
 
-pub async fn run<C: Conn>(conn: C, state: Arc<AppState>, who: DeviceIdentity, mut shutdown: watch::Receiver<bool>) {
+pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity, mut shutdown: watch::Receiver<bool>) {
     state.metrics.connections_total.fetch_add(1, Relaxed);
+    if who.revoked {
+        // A lost or stolen phone: tell it to delete everything, and nothing else.
+        state.audit_device(&who, "wipe", vec![], true, "revoked device connected and was told to wipe");
+        if let Ok(frame) = protocol::encode(&ServerMsg::Wipe { message: "this device was revoked by a coordinator".into() }) {
+            conn.send(frame).await;
+        }
+        conn.close().await;
+        return;
+    }
     state.metrics.connections_active.fetch_add(1, Relaxed);
     let mut announcements = state.hub.subscribe();
     let mut s = Session {
@@ -91,6 +103,8 @@ pub async fn run<C: Conn>(conn: C, state: Arc<AppState>, who: DeviceIdentity, mu
         started: Instant::now(),
         docs_in: 0,
         docs_out: 0,
+        written: Vec::new(),
+        read: Vec::new(),
     };
     let end = loop {
         let idle = if s.live && s.exchanged { Duration::MAX } else { IDLE_TIMEOUT };
@@ -206,6 +220,11 @@ impl<C: Conn> Session<C> {
             })
             .await?;
             self.pushed = pushed;
+            self.written.extend(acks.iter().filter(|a| a.status == protocol::AckStatus::Stored).map(|a| a.doc.clone()));
+            let refused: Vec<String> = acks.iter().filter(|a| matches!(a.status, protocol::AckStatus::Refused { .. })).map(|a| a.doc.clone()).collect();
+            if !refused.is_empty() {
+                self.state.audit_device(&self.who, "write", refused, false, "push refused (not assigned, erased or invalid)");
+            }
             self.send(&ServerMsg::Acks { acks }).await?;
         }
         if more {
@@ -245,7 +264,7 @@ impl<C: Conn> Session<C> {
             return Err(e);
         }
         let end = result?;
-        let last = pending.unwrap_or(DocsBatch { docs: vec![], cursor: end, remaining: 0 });
+        let last = pending.unwrap_or(DocsBatch { docs: vec![], purge: vec![], cursor: end, remaining: 0 });
         self.send_batch(last, true).await?;
         self.exchanged = true;
         self.pushed.clear();
@@ -259,11 +278,22 @@ impl<C: Conn> Session<C> {
         self.docs_out += b.docs.len() as u64;
         self.state.metrics.docs_sent.fetch_add(b.docs.len() as u64, Relaxed);
         self.cursor = b.cursor;
-        self.send(&ServerMsg::Docs { docs: b.docs, cursor: b.cursor, remaining: b.remaining, done }).await
+        self.read.extend(b.docs.iter().map(|d| d.doc.clone()));
+        self.send(&ServerMsg::Docs { docs: b.docs, purge: b.purge, cursor: b.cursor, remaining: b.remaining, done }).await
     }
 
     async fn record_device(&mut self, error: Option<String>) {
         self.state.metrics.observe_sync(self.started.elapsed());
+        let written = std::mem::take(&mut self.written);
+        if !written.is_empty() {
+            let n = written.len();
+            self.state.audit_device(&self.who, "write", written, true, format!("{n} person documents stored"));
+        }
+        let read = std::mem::take(&mut self.read);
+        if !read.is_empty() {
+            let n = read.len();
+            self.state.audit_device(&self.who, "read", read, true, format!("{n} person documents sent"));
+        }
         let info = DeviceSync {
             cursor: self.cursor.seq,
             last_sync_at: Some(chrono::Utc::now()),

@@ -14,6 +14,7 @@
 
 use std::sync::Mutex;
 
+use peersync_core::crypto::Cipher;
 use peersync_core::protocol::Cursor;
 use peersync_core::store::{LocalStore, Write};
 use peersync_core::StoreError;
@@ -58,6 +59,12 @@ pub enum DocWrite {
     Increment(Vec<u8>),
     /// The document's whole state; replaces what is stored.
     Snapshot(Vec<u8>),
+    /// No new data: only move the document's log entry forward, so devices look at it again
+    /// (it was assigned to someone new, or taken away).
+    Touch,
+    /// Delete the document's data and destroy its key; the log entry moves forward so that
+    /// devices learn to purge it.
+    Erase,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +110,8 @@ pub trait ServerStore: Send + Sync + 'static {
 /// - `V` org 0 device         → DeviceSync as JSON
 pub struct KvServerStore<S: LocalStore> {
     kv: S,
+    /// Per-person keys sealing snapshots and increments (crypto-shredding on erasure).
+    keyring: crate::keyring::Keyring,
     rng: SystemRandom,
     // Appends are serialised so that sequence numbers become visible in order: a reader that
     // sees entry N has seen every entry below N.
@@ -135,8 +144,21 @@ fn be64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
 }
 
 impl<S: LocalStore> KvServerStore<S> {
+    /// Over `kv`, with person keys in memory only (tests).
     pub fn new(kv: S) -> Self {
-        Self { kv, rng: SystemRandom::new(), append_lock: Mutex::new(()) }
+        Self::with_keyring(kv, crate::keyring::Keyring::in_memory())
+    }
+
+    pub fn with_keyring(kv: S, keyring: crate::keyring::Keyring) -> Self {
+        Self { kv, keyring, rng: SystemRandom::new(), append_lock: Mutex::new(()) }
+    }
+
+    fn cipher(&self, org: &str, doc: &str) -> Result<Option<Cipher>, StoreError> {
+        self.keyring.get(org, doc).map(|k| Cipher::new(&k)).transpose()
+    }
+
+    fn open_value(&self, cipher: &Cipher, key: &[u8], sealed: &[u8]) -> Result<Vec<u8>, StoreError> {
+        cipher.open(key, sealed).ok_or_else(|| StoreError::Tampered { key: String::from_utf8_lossy(key).replace('\0', "/") })
     }
 
     fn tag(&self) -> Result<u32, StoreError> {
@@ -154,6 +176,13 @@ impl<S: LocalStore> KvServerStore<S> {
 impl<S: LocalStore> ServerStore for KvServerStore<S> {
     fn append(&self, org: &str, appends: Vec<Append>) -> Result<Vec<Cursor>, StoreError> {
         let _serial = self.append_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let with_data: Vec<&str> = appends
+            .iter()
+            .filter(|a| matches!(a.write, DocWrite::Increment(_) | DocWrite::Snapshot(_)))
+            .map(|a| a.doc.as_str())
+            .collect();
+        self.keyring.ensure(org, &with_data)?;
+        let mut erased = Vec::new();
         let head = self.head(org)?;
         let mut seq = head.seq;
         let mut batch = Vec::new();
@@ -177,17 +206,29 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
             batch.push(Write::Put(k(b'E', &[o, d]), seq.to_be_bytes().to_vec()));
             match a.write {
                 DocWrite::Increment(data) => {
+                    let cipher = self.cipher(org, &a.doc)?.expect("ensured above");
                     let mut key = Self::increment_prefix(org, &a.doc);
                     key.extend_from_slice(&seq.to_be_bytes());
-                    batch.push(Write::Put(key, data));
+                    let sealed = cipher.seal(&key, &data)?;
+                    batch.push(Write::Put(key, sealed));
                 }
                 DocWrite::Snapshot(data) => {
+                    let cipher = self.cipher(org, &a.doc)?.expect("ensured above");
                     for key in self.kv.keys_with_prefix(&Self::increment_prefix(org, &a.doc))? {
                         batch.push(Write::Delete(key));
                     }
+                    let key = k(b'S', &[o, d]);
                     let mut v = seq.to_be_bytes().to_vec();
-                    v.extend_from_slice(&data);
-                    batch.push(Write::Put(k(b'S', &[o, d]), v));
+                    v.extend_from_slice(&cipher.seal(&key, &data)?);
+                    batch.push(Write::Put(key, v));
+                }
+                DocWrite::Touch => {}
+                DocWrite::Erase => {
+                    for key in self.kv.keys_with_prefix(&Self::increment_prefix(org, &a.doc))? {
+                        batch.push(Write::Delete(key));
+                    }
+                    batch.push(Write::Delete(k(b'S', &[o, d])));
+                    erased.push(a.doc.clone());
                 }
             }
             out.push(Cursor { seq, tag });
@@ -198,21 +239,33 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
             batch.push(Write::Put(k(b'H', &[org.as_bytes()]), h));
         }
         self.kv.apply(batch)?;
+        // Only once the data is durably gone: destroy the keys, which makes any copy sled still
+        // holds in old log segments unreadable.
+        for doc in erased {
+            self.keyring.destroy(org, &doc)?;
+        }
         Ok(out)
     }
 
     fn load_doc(&self, org: &str, doc: &str) -> Result<Option<StoredDoc>, StoreError> {
-        let snapshot = match self.kv.get(&k(b'S', &[org.as_bytes(), doc.as_bytes()]))? {
-            Some(v) => Some((be64(&v, "S")?, v[8..].to_vec())),
+        let skey = k(b'S', &[org.as_bytes(), doc.as_bytes()]);
+        let raw_snapshot = self.kv.get(&skey)?;
+        let prefix = Self::increment_prefix(org, doc);
+        let raw_increments = self.kv.scan_prefix(&prefix)?;
+        if raw_snapshot.is_none() && raw_increments.is_empty() {
+            return Ok(None);
+        }
+        let Some(cipher) = self.cipher(org, doc)? else {
+            return Err(StoreError::Corrupt { key: format!("{org}/{doc}"), reason: "data without a key".into() });
+        };
+        let snapshot = match raw_snapshot {
+            Some(v) if v.len() >= 8 => Some((be64(&v, "S")?, self.open_value(&cipher, &skey, &v[8..])?)),
+            Some(_) => return Err(StoreError::Corrupt { key: format!("{org}/{doc}"), reason: "short snapshot".into() }),
             None => None,
         };
-        let prefix = Self::increment_prefix(org, doc);
         let mut increments = Vec::new();
-        for (key, v) in self.kv.scan_prefix(&prefix)? {
-            increments.push((be64(&key[prefix.len()..], "I")?, v));
-        }
-        if snapshot.is_none() && increments.is_empty() {
-            return Ok(None);
+        for (key, v) in raw_increments {
+            increments.push((be64(&key[prefix.len()..], "I")?, self.open_value(&cipher, &key, &v)?));
         }
         Ok(Some(StoredDoc { snapshot, increments }))
     }
@@ -226,9 +279,11 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
                 batch.push(Write::Delete(key));
             }
         }
+        let Some(cipher) = self.cipher(org, doc)? else { return Ok(()) };
+        let skey = k(b'S', &[org.as_bytes(), doc.as_bytes()]);
         let mut v = upto.to_be_bytes().to_vec();
-        v.extend_from_slice(&snapshot);
-        batch.push(Write::Put(k(b'S', &[org.as_bytes(), doc.as_bytes()]), v));
+        v.extend_from_slice(&cipher.seal(&skey, &snapshot)?);
+        batch.push(Write::Put(skey, v));
         self.kv.apply(batch)
     }
 
@@ -278,7 +333,8 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
 #[cfg(test)]
 macro_rules! server_store_suite {
     ($make:expr) => {
-        use peersync_core::protocol::Cursor;
+        use peersync_core::crypto::Cipher;
+use peersync_core::protocol::Cursor;
         use $crate::store::{Append, DeviceSync, DocWrite, ServerStore};
 
         fn inc(doc: &str, data: &[u8]) -> Append {
@@ -331,6 +387,19 @@ macro_rules! server_store_suite {
             assert_eq!(d.snapshot, Some((5, b"S5".to_vec())));
             assert!(d.increments.is_empty());
             assert_eq!(s.load_doc("p", "a").unwrap(), None, "documents do not cross organisations");
+        }
+
+        #[test]
+        fn touch_moves_the_entry_and_erase_removes_the_data() {
+            let s = $make();
+            s.append("o", vec![inc("a", b"1"), inc("b", b"2")]).unwrap();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Touch }]).unwrap();
+            assert_eq!(s.changed_since("o", 2).unwrap(), vec![(3, "a".to_string())]);
+            assert_eq!(s.load_doc("o", "a").unwrap().unwrap().increments, vec![(1, b"1".to_vec())]);
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Erase }]).unwrap();
+            assert_eq!(s.load_doc("o", "a").unwrap(), None);
+            assert_eq!(s.changed_since("o", 3).unwrap(), vec![(4, "a".to_string())]);
+            assert!(s.load_doc("o", "b").unwrap().is_some());
         }
 
         #[test]

@@ -7,10 +7,34 @@ use std::sync::Arc;
 use chrono::{DateTime, TimeZone, Utc};
 use peersync_core::sync::{SyncOptions, SyncReport};
 use peersync_core::{Device, ManualClock, NewCheckin, NewPerson, NewVisit};
-use peersync_server::app::{AppState, serve};
+use peersync_server::app::{AppState, Options, serve};
 use tokio::task::JoinHandle;
 
 pub const KEY: [u8; 32] = [42; 32];
+/// The organisation every test server holds, and its admin token.
+pub const ORG: &str = "org1";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// Workers every test organisation has; `person()` names them all as teammates.
+pub const WORKERS: [&str; 4] = ["w-001", "w-002", "w-003", "w-004"];
+
+/// Create the test organisation, its workers and a coordinator in `state`, if missing.
+pub fn seed(state: &AppState) {
+    if state.dir.org(ORG).unwrap().is_none() {
+        state.dir.create_org(ORG, "Test Org").unwrap();
+        for w in WORKERS {
+            state.dir.add_worker(ORG, w, w, "peer_support_worker").unwrap();
+        }
+    }
+}
+
+/// Prepare a data directory (organisation, workers) and return one enrollment code per worker
+/// asked for; for servers started as separate processes.
+pub fn prepare(data: &Path, workers: &[&str]) -> Vec<String> {
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let state = AppState::open(data, rx, Options::default()).expect("data directory opens");
+    seed(&state);
+    workers.iter().map(|w| state.dir.issue_code(ORG, w).unwrap().0).collect()
+}
 
 /// A server running in this process on 127.0.0.1, on its own sled directory.
 pub struct TestServer {
@@ -34,7 +58,9 @@ impl TestServer {
     /// Start with a document cache of `cache_docs` entries.
     pub async fn start_with(data: &Path, addr: &str, cache_docs: usize) -> TestServer {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let state = Arc::new(AppState::open_with(data, rx, cache_docs).expect("server store opens"));
+        let opts = Options { cache_docs, admin_token: Some(ADMIN_TOKEN.into()), tls: false };
+        let state = Arc::new(AppState::open(data, rx, opts).expect("server store opens"));
+        seed(&state);
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind loopback");
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -62,17 +88,68 @@ impl TestServer {
     pub fn options(&self) -> SyncOptions {
         SyncOptions::new(self.url.clone())
     }
+
+    /// A one-time enrollment code for `worker`.
+    pub fn code(&self, worker: &str) -> String {
+        self.state.dir.issue_code(ORG, worker).unwrap().0
+    }
+
+    /// A worker's phone on its own sled store under `dir`, enrolled with this server.
+    pub async fn phone(&self, dir: &Path, worker: &str) -> (Device, ManualClock) {
+        let (d, clock) = open_phone(dir, worker).await;
+        d.enroll(&self.url, &self.code(worker), worker).await.expect("enrollment");
+        (d, clock)
+    }
+
+    /// `GET`/`POST` on the HTTP API with the admin token; returns status and JSON.
+    pub async fn admin(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        http(self.addr, method, path, &[("Authorization", format!("Bearer {ADMIN_TOKEN}"))], body).await
+    }
+}
+
+/// A plain HTTP/1.1 request on loopback; returns the status, headers and body (JSON if any).
+pub async fn http_full(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<serde_json::Value>,
+) -> (u16, String, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let payload = body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n", payload.len());
+    if !payload.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&payload).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_string()));
+    (status, head.to_string(), json)
+}
+
+pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, headers: &[(&str, String)], body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+    let (s, _, j) = http_full(addr, method, path, headers, body).await;
+    (s, j)
 }
 
 pub fn t(day: u32, hour: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 3, day, hour, 0, 0).unwrap()
 }
 
-/// A worker's phone with its own sled store under `dir`.
-pub async fn phone(dir: &Path, worker: &str) -> (Device, ManualClock) {
+/// A worker's phone with its own sled store under `dir`, not enrolled yet.
+pub async fn open_phone(dir: &Path, name: &str) -> (Device, ManualClock) {
     let clock = ManualClock::new(t(1, 9));
-    let d = Device::open(dir.join(worker), &KEY, Arc::new(clock.clone())).await.expect("device store opens");
-    d.set_worker(worker).await.unwrap();
+    let d = Device::open(dir.join(name), &KEY, Arc::new(clock.clone())).await.expect("device store opens");
     (d, clock)
 }
 
@@ -81,7 +158,7 @@ pub fn person(id: &str, alias: &str) -> NewPerson {
         id: Some(id.into()),
         alias: alias.into(),
         year_of_birth: 1984,
-        workers: vec![],
+        workers: WORKERS.iter().map(|w| w.to_string()).collect(),
         record: true,
         share_with_coordinator: true,
         research: false,

@@ -7,8 +7,8 @@ use peersync_tests::*;
 async fn a_tiny_cache_still_converges() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(&dir.path().join("server"), "127.0.0.1:0", 4).await;
-    let (a, _) = phone(dir.path(), "w-001").await;
-    let (b, _) = phone(dir.path(), "w-002").await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
     for i in 0..40 {
         a.register_person(person(&format!("p-{i:02}"), "AB")).await.unwrap();
     }

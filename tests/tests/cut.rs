@@ -10,8 +10,8 @@ async fn cutting_the_stream_after_k_bytes_never_loses_or_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
     let proxy = CuttingProxy::start(server.addr).await;
-    let (a, _) = phone(dir.path(), "w-001").await;
-    let (b, _) = phone(dir.path(), "w-002").await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
     let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
 
     // Shared people so that downloads are cut too, not only uploads.
@@ -49,7 +49,7 @@ async fn cutting_the_stream_after_k_bytes_never_loses_or_duplicates() {
     assert!(failed >= cuts.len(), "the cuts really interrupted syncs ({failed})");
 
     // A fresh phone pulls everything: exactly the expected visits, each once.
-    let (c, _) = phone(dir.path(), "w-003").await;
+    let (c, _) = server.phone(dir.path(), "w-003").await;
     sync(&a, &server).await;
     sync(&b, &server).await;
     sync(&c, &server).await;

@@ -6,8 +6,10 @@ use peersync_core::protocol::{self, ErrorCode, MAX_FRAME_BYTES, ServerMsg};
 use peersync_tests::*;
 use tokio_tungstenite::tungstenite::Message;
 
-async fn raw(server: &TestServer) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
-    let url = format!("{}/v1/sync?device=raw-client", server.url);
+async fn raw(server: &TestServer, device: &peersync_core::Device) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut url = format!("{}/v1/sync", server.url).into_client_request().unwrap();
+    url.headers_mut().insert("authorization", device.connection_token().await.unwrap().unwrap().parse().unwrap());
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(64 << 20))
         .max_frame_size(Some(64 << 20));
@@ -15,8 +17,8 @@ async fn raw(server: &TestServer) -> tokio_tungstenite::WebSocketStream<tokio_tu
 }
 
 /// Send `msg` and expect an Error frame with `code`, then the close.
-async fn expect_error(server: &TestServer, msg: Message, code: ErrorCode) {
-    let mut ws = raw(server).await;
+async fn expect_error(server: &TestServer, device: &peersync_core::Device, msg: Message, code: ErrorCode) {
+    let mut ws = raw(server, device).await;
     ws.send(msg).await.unwrap();
     let reply = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await.expect("an answer").expect("a frame").unwrap();
     let Message::Binary(b) = reply else { panic!("expected a binary error frame, got {reply:?}") };
@@ -36,37 +38,46 @@ async fn expect_error(server: &TestServer, msg: Message, code: ErrorCode) {
 async fn bad_frames_get_an_error_and_a_clean_close() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
+    let (raw_phone, _) = server.phone(dir.path(), "w-004").await;
 
-    expect_error(&server, Message::Binary(vec![1, 0, 0xff, 0xff, 0xff].into()), ErrorCode::BadFrame).await;
-    expect_error(&server, Message::Binary(vec![].into()), ErrorCode::BadFrame).await;
-    expect_error(&server, Message::Binary(vec![77, 0, 1].into()), ErrorCode::UnsupportedVersion).await;
-    expect_error(&server, Message::Text("hello".into()), ErrorCode::BadFrame).await;
+    expect_error(&server, &raw_phone, Message::Binary(vec![1, 0, 0xff, 0xff, 0xff].into()), ErrorCode::BadFrame).await;
+    expect_error(&server, &raw_phone, Message::Binary(vec![].into()), ErrorCode::BadFrame).await;
+    expect_error(&server, &raw_phone, Message::Binary(vec![77, 0, 1].into()), ErrorCode::UnsupportedVersion).await;
+    expect_error(&server, &raw_phone, Message::Text("hello".into()), ErrorCode::BadFrame).await;
     let push = protocol::encode(&protocol::ClientMsg::Push { docs: vec![], more: false }).unwrap();
-    expect_error(&server, Message::Binary(push.into()), ErrorCode::Unexpected).await;
+    expect_error(&server, &raw_phone, Message::Binary(push.into()), ErrorCode::Unexpected).await;
     // Just over the protocol's frame limit: refused with TooLarge.
     let mut big = vec![protocol::PROTOCOL_VERSION, 0];
     big.resize(MAX_FRAME_BYTES + 10, 7);
-    expect_error(&server, Message::Binary(big.into()), ErrorCode::TooLarge).await;
+    expect_error(&server, &raw_phone, Message::Binary(big.into()), ErrorCode::TooLarge).await;
     // Far over the websocket limit: the connection is dropped, the server lives on.
     {
-        let mut ws = raw(&server).await;
+        let mut ws = raw(&server, &raw_phone).await;
         let _ = ws.send(Message::Binary(vec![1u8; MAX_FRAME_BYTES + (4 << 20)].into())).await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await.expect("server answers or closes");
     }
     // An unauthenticated upgrade is refused before any frame.
     let refused = tokio_tungstenite::connect_async(format!("{}/v1/sync", server.url)).await;
     assert!(matches!(refused, Err(tokio_tungstenite::tungstenite::Error::Http(ref r)) if r.status() == 401), "{refused:?}");
+    // ... and so is a replayed one.
+    let token = raw_phone.connection_token().await.unwrap().unwrap();
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("{}/v1/sync", server.url)).unwrap();
+    req.headers_mut().insert("authorization", token.parse().unwrap());
+    let first = tokio_tungstenite::connect_async(req.clone()).await;
+    assert!(first.is_ok());
+    let replay = tokio_tungstenite::connect_async(req).await;
+    assert!(matches!(replay, Err(tokio_tungstenite::tungstenite::Error::Http(ref r)) if r.status() == 401), "{replay:?}");
 
     // Everyone else is still served.
-    let (a, _) = phone(dir.path(), "w-001").await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
     a.register_person(person("p-1", "KM-1")).await.unwrap();
     let r = sync(&a, &server).await;
     assert_eq!(r.docs_sent, 1);
-    let (b, _) = phone(dir.path(), "w-002").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
     assert_eq!(sync(&b, &server).await.docs_received, 1);
 
     // A garbled document inside a well-formed push is refused for that document only.
-    let mut ws = raw(&server).await;
+    let mut ws = raw(&server, &raw_phone).await;
     let hello = protocol::encode(&protocol::ClientMsg::Hello {
         cursor: protocol::Cursor::START,
         live: false,
@@ -87,22 +98,14 @@ async fn bad_frames_get_an_error_and_a_clean_close() {
 async fn health_and_metrics_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
-    let (a, _) = phone(dir.path(), "w-001").await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
     a.register_person(person("p-1", "KM-1")).await.unwrap();
     sync(&a, &server).await;
-    let get = |path: &'static str| {
-        let addr = server.addr;
-        async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        }
-    };
-    assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
-    let m = get("/metrics").await;
+    assert_eq!(http(server.addr, "GET", "/healthz", &[], None).await.0, 200);
+    assert_eq!(http(server.addr, "GET", "/metrics", &[], None).await.0, 401, "metrics need the admin token");
+    let (status, m) = server.admin("GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    let m = m.as_str().unwrap().to_string();
     assert!(m.contains("peersync_connections_total 1"), "{m}");
     assert!(m.contains("peersync_docs_received_total 1"), "{m}");
     assert!(m.contains("peersync_sync_duration_seconds_count 1"), "{m}");

@@ -13,8 +13,8 @@ async fn server_restored_from_backup() {
     let data = dir.path().join("server");
     let backup = dir.path().join("backup");
     let server = TestServer::start(&data).await;
-    let (a, _) = phone(dir.path(), "w-001").await;
-    let (b, _) = phone(dir.path(), "w-002").await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
     for i in 0..5 {
         a.register_person(person(&format!("p-{i}"), "AB")).await.unwrap();
     }
@@ -44,7 +44,7 @@ async fn server_restored_from_backup() {
     assert!(rb.reconciled > 0, "{rb:?}");
     sync(&a, &server).await;
     // 4. A fresh phone sees everything again.
-    let (c, _) = phone(dir.path(), "w-003").await;
+    let (c, _) = server.phone(dir.path(), "w-003").await;
     sync(&c, &server).await;
     assert_eq!(visit_ids(&c, "p-1").await, ["v-a1", "v-a2"]);
     assert_eq!(visit_ids(&c, "p-2").await, ["v-b1"]);
@@ -68,7 +68,7 @@ async fn device_restored_from_backup() {
     let clock = ManualClock::new(t(1, 9));
     let open = || Device::open(&store, &KEY, Arc::new(clock.clone()));
     let a = open().await.unwrap();
-    a.set_worker("w-001").await.unwrap();
+    a.enroll(&server.url, &server.code("w-001"), "phone").await.unwrap();
     a.register_person(person("p-1", "AB")).await.unwrap();
     sync(&a, &server).await;
     drop(a);
@@ -86,7 +86,7 @@ async fn device_restored_from_backup() {
     a.record_visit("p-1", visit("v-2", "")).await.unwrap();
     sync(&a, &server).await;
     assert_eq!(visit_ids(&a, "p-1").await, ["v-1", "v-2"]);
-    let (b, _) = phone(dir.path(), "w-002").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
     sync(&b, &server).await;
     assert_eq!(visit_ids(&b, "p-1").await, ["v-1", "v-2"]);
     server.stop().await;
@@ -97,8 +97,8 @@ async fn device_restored_from_backup() {
 async fn cursor_lost() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
-    let (a, _) = phone(dir.path(), "w-001").await;
-    let (b, _) = phone(dir.path(), "w-002").await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
     a.register_person(person("p-1", "AB")).await.unwrap();
     sync(&a, &server).await;
     sync(&b, &server).await;

@@ -7,7 +7,7 @@ use peersync_tests::*;
 async fn nothing_changed_costs_one_round_trip_and_under_512_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
-    let (a, _) = phone(dir.path(), "w-001").await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
     for i in 0..2_000 {
         a.register_person(person(&format!("p-{i:05}"), &format!("AB-{i:05}"))).await.unwrap();
     }
@@ -16,7 +16,7 @@ async fn nothing_changed_costs_one_round_trip_and_under_512_bytes() {
     assert!(first.frames_up > 2, "a large backlog goes in several bounded frames ({})", first.frames_up);
 
     // Another phone's change arrives in the next sync; then nothing is new.
-    let (b, _) = phone(dir.path(), "w-002").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
     let pulled = sync(&b, &server).await;
     assert_eq!(pulled.docs_received, 2_000);
     assert_eq!(b.people().await.unwrap().len(), 2_000);

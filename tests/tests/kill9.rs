@@ -26,18 +26,20 @@ impl SyncObserver for KillOnFirstAck {
 async fn kill_9_mid_push_loses_no_acknowledged_change() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("server");
-    let (a, _) = phone(dir.path(), "w-001").await;
+    let codes = prepare(&data, &["w-001", "w-002"]);
+    let (a, _) = open_phone(dir.path(), "w-001").await;
     // Enough data for many bounded push frames.
     let people = 600;
     let note = "Talked through the week, what felt hard, and a plan for the housing appointment. ".repeat(12);
+    // 1. Sync; the server is killed with SIGKILL as soon as the first batch is acknowledged.
+    let first = ServerProcess::start(BIN, &data);
+    a.enroll(&first.url, &codes[0], "phone a").await.unwrap();
     for i in 0..people {
         let p = format!("p-{i:04}");
         a.register_person(person(&p, &format!("AB-{i:04}"))).await.unwrap();
         a.record_visit(&p, visit(&format!("v-{i:04}"), &format!("{i} {note}"))).await.unwrap();
     }
-
-    // 1. Sync; the server is killed with SIGKILL as soon as the first batch is acknowledged.
-    let server = Arc::new(Mutex::new(Some(ServerProcess::start(BIN, &data))));
+    let server = Arc::new(Mutex::new(Some(first)));
     let url = server.lock().unwrap().as_ref().unwrap().options();
     let opts = url.observer(Arc::new(KillOnFirstAck(server.clone())));
     let err = a.sync(&opts).await.expect_err("the server died mid-push");
@@ -56,7 +58,8 @@ async fn kill_9_mid_push_loses_no_acknowledged_change() {
 
     // 2. Restart on the same data: a fresh phone finds every acknowledged document.
     let server = ServerProcess::start(BIN, &data);
-    let (b, _) = phone(dir.path(), "w-002").await;
+    let (b, _) = open_phone(dir.path(), "w-002").await;
+    b.enroll(&server.url, &codes[1], "phone b").await.unwrap();
     b.sync(&server.options()).await.unwrap();
     for p in &acked {
         let n: String = p.trim_start_matches("p-").to_string();

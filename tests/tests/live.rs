@@ -30,8 +30,8 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 async fn connected_phones_receive_changes_as_they_happen() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
-    let (a, _) = phone(dir.path(), "w-001").await;
-    let (b, _) = phone(dir.path(), "w-002").await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
     a.register_person(person("p-1", "AB")).await.unwrap();
     sync(&a, &server).await;
 

@@ -9,9 +9,9 @@ use peersync_tests::*;
 async fn offline_records_on_three_devices_converge() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
-    let (a, _) = phone(dir.path(), "w-001").await;
-    let (b, _) = phone(dir.path(), "w-002").await;
-    let (c, _) = phone(dir.path(), "w-003").await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
+    let (c, _) = server.phone(dir.path(), "w-003").await;
 
     // 1. A registers two people and syncs; B and C receive them.
     a.register_person(person("p-1", "KM-1")).await.unwrap();

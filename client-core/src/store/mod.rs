@@ -163,7 +163,7 @@ macro_rules! local_store_suite {
 #[cfg(test)]
 pub(crate) use local_store_suite;
 
-impl<S: LocalStore> LocalStore for std::sync::Arc<S> {
+impl<S: LocalStore + ?Sized> LocalStore for std::sync::Arc<S> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         (**self).get(key)
     }

@@ -93,6 +93,10 @@ impl<C: FrameConn> Engine<'_, C> {
         let frame = self.conn.recv().await?;
         match protocol::decode::<ServerMsg>(&frame)? {
             ServerMsg::Error { code, message } => Err(SyncError::Server { code, message }),
+            ServerMsg::Wipe { message } => {
+                blocking(self.inner, |i| i.wipe()).await?;
+                Err(SyncError::Wiped { message })
+            }
             m => Ok(m),
         }
     }
@@ -155,6 +159,13 @@ impl<C: FrameConn> Engine<'_, C> {
                         match ack.status {
                             AckStatus::Stored => stored.push(entry.clone()),
                             AckStatus::NeedSync => need_sync.push(ack.doc),
+                            AckStatus::Refused { code: ErrorCode::Erased, .. } => {
+                                // The person was erased while this phone was offline: what it
+                                // recorded since must not survive here either.
+                                let doc = ack.doc.clone();
+                                blocking(self.inner, move |i| i.receive_docs(vec![], vec![doc], None)).await?;
+                                self.report.purged += 1;
+                            }
                             AckStatus::Refused { code, message } => {
                                 self.report.refused.push(Refusal { person: ack.doc, code, message });
                             }
@@ -165,10 +176,11 @@ impl<C: FrameConn> Engine<'_, C> {
                     blocking(self.inner, move |i| i.acknowledge(&stored)).await?;
                     self.progress(SyncProgress::Sending { done: acked_docs, total });
                 }
-                ServerMsg::Docs { docs, cursor, remaining, done } => {
+                ServerMsg::Docs { docs, purge, cursor, remaining, done } => {
                     received += docs.len() as u64;
                     self.report.docs_received += docs.len() as u64;
-                    let changed = blocking(self.inner, move |i| i.receive_docs(docs, Some(cursor))).await?;
+                    self.report.purged += purge.len() as u64;
+                    let changed = blocking(self.inner, move |i| i.receive_docs(docs, purge, Some(cursor))).await?;
                     if let (Some(o), false) = (&self.opts.observer, changed.is_empty()) {
                         o.records_changed(&changed);
                     }
@@ -180,7 +192,7 @@ impl<C: FrameConn> Engine<'_, C> {
                     downloaded = true;
                 }
                 ServerMsg::Sync { .. } => return Err(unexpected("sync reply outside reconciliation")),
-                ServerMsg::Error { .. } => unreachable!("recv turns errors into Err"),
+                ServerMsg::Error { .. } | ServerMsg::Wipe { .. } => unreachable!("recv turns these into Err"),
             }
         }
         self.report.round_trips += 1;
@@ -194,9 +206,10 @@ impl<C: FrameConn> Engine<'_, C> {
             self.report.round_trips += 1;
             loop {
                 match self.recv().await? {
-                    ServerMsg::Docs { docs, cursor, done, .. } => {
+                    ServerMsg::Docs { docs, purge, cursor, done, .. } => {
                         self.report.docs_received += docs.len() as u64;
-                        let changed = blocking(self.inner, move |i| i.receive_docs(docs, Some(cursor))).await?;
+                        self.report.purged += purge.len() as u64;
+                        let changed = blocking(self.inner, move |i| i.receive_docs(docs, purge, Some(cursor))).await?;
                         if let (Some(o), false) = (&self.opts.observer, changed.is_empty()) {
                             o.records_changed(&changed);
                         }
@@ -245,9 +258,10 @@ impl<C: FrameConn> Engine<'_, C> {
                         self.report.docs_sent += stored.len() as u64;
                         blocking(self.inner, move |i| i.acknowledge(&stored)).await?;
                     }
-                    Ok(ServerMsg::Docs { docs, cursor, .. }) => {
+                    Ok(ServerMsg::Docs { docs, purge, cursor, .. }) => {
                         self.report.docs_received += docs.len() as u64;
-                        let changed = blocking(self.inner, move |i| i.receive_docs(docs, Some(cursor))).await?;
+                        self.report.purged += purge.len() as u64;
+                        let changed = blocking(self.inner, move |i| i.receive_docs(docs, purge, Some(cursor))).await?;
                         if let (Some(o), false) = (&self.opts.observer, changed.is_empty()) {
                             o.records_changed(&changed);
                         }

@@ -2,6 +2,8 @@
 //! progress. The protocol logic (`engine`) is independent of the socket (`ws`).
 
 mod engine;
+mod http;
+mod identity;
 mod state;
 mod ws;
 
@@ -16,6 +18,7 @@ use crate::protocol::{ErrorCode, ProtocolError};
 pub use engine::FrameConn;
 pub use ws::WsConn;
 pub(crate) use engine::{run, run_until};
+pub(crate) use identity::enroll;
 
 /// How to reach the server.
 #[derive(Clone)]
@@ -72,6 +75,8 @@ pub struct SyncReport {
     pub docs_sent: u64,
     pub docs_received: u64,
     pub refused: Vec<Refusal>,
+    /// People deleted from this device: erased, or no longer assigned to its worker.
+    pub purged: u64,
     /// Documents reconciled with automerge's sync protocol (self-healing).
     pub reconciled: u64,
     /// Websocket frames (headers included) after the upgrade, each way, counted at the socket.
@@ -93,6 +98,12 @@ pub enum SyncError {
     Connect { url: String, reason: String },
     #[error("the server refused the connection ({status}): {message}")]
     Rejected { status: u16, message: String },
+    #[error("the phone's clock differs too much from the server's ({server_time}); set the clock")]
+    ClockSkew { server_time: i64 },
+    #[error("this device is not enrolled yet: enroll it with a code from your coordinator")]
+    NotEnrolled,
+    #[error("enrollment failed ({status}): {message}")]
+    Enrollment { status: u16, message: String },
     #[error("the connection dropped during sync; what was acknowledged is kept, sync again to finish")]
     Dropped,
     #[error("the server did not answer within {0:?}; sync again to finish")]
@@ -101,6 +112,8 @@ pub enum SyncError {
     Protocol(#[from] ProtocolError),
     #[error("the server ended the sync: {code}: {message}")]
     Server { code: ErrorCode, message: String },
+    #[error("this device was revoked and its records have been deleted: {message}")]
+    Wiped { message: String },
     #[error(transparent)]
     Local(#[from] CoreError),
 }
@@ -140,4 +153,12 @@ impl Drop for LiveSync {
             let _ = s.send(());
         }
     }
+}
+
+/// What enrollment established.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub org: String,
+    pub worker: String,
+    pub device: String,
 }

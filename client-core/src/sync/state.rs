@@ -96,8 +96,9 @@ impl Inner {
 
     /// Merge a batch of documents from the server and move the cursor, in one durable write.
     /// Returns the people whose records changed.
-    pub(crate) fn receive_docs(&self, docs: Vec<DocDown>, cursor: Option<Cursor>) -> Result<Vec<String>, CoreError> {
+    pub(crate) fn receive_docs(&self, docs: Vec<DocDown>, purge: Vec<String>, cursor: Option<Cursor>) -> Result<Vec<String>, CoreError> {
         let mut st = self.lock();
+        self.check_not_wiped(&st)?;
         let mut staged: Vec<Staged> = Vec::new();
         let mut changed = Vec::new();
         let result = (|| {
@@ -117,6 +118,9 @@ impl Inner {
                 }
             }
             let mut writes: Vec<StoredWrite> = staged.iter().flat_map(|s| s.writes.clone()).collect();
+            for p in &purge {
+                writes.push(StoredWrite::DeleteDoc { doc: p.clone() });
+            }
             if let Some(c) = cursor {
                 writes.push(StoredWrite::Meta { name: META_CURSOR.into(), value: serde_json::to_vec(&c).expect("serializes") });
             }
@@ -130,6 +134,14 @@ impl Inner {
                 for s in staged {
                     self.finish(&mut st, s);
                 }
+                for p in purge {
+                    st.docs.remove(&p);
+                    st.summaries.remove(&p);
+                    st.sync.remove(&p);
+                    if !changed.contains(&p) {
+                        changed.push(p);
+                    }
+                }
                 Ok(changed)
             }
             Err(e) => {
@@ -139,6 +151,19 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+
+    /// Delete every record on this device (it was revoked). The store is cleared durably; the
+    /// device refuses all further calls.
+    pub(crate) fn wipe(&self) -> Result<(), CoreError> {
+        let mut st = self.lock();
+        self.store.wipe()?;
+        st.docs.clear();
+        st.summaries.clear();
+        st.sync.clear();
+        st.worker = None;
+        st.wiped = true;
+        Ok(())
     }
 
     /// Ids of every document on this device.

@@ -66,11 +66,15 @@ pub struct WsConn {
 }
 
 impl WsConn {
-    /// Open `{server}/v1/sync` as `device`.
-    pub async fn connect(server: &str, device: &str, timeout: Duration) -> Result<WsConn, SyncError> {
-        let url = format!("{}/v1/sync?device={device}", server.trim_end_matches('/'));
+    /// Open `{server}/v1/sync`, proving the device's identity with `authorization`.
+    pub async fn connect(server: &str, authorization: &str, timeout: Duration) -> Result<WsConn, SyncError> {
+        let url = format!("{}/v1/sync", server.trim_end_matches('/'));
         let connect_err = |reason: String| SyncError::Connect { url: url.clone(), reason };
-        let request = url.as_str().into_client_request().map_err(|e| connect_err(e.to_string()))?;
+        let mut request = url.as_str().into_client_request().map_err(|e| connect_err(e.to_string()))?;
+        request.headers_mut().insert(
+            tungstenite::http::header::AUTHORIZATION,
+            authorization.parse().map_err(|_| connect_err("bad authorization header".into()))?,
+        );
         let host = request.uri().host().ok_or_else(|| connect_err("no host in the URL".into()))?.to_string();
         let port = request.uri().port_u16().unwrap_or(80);
         if request.uri().scheme_str() != Some("ws") {
@@ -90,6 +94,10 @@ impl WsConn {
         let (ws, _response) = match tokio::time::timeout(timeout, handshake).await {
             Err(_) => return Err(SyncError::Timeout(timeout)),
             Ok(Err(tungstenite::Error::Http(resp))) => {
+                let server_time = resp.headers().get("x-peersync-time").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+                if let (401, Some(server_time)) = (resp.status().as_u16(), server_time) {
+                    return Err(SyncError::ClockSkew { server_time });
+                }
                 let message = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).trim().to_string()).unwrap_or_default();
                 return Err(SyncError::Rejected { status: resp.status().as_u16(), message });
             }

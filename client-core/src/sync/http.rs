@@ -1,0 +1,90 @@
+//! A minimal HTTP/1.1 client for the few JSON calls a device makes outside the sync socket
+//! (enrollment). One request per connection; bodies are small and bounded.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::SyncError;
+
+/// Largest response accepted.
+const MAX_RESPONSE: usize = 64 << 10;
+
+/// `http://host:port` from a sync server URL (`ws://host:port`).
+pub(crate) fn http_base(server: &str) -> Result<(String, u16), SyncError> {
+    let err = |r: &str| SyncError::Connect { url: server.to_string(), reason: r.to_string() };
+    let rest = server.strip_prefix("ws://").or_else(|| server.strip_prefix("http://")).ok_or_else(|| err("expected a ws:// URL"))?;
+    let hostport = rest.split('/').next().unwrap_or_default();
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.parse().map_err(|_| err("bad port"))?),
+        None => (hostport.to_string(), 80),
+    };
+    if host.is_empty() {
+        return Err(err("no host"));
+    }
+    Ok((host, port))
+}
+
+/// POST `body` as JSON to `path`; returns the status and the JSON reply.
+pub(crate) async fn post_json(server: &str, path: &str, body: &serde_json::Value, timeout: Duration) -> Result<(u16, serde_json::Value), SyncError> {
+    let (host, port) = http_base(server)?;
+    let url = format!("{server}{path}");
+    let work = async {
+        let mut s = TcpStream::connect((host.as_str(), port)).await.map_err(|e| SyncError::Connect { url: url.clone(), reason: e.to_string() })?;
+        let payload = serde_json::to_vec(body).expect("JSON value serializes");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            payload.len()
+        );
+        s.write_all(head.as_bytes()).await.map_err(|_| SyncError::Dropped)?;
+        s.write_all(&payload).await.map_err(|_| SyncError::Dropped)?;
+        let mut buf = Vec::new();
+        (&mut s).take(MAX_RESPONSE as u64 + 1).read_to_end(&mut buf).await.map_err(|_| SyncError::Dropped)?;
+        if buf.len() > MAX_RESPONSE {
+            return Err(SyncError::Protocol(crate::protocol::ProtocolError::TooLarge { size: buf.len(), limit: MAX_RESPONSE }));
+        }
+        parse_response(&buf)
+    };
+    tokio::time::timeout(timeout, work).await.map_err(|_| SyncError::Timeout(timeout))?
+}
+
+fn parse_response(buf: &[u8]) -> Result<(u16, serde_json::Value), SyncError> {
+    let garbled = |r: &str| SyncError::Protocol(crate::protocol::ProtocolError::Garbled(format!("HTTP response: {r}")));
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| garbled("no header end"))?;
+    let head = std::str::from_utf8(&buf[..split]).map_err(|_| garbled("header not UTF-8"))?;
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| garbled("no status"))?;
+    let mut body = &buf[split + 4..];
+    let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
+    let mut joined = Vec::new();
+    if chunked {
+        loop {
+            let end = body.windows(2).position(|w| w == b"\r\n").ok_or_else(|| garbled("bad chunk"))?;
+            let size = usize::from_str_radix(std::str::from_utf8(&body[..end]).map_err(|_| garbled("bad chunk"))?.trim(), 16).map_err(|_| garbled("bad chunk size"))?;
+            body = &body[end + 2..];
+            if size == 0 || body.len() < size {
+                break;
+            }
+            joined.extend_from_slice(&body[..size]);
+            body = &body[(size + 2).min(body.len())..];
+        }
+        body = &joined;
+    }
+    let json = if body.is_empty() { serde_json::Value::Null } else { serde_json::from_slice(body).map_err(|_| garbled("body is not JSON"))? };
+    Ok((status, json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let (s, j) = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{\"a\":1}\n ").unwrap();
+        assert_eq!((s, j["a"].as_i64()), (200, Some(1)));
+        let (s, j) = parse_response(b"HTTP/1.1 401 Unauthorized\r\ntransfer-encoding: chunked\r\n\r\n7\r\n{\"a\":2}\r\n0\r\n\r\n").unwrap();
+        assert_eq!((s, j["a"].as_i64()), (401, Some(2)));
+        assert!(parse_response(b"garbage").is_err());
+        assert_eq!(http_base("ws://127.0.0.1:8080").unwrap(), ("127.0.0.1".to_string(), 8080));
+    }
+}

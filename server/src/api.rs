@@ -1,0 +1,512 @@
+//! The HTTP API: enrollment, coordinator sessions, the coordinator and admin actions, metrics.
+//! JSON in and out; errors are `{"error": "..."}` with a status that says what went wrong.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::app::{AppState, SESSION_TTL};
+use crate::directory::DirectoryError;
+
+pub const SESSION_COOKIE: &str = "peersync_session";
+
+/// A failed request: the status and a message for the person using the client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+    fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "log in first (coordinator session) or send the admin token")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<peersync_core::StoreError> for ApiError {
+    fn from(e: peersync_core::StoreError) -> Self {
+        tracing::error!(error = %e, "storage failed");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "the server could not read or write its data; try again later")
+    }
+}
+
+impl From<DirectoryError> for ApiError {
+    fn from(e: DirectoryError) -> Self {
+        let status = match &e {
+            DirectoryError::Store(_) => return ApiError::from(match e { DirectoryError::Store(s) => s, _ => unreachable!() }),
+            DirectoryError::Invalid(_) => StatusCode::BAD_REQUEST,
+            DirectoryError::Exists { .. } => StatusCode::CONFLICT,
+            DirectoryError::NoOrg(_) | DirectoryError::NoWorker { .. } | DirectoryError::NoDevice(_) => StatusCode::NOT_FOUND,
+            DirectoryError::BadCode => StatusCode::UNAUTHORIZED,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+type ApiResult<T = Json<Value>> = Result<T, ApiError>;
+
+struct Session {
+    org: String,
+    username: String,
+    expires: Instant,
+}
+
+/// Coordinator sessions, in memory (a restart asks coordinators to log in again).
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, Session>>,
+}
+
+impl Sessions {
+    fn create(&self, org: &str, username: &str) -> String {
+        let mut b = [0u8; 32];
+        SystemRandom::new().fill(&mut b).expect("system randomness");
+        let token = B64.encode(b);
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, s| s.expires > Instant::now());
+        m.insert(token.clone(), Session { org: org.into(), username: username.into(), expires: Instant::now() + SESSION_TTL });
+        token
+    }
+
+    fn get(&self, token: &str) -> Option<(String, String)> {
+        let m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(token).filter(|s| s.expires > Instant::now()).map(|s| (s.org.clone(), s.username.clone()))
+    }
+
+    fn end(&self, token: &str) {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(token);
+    }
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    Coordinator { org: String, username: String },
+    Admin,
+}
+
+impl Principal {
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::Coordinator { username, .. } => format!("coordinator:{username}"),
+            Principal::Admin => "admin".into(),
+        }
+    }
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == name).then_some(v)
+    })
+}
+
+fn digest(s: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref().to_vec()
+}
+
+pub fn principal(state: &AppState, headers: &HeaderMap) -> Option<Principal> {
+    if let (Some(expected), Some(auth)) = (&state.admin_token, headers.get(header::AUTHORIZATION)) {
+        if let Some(given) = auth.to_str().ok().and_then(|a| a.strip_prefix("Bearer ")) {
+            // Compare digests: equal-length inputs, so the comparison time says nothing useful.
+            if digest(given) == digest(expected) {
+                return Some(Principal::Admin);
+            }
+        }
+    }
+    let token = cookie(headers, SESSION_COOKIE)?;
+    let (org, username) = state.sessions.get(token)?;
+    Some(Principal::Coordinator { org, username })
+}
+
+#[derive(Deserialize, Default)]
+pub struct OrgQuery {
+    pub org: Option<String>,
+}
+
+/// The organisation a request acts on: the coordinator's own, or the admin's `org` parameter.
+pub fn org_for(state: &AppState, who: &Principal, q: &OrgQuery) -> Result<String, ApiError> {
+    match who {
+        Principal::Coordinator { org, .. } => match &q.org {
+            Some(other) if other != org => Err(ApiError::new(StatusCode::FORBIDDEN, "coordinators act only on their own organisation")),
+            _ => Ok(org.clone()),
+        },
+        Principal::Admin => {
+            let org = q.org.clone().ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "the admin token needs an `org` parameter"))?;
+            if state.dir.org(&org)?.is_none() {
+                return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no organisation {org:?}")));
+            }
+            Ok(org)
+        }
+    }
+}
+
+/// The caller and the organisation it acts on, or 401.
+pub fn authorize(state: &AppState, headers: &HeaderMap, q: &OrgQuery) -> Result<(Principal, String), ApiError> {
+    let who = principal(state, headers).ok_or_else(ApiError::unauthorized)?;
+    let org = org_for(state, &who, q)?;
+    Ok((who, org))
+}
+
+fn client_ip(headers: &HeaderMap, info: Option<&ConnectInfo<SocketAddr>>) -> String {
+    let _ = headers;
+    info.map(|c| c.0.ip().to_string()).unwrap_or_else(|| "unknown".into())
+}
+
+fn audit(state: &AppState, org: &str, who: &Principal, action: &str, people: Vec<String>, ok: bool, detail: impl Into<String>) {
+    if let Err(e) = state.audit.record(org, &who.actor(), action, people, ok, detail) {
+        tracing::error!(error = %e, "audit log write failed");
+    }
+}
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/enroll", post(enroll))
+        .route("/v1/login", post(login))
+        .route("/v1/logout", post(logout))
+        .route("/v1/me", get(me))
+        .route("/v1/workers", get(list_workers).post(add_worker))
+        .route("/v1/workers/{id}/enrollment", post(issue_code))
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/devices/{id}/revoke", post(revoke))
+        .route("/v1/people", get(list_people))
+        .route("/v1/people/{id}", get(read_person))
+        .route("/v1/people/{id}/assign", post(assign))
+        .route("/v1/people/{id}/unassign", post(unassign))
+        .route("/v1/people/{id}/erase", post(erase))
+        .route("/v1/audit", get(read_audit))
+        .route("/v1/admin/orgs", post(create_org))
+        .route("/v1/admin/orgs/{org}/coordinators", post(create_coordinator))
+        .route("/metrics", get(metrics))
+}
+
+// Enrollment ----------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct EnrollBody {
+    code: String,
+    device: String,
+    /// Ed25519 public key, base64url without padding.
+    public_key: String,
+    #[serde(default)]
+    name: String,
+}
+
+async fn enroll(State(state): State<Arc<AppState>>, headers: HeaderMap, req: axum::extract::Request) -> Response {
+    let ip = client_ip(&headers, req.extensions().get::<ConnectInfo<SocketAddr>>());
+    let body: EnrollBody = match axum::body::to_bytes(req.into_body(), 64 << 10).await.ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+        Some(b) => b,
+        None => return ApiError::new(StatusCode::BAD_REQUEST, "expected JSON {code, device, public_key, name}").into_response(),
+    };
+    // Guessing is throttled per client address and across all clients.
+    for key in [format!("ip:{ip}"), "all".to_string()] {
+        if let Err(wait) = state.code_throttle.check(&key) {
+            return ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("too many wrong codes; try again in {} s", wait.as_secs() + 1)).into_response();
+        }
+    }
+    let Ok(public_key) = B64.decode(body.public_key.trim()) else {
+        return ApiError::new(StatusCode::BAD_REQUEST, "public_key must be base64url").into_response();
+    };
+    let st = state.clone();
+    let result = tokio::task::spawn_blocking(move || st.dir.enroll(&body.code, &body.device, &public_key, &body.name)).await;
+    match result {
+        Ok(Ok(d)) => {
+            state.code_throttle.succeed(&format!("ip:{ip}"));
+            let _ = state.audit.record(&d.org, &format!("device:{} (worker {})", d.id, d.worker), "enroll", vec![], true, format!("device {:?} enrolled", d.name));
+            Json(json!({ "org": d.org, "worker": d.worker, "device": d.id })).into_response()
+        }
+        Ok(Err(e)) => {
+            if matches!(e, DirectoryError::BadCode) {
+                state.code_throttle.fail(&format!("ip:{ip}"));
+                state.code_throttle.fail("all");
+            }
+            ApiError::from(e).into_response()
+        }
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+// Coordinator sessions --------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct LoginBody {
+    org: String,
+    username: String,
+    password: String,
+}
+
+async fn login(State(state): State<Arc<AppState>>, headers: HeaderMap, req: axum::extract::Request) -> Response {
+    let ip = client_ip(&headers, req.extensions().get::<ConnectInfo<SocketAddr>>());
+    let body: LoginBody = match axum::body::to_bytes(req.into_body(), 16 << 10).await.ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+        Some(b) => b,
+        None => return ApiError::new(StatusCode::BAD_REQUEST, "expected JSON {org, username, password}").into_response(),
+    };
+    let account = format!("acct:{}/{}", body.org, body.username);
+    let from = format!("ip:{ip}");
+    for key in [&account, &from] {
+        if let Err(wait) = state.login_throttle.check(key) {
+            return ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("too many failed logins; try again in {} s", wait.as_secs() + 1)).into_response();
+        }
+    }
+    let st = state.clone();
+    let (org, user, pass) = (body.org.clone(), body.username.clone(), body.password);
+    let ok = tokio::task::spawn_blocking(move || st.dir.check_password(&org, &user, &pass)).await;
+    let ok = match ok {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(e)) => return ApiError::from(e).into_response(),
+        Err(e) => return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    let known_org = state.dir.org(&body.org).ok().flatten().is_some();
+    let who = Principal::Coordinator { org: body.org.clone(), username: body.username.clone() };
+    if !ok {
+        state.login_throttle.fail(&account);
+        state.login_throttle.fail(&from);
+        if known_org {
+            audit(&state, &body.org, &who, "login", vec![], false, format!("wrong username or password from {ip}"));
+        }
+        return ApiError::new(StatusCode::UNAUTHORIZED, "wrong organisation, username or password").into_response();
+    }
+    state.login_throttle.succeed(&account);
+    audit(&state, &body.org, &who, "login", vec![], true, format!("from {ip}"));
+    let token = state.sessions.create(&body.org, &body.username);
+    let secure = if state.tls { "; Secure" } else { "" };
+    let cookie = format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}", SESSION_TTL.as_secs());
+    ([(header::SET_COOKIE, cookie)], Json(json!({ "org": body.org, "username": body.username }))).into_response()
+}
+
+async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(token) = cookie(&headers, SESSION_COOKIE) {
+        if let Some((org, username)) = state.sessions.get(token) {
+            audit(&state, &org, &Principal::Coordinator { org: org.clone(), username }, "logout", vec![], true, "");
+        }
+        state.sessions.end(token);
+    }
+    let clear = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    ([(header::SET_COOKIE, clear)], Json(json!({ "ok": true }))).into_response()
+}
+
+async fn me(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
+    match principal(&state, &headers).ok_or_else(ApiError::unauthorized)? {
+        Principal::Coordinator { org, username } => Ok(Json(json!({ "org": org, "username": username }))),
+        Principal::Admin => Ok(Json(json!({ "admin": true }))),
+    }
+}
+
+// Workers and devices ---------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct WorkerBody {
+    id: String,
+    #[serde(default)]
+    name: String,
+    role: String,
+}
+
+async fn list_workers(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>) -> ApiResult {
+    let (_, org) = authorize(&state, &headers, &q)?;
+    Ok(Json(json!(state.dir.workers(&org)?)))
+}
+
+async fn add_worker(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>, Json(b): Json<WorkerBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let (who, org) = authorize(&state, &headers, &q)?;
+    let w = state.dir.add_worker(&org, &b.id, &b.name, &b.role)?;
+    audit(&state, &org, &who, "create-worker", vec![], true, format!("worker {} ({})", w.id, w.role));
+    Ok((StatusCode::CREATED, Json(json!(w))))
+}
+
+async fn issue_code(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>, Path(worker): Path<String>) -> ApiResult {
+    let (who, org) = authorize(&state, &headers, &q)?;
+    let (code, expires_at) = state.dir.issue_code(&org, &worker)?;
+    audit(&state, &org, &who, "issue-code", vec![], true, format!("enrollment code for worker {worker}"));
+    Ok(Json(json!({ "worker": worker, "code": code, "expires_at": expires_at })))
+}
+
+async fn list_devices(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>) -> ApiResult {
+    let (_, org) = authorize(&state, &headers, &q)?;
+    let syncs: HashMap<String, crate::store::DeviceSync> = state.hub.store().devices(&org)?.into_iter().collect();
+    let list: Vec<Value> = state
+        .dir
+        .devices(&org)?
+        .into_iter()
+        .map(|d| {
+            json!({ "id": d.id, "worker": d.worker, "name": d.name, "enrolled_at": d.enrolled_at,
+                    "revoked_at": d.revoked_at, "sync": syncs.get(&d.id) })
+        })
+        .collect();
+    Ok(Json(json!(list)))
+}
+
+async fn revoke(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>, Path(device): Path<String>) -> ApiResult {
+    let (who, org) = authorize(&state, &headers, &q)?;
+    let d = state.dir.revoke(&org, &device, &who.actor())?;
+    audit(&state, &org, &who, "revoke", vec![], true, format!("device {device} of worker {}", d.worker));
+    Ok(Json(json!({ "device": d.id, "revoked_at": d.revoked_at })))
+}
+
+// People ----------------------------------------------------------------------------------
+
+async fn list_people(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>) -> ApiResult {
+    let (_, org) = authorize(&state, &headers, &q)?;
+    // Only people who consent to share with coordinators appear in any coordinator view.
+    let mut out = Vec::new();
+    for (id, consent) in state.dir.people(&org)? {
+        if consent.share_with_coordinator && state.dir.tombstone(&org, &id)?.is_none() {
+            out.push(json!({ "id": id, "workers": state.dir.assigned_workers(&org, &id)? }));
+        }
+    }
+    Ok(Json(json!(out)))
+}
+
+async fn read_person(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>, Path(id): Path<String>) -> ApiResult {
+    let (who, org) = authorize(&state, &headers, &q)?;
+    let not_visible = || ApiError::new(StatusCode::NOT_FOUND, "no such person visible to coordinators (erased, unknown, or not consenting to share)");
+    let visible = state.dir.consent(&org, &id)?.is_some_and(|c| c.share_with_coordinator) && state.dir.tombstone(&org, &id)?.is_none();
+    if !visible {
+        return Err(not_visible());
+    }
+    let st = state.clone();
+    let (o, i) = (org.clone(), id.clone());
+    let record = tokio::task::spawn_blocking(move || st.hub.record(&o, &i))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
+        .ok_or_else(not_visible)?;
+    audit(&state, &org, &who, "read", vec![id], true, "coordinator read the record");
+    Ok(Json(json!(record)))
+}
+
+#[derive(Deserialize)]
+struct AssignBody {
+    worker: String,
+}
+
+async fn assign(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>, Path(id): Path<String>, Json(b): Json<AssignBody>) -> ApiResult {
+    let (who, org) = authorize(&state, &headers, &q)?;
+    peersync_core::model::validate_id("person", &id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if state.dir.tombstone(&org, &id)?.is_some() {
+        return Err(ApiError::new(StatusCode::GONE, "this person was erased"));
+    }
+    if state.dir.worker(&org, &b.worker)?.is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no worker {:?}", b.worker)));
+    }
+    let (st, o, i, w, actor) = (state.clone(), org.clone(), id.clone(), b.worker.clone(), who.actor());
+    tokio::task::spawn_blocking(move || {
+        st.hub.touch(&o, &i, |seq| match st.dir.assign(&o, &i, std::slice::from_ref(&w), seq, &actor) {
+            Ok(_) => Ok(()),
+            Err(DirectoryError::Store(e)) => Err(e),
+            Err(e) => Err(peersync_core::StoreError::Io(e.to_string())),
+        })
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    audit(&state, &org, &who, "assign", vec![id.clone()], true, format!("to worker {}", b.worker));
+    Ok(Json(json!({ "person": id, "worker": b.worker, "assigned": true })))
+}
+
+async fn unassign(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>, Path(id): Path<String>, Json(b): Json<AssignBody>) -> ApiResult {
+    let (who, org) = authorize(&state, &headers, &q)?;
+    if state.dir.assignment(&org, &id, &b.worker)?.is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "that worker is not assigned this person"));
+    }
+    let (st, o, i, w) = (state.clone(), org.clone(), id.clone(), b.worker.clone());
+    tokio::task::spawn_blocking(move || st.hub.touch(&o, &i, |seq| st.dir.unassign(&o, &i, &w, seq)))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    audit(&state, &org, &who, "unassign", vec![id.clone()], true, format!("from worker {}", b.worker));
+    Ok(Json(json!({ "person": id, "worker": b.worker, "assigned": false })))
+}
+
+async fn erase(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>, Path(id): Path<String>) -> ApiResult {
+    let (who, org) = authorize(&state, &headers, &q)?;
+    peersync_core::model::validate_id("person", &id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if state.dir.tombstone(&org, &id)?.is_some() {
+        return Ok(Json(json!({ "person": id, "erased": true, "already": true })));
+    }
+    let (st, o, i, actor) = (state.clone(), org.clone(), id.clone(), who.actor());
+    tokio::task::spawn_blocking(move || st.hub.erase(&o, &i, || st.dir.bury(&o, &i, &actor)))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    audit(&state, &org, &who, "erase", vec![id.clone()], true, "person erased; devices purge at their next sync");
+    Ok(Json(json!({ "person": id, "erased": true })))
+}
+
+// Audit, admin, metrics -------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    org: Option<String>,
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    limit: Option<usize>,
+}
+
+async fn read_audit(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<AuditQuery>) -> ApiResult {
+    let (_, org) = authorize(&state, &headers, &OrgQuery { org: q.org.clone() })?;
+    Ok(Json(json!(state.audit.list(&org, q.from, q.limit.unwrap_or(1000).min(10_000))?)))
+}
+
+fn admin_only(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match principal(state, headers) {
+        Some(Principal::Admin) => Ok(()),
+        Some(_) => Err(ApiError::new(StatusCode::FORBIDDEN, "this needs the admin token")),
+        None => Err(ApiError::unauthorized()),
+    }
+}
+
+#[derive(Deserialize)]
+struct OrgBody {
+    id: String,
+    #[serde(default)]
+    name: String,
+}
+
+async fn create_org(State(state): State<Arc<AppState>>, headers: HeaderMap, Json(b): Json<OrgBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+    admin_only(&state, &headers)?;
+    let org = state.dir.create_org(&b.id, &b.name)?;
+    audit(&state, &org.id, &Principal::Admin, "create-org", vec![], true, "");
+    Ok((StatusCode::CREATED, Json(json!(org))))
+}
+
+#[derive(Deserialize)]
+struct CoordinatorBody {
+    username: String,
+    password: String,
+}
+
+async fn create_coordinator(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(org): Path<String>, Json(b): Json<CoordinatorBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+    admin_only(&state, &headers)?;
+    let st = state.clone();
+    let (o, u) = (org.clone(), b.username.clone());
+    tokio::task::spawn_blocking(move || st.dir.create_coordinator(&o, &u, &b.password))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    audit(&state, &org, &Principal::Admin, "create-coordinator", vec![], true, format!("coordinator {}", b.username));
+    Ok((StatusCode::CREATED, Json(json!({ "org": org, "username": b.username }))))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = admin_only(&state, &headers) {
+        return e.into_response();
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(state.hub.cached_docs())).into_response()
+}

@@ -1,0 +1,458 @@
+//! Who exists and who may see what: organisations, coordinators, workers, enrolled devices,
+//! enrollment codes, assignments of people to workers, erasure tombstones and each person's
+//! current consent. Kept on the server, never in the CRDT documents, so no device can grant
+//! itself access.
+//!
+//! Stored over the same ordered key-value store as the documents, under its own key prefixes:
+//! `o` org, `c` coordinator, `w` worker, `x` device, `n` enrollment code, `a` assignment,
+//! `u` unassignment, `z` tombstone, `q` consent.
+
+use chrono::{DateTime, Duration, Utc};
+use peersync_core::StoreError;
+use peersync_core::model::{validate_id, validate_role};
+use peersync_core::store::{LocalStore, Write};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// PBKDF2-HMAC-SHA256 iterations for coordinator passwords.
+pub const PBKDF2_ITERATIONS: u32 = 600_000;
+/// Enrollment codes expire after this long.
+pub const CODE_TTL_HOURS: i64 = 24;
+/// Characters of an enrollment code (Crockford base32: no I, L, O, U), grouped by 4 when shown.
+const CODE_ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+const CODE_LEN: usize = 12;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Org {
+    pub id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coordinator {
+    pub org: String,
+    pub username: String,
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+    pub hash: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Worker {
+    pub org: String,
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub org: String,
+    pub worker: String,
+    /// Ed25519 public key (32 bytes).
+    pub public_key: Vec<u8>,
+    pub name: String,
+    pub enrolled_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revoked_by: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Enrollment {
+    org: String,
+    worker: String,
+    expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Log position at which the worker was given the person: its devices lack everything
+    /// from before, whatever their cursor.
+    pub granted_seq: u64,
+    pub by: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub erased_at: DateTime<Utc>,
+    pub by: String,
+    /// Workers who had the person: their devices are told to purge.
+    pub workers: Vec<String>,
+}
+
+/// What the server knows of a person's current consent (from their document).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsentState {
+    pub share_with_coordinator: bool,
+    pub research: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no organisation {0:?}")]
+    NoOrg(String),
+    #[error("{what} {id:?} already exists")]
+    Exists { what: &'static str, id: String },
+    #[error("no worker {worker:?} in organisation {org:?}")]
+    NoWorker { org: String, worker: String },
+    #[error("no device {0:?}")]
+    NoDevice(String),
+    #[error("the enrollment code is not valid: it is wrong, used already, or expired (ask your coordinator for a new one)")]
+    BadCode,
+}
+
+impl From<peersync_core::ValidationError> for DirectoryError {
+    fn from(e: peersync_core::ValidationError) -> Self {
+        DirectoryError::Invalid(e.to_string())
+    }
+}
+
+pub struct Directory<S: LocalStore> {
+    kv: S,
+    rng: SystemRandom,
+}
+
+fn key(tag: u8, parts: &[&str]) -> Vec<u8> {
+    let mut k = vec![tag];
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p.as_bytes());
+    }
+    k
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain data serializes")
+}
+
+fn dec<T: DeserializeOwned>(k: &[u8], v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(k).into_owned(), reason: e.to_string() })
+}
+
+pub fn hash_code(code: &str) -> String {
+    let normal: String = code.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect();
+    let digest = ring::digest::digest(&ring::digest::SHA256, normal.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl<S: LocalStore> Directory<S> {
+    pub fn new(kv: S) -> Self {
+        Self { kv, rng: SystemRandom::new() }
+    }
+
+    fn get<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StoreError> {
+        self.kv.get(k)?.map(|v| dec(k, &v)).transpose()
+    }
+
+    fn put<T: Serialize>(&self, k: Vec<u8>, v: &T) -> Result<(), StoreError> {
+        self.kv.apply(vec![Write::Put(k, enc(v))])
+    }
+
+    fn list<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
+        self.kv.scan_prefix(prefix)?.iter().map(|(k, v)| dec(k, v)).collect()
+    }
+
+    fn random(&self, n: usize) -> Result<Vec<u8>, StoreError> {
+        let mut b = vec![0u8; n];
+        self.rng.fill(&mut b).map_err(|_| StoreError::Io("random generator failed".into()))?;
+        Ok(b)
+    }
+
+    // Organisations ---------------------------------------------------------------------
+
+    pub fn create_org(&self, id: &str, name: &str) -> Result<Org, DirectoryError> {
+        validate_id("org", id)?;
+        if self.org(id)?.is_some() {
+            return Err(DirectoryError::Exists { what: "organisation", id: id.into() });
+        }
+        let org = Org { id: id.into(), name: name.trim().to_string(), created_at: Utc::now() };
+        self.put(key(b'o', &[id]), &org)?;
+        Ok(org)
+    }
+
+    pub fn org(&self, id: &str) -> Result<Option<Org>, StoreError> {
+        self.get(&key(b'o', &[id]))
+    }
+
+    pub fn orgs(&self) -> Result<Vec<Org>, StoreError> {
+        self.list(b"o")
+    }
+
+    fn require_org(&self, org: &str) -> Result<(), DirectoryError> {
+        match self.org(org)? {
+            Some(_) => Ok(()),
+            None => Err(DirectoryError::NoOrg(org.into())),
+        }
+    }
+
+    // Coordinators ----------------------------------------------------------------------
+
+    pub fn create_coordinator(&self, org: &str, username: &str, password: &str) -> Result<(), DirectoryError> {
+        self.require_org(org)?;
+        validate_id("username", username)?;
+        if password.chars().count() < 12 {
+            return Err(DirectoryError::Invalid("the password must have at least 12 characters".into()));
+        }
+        if self.coordinator(org, username)?.is_some() {
+            return Err(DirectoryError::Exists { what: "coordinator", id: username.into() });
+        }
+        let salt = self.random(16)?;
+        let mut hash = vec![0u8; 32];
+        ring::pbkdf2::derive(
+            ring::pbkdf2::PBKDF2_HMAC_SHA256,
+            std::num::NonZeroU32::new(PBKDF2_ITERATIONS).expect("non-zero"),
+            &salt,
+            password.as_bytes(),
+            &mut hash,
+        );
+        let c = Coordinator { org: org.into(), username: username.into(), salt, iterations: PBKDF2_ITERATIONS, hash, created_at: Utc::now() };
+        self.put(key(b'c', &[org, username]), &c)?;
+        Ok(())
+    }
+
+    pub fn coordinator(&self, org: &str, username: &str) -> Result<Option<Coordinator>, StoreError> {
+        self.get(&key(b'c', &[org, username]))
+    }
+
+    /// Whether `password` is the coordinator's. Runs the full PBKDF2 even for unknown users so
+    /// that timing does not tell which usernames exist.
+    pub fn check_password(&self, org: &str, username: &str, password: &str) -> Result<bool, StoreError> {
+        let c = self.coordinator(org, username)?;
+        let (salt, iterations, hash) = match &c {
+            Some(c) => (c.salt.clone(), c.iterations, c.hash.clone()),
+            None => (vec![0u8; 16], PBKDF2_ITERATIONS, vec![0u8; 32]),
+        };
+        let ok = ring::pbkdf2::verify(
+            ring::pbkdf2::PBKDF2_HMAC_SHA256,
+            std::num::NonZeroU32::new(iterations.max(1)).expect("non-zero"),
+            &salt,
+            password.as_bytes(),
+            &hash,
+        )
+        .is_ok();
+        Ok(ok && c.is_some())
+    }
+
+    // Workers ---------------------------------------------------------------------------
+
+    pub fn add_worker(&self, org: &str, id: &str, name: &str, role: &str) -> Result<Worker, DirectoryError> {
+        self.require_org(org)?;
+        validate_id("worker", id)?;
+        validate_role(role)?;
+        if self.worker(org, id)?.is_some() {
+            return Err(DirectoryError::Exists { what: "worker", id: id.into() });
+        }
+        let w = Worker { org: org.into(), id: id.into(), name: name.trim().to_string(), role: role.into(), created_at: Utc::now() };
+        self.put(key(b'w', &[org, id]), &w)?;
+        Ok(w)
+    }
+
+    pub fn worker(&self, org: &str, id: &str) -> Result<Option<Worker>, StoreError> {
+        self.get(&key(b'w', &[org, id]))
+    }
+
+    pub fn workers(&self, org: &str) -> Result<Vec<Worker>, StoreError> {
+        self.list(&key(b'w', &[org, ""]))
+    }
+
+    // Enrollment ------------------------------------------------------------------------
+
+    /// A new one-time code for `worker`'s phone, valid for 24 hours. Only its hash is stored.
+    pub fn issue_code(&self, org: &str, worker: &str) -> Result<(String, DateTime<Utc>), DirectoryError> {
+        if self.worker(org, worker)?.is_none() {
+            return Err(DirectoryError::NoWorker { org: org.into(), worker: worker.into() });
+        }
+        let raw = self.random(CODE_LEN)?;
+        let code: String = raw.iter().map(|b| CODE_ALPHABET[(*b as usize) % CODE_ALPHABET.len()] as char).collect();
+        let shown = format!("{}-{}-{}", &code[0..4], &code[4..8], &code[8..12]);
+        let expires_at = Utc::now() + Duration::hours(CODE_TTL_HOURS);
+        self.put(key(b'n', &[&hash_code(&code)]), &Enrollment { org: org.into(), worker: worker.into(), expires_at })?;
+        Ok((shown, expires_at))
+    }
+
+    /// Use a code (once) to register a device's public key.
+    pub fn enroll(&self, code: &str, device: &str, public_key: &[u8], name: &str) -> Result<DeviceRecord, DirectoryError> {
+        validate_id("device", device)?;
+        if public_key.len() != 32 {
+            return Err(DirectoryError::Invalid("the public key must be a 32-byte Ed25519 key".into()));
+        }
+        let k = key(b'n', &[&hash_code(code)]);
+        let Some(e) = self.get::<Enrollment>(&k)? else { return Err(DirectoryError::BadCode) };
+        if e.expires_at < Utc::now() {
+            self.kv.apply(vec![Write::Delete(k)])?;
+            return Err(DirectoryError::BadCode);
+        }
+        if self.device(device)?.is_some() {
+            return Err(DirectoryError::Exists { what: "device", id: device.into() });
+        }
+        let d = DeviceRecord {
+            id: device.into(),
+            org: e.org,
+            worker: e.worker,
+            public_key: public_key.to_vec(),
+            name: name.chars().take(80).collect(),
+            enrolled_at: Utc::now(),
+            revoked_at: None,
+            revoked_by: None,
+        };
+        // Single use: the code goes in the same atomic write that registers the device.
+        self.kv.apply(vec![Write::Delete(k), Write::Put(key(b'x', &[device]), enc(&d))])?;
+        Ok(d)
+    }
+
+    pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        self.get(&key(b'x', &[id]))
+    }
+
+    pub fn devices(&self, org: &str) -> Result<Vec<DeviceRecord>, StoreError> {
+        Ok(self.list::<DeviceRecord>(b"x")?.into_iter().filter(|d| d.org == org).collect())
+    }
+
+    pub fn revoke(&self, org: &str, device: &str, by: &str) -> Result<DeviceRecord, DirectoryError> {
+        let mut d = match self.device(device)? {
+            Some(d) if d.org == org => d,
+            _ => return Err(DirectoryError::NoDevice(device.into())),
+        };
+        if d.revoked_at.is_none() {
+            d.revoked_at = Some(Utc::now());
+            d.revoked_by = Some(by.into());
+            self.put(key(b'x', &[device]), &d)?;
+        }
+        Ok(d)
+    }
+
+    // Assignments -----------------------------------------------------------------------
+
+    pub fn assignment(&self, org: &str, doc: &str, worker: &str) -> Result<Option<Assignment>, StoreError> {
+        self.get(&key(b'a', &[org, doc, worker]))
+    }
+
+    pub fn assigned_workers(&self, org: &str, doc: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = key(b'a', &[org, doc, ""]);
+        Ok(self.kv.keys_with_prefix(&prefix)?.into_iter().map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned()).collect())
+    }
+
+    /// Assign `doc` to `workers` (unknown workers are skipped and returned).
+    pub fn assign(&self, org: &str, doc: &str, workers: &[String], granted_seq: u64, by: &str) -> Result<Vec<String>, DirectoryError> {
+        validate_id("person", doc)?;
+        let mut writes = Vec::new();
+        let mut unknown = Vec::new();
+        for w in workers {
+            if self.worker(org, w)?.is_none() {
+                unknown.push(w.clone());
+                continue;
+            }
+            if self.assignment(org, doc, w)?.is_none() {
+                writes.push(Write::Put(key(b'a', &[org, doc, w]), enc(&Assignment { granted_seq, by: by.into(), at: Utc::now() })));
+                writes.push(Write::Delete(key(b'u', &[org, w, doc])));
+            }
+        }
+        self.kv.apply(writes)?;
+        Ok(unknown)
+    }
+
+    pub fn unassign(&self, org: &str, doc: &str, worker: &str, seq: u64) -> Result<(), StoreError> {
+        self.kv.apply(vec![Write::Delete(key(b'a', &[org, doc, worker])), Write::Put(key(b'u', &[org, worker, doc]), enc(&seq))])
+    }
+
+    /// The log position at which `worker` lost `doc`, if it did.
+    pub fn unassigned_at(&self, org: &str, worker: &str, doc: &str) -> Result<Option<u64>, StoreError> {
+        self.get(&key(b'u', &[org, worker, doc]))
+    }
+
+    // Erasure and consent ---------------------------------------------------------------
+
+    pub fn tombstone(&self, org: &str, doc: &str) -> Result<Option<Tombstone>, StoreError> {
+        self.get(&key(b'z', &[org, doc]))
+    }
+
+    /// Record the erasure and forget everything the directory knew of the person but its id.
+    pub fn bury(&self, org: &str, doc: &str, by: &str) -> Result<(), StoreError> {
+        let workers = self.assigned_workers(org, doc)?;
+        let mut writes = vec![
+            Write::Put(key(b'z', &[org, doc]), enc(&Tombstone { erased_at: Utc::now(), by: by.into(), workers })),
+            Write::Delete(key(b'q', &[org, doc])),
+        ];
+        for k in self.kv.keys_with_prefix(&key(b'a', &[org, doc, ""]))? {
+            writes.push(Write::Delete(k));
+        }
+        self.kv.apply(writes)
+    }
+
+    pub fn consent(&self, org: &str, doc: &str) -> Result<Option<ConsentState>, StoreError> {
+        self.get(&key(b'q', &[org, doc]))
+    }
+
+    pub fn set_consent(&self, org: &str, doc: &str, c: ConsentState) -> Result<(), StoreError> {
+        if self.consent(org, doc)? == Some(c) {
+            return Ok(());
+        }
+        self.put(key(b'q', &[org, doc]), &c)
+    }
+
+    /// Every person of `org` the server has heard of, with their consent.
+    pub fn people(&self, org: &str) -> Result<Vec<(String, ConsentState)>, StoreError> {
+        let prefix = key(b'q', &[org, ""]);
+        self.kv
+            .scan_prefix(&prefix)?
+            .into_iter()
+            .map(|(k, v)| Ok((String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), dec(&k, &v)?)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peersync_core::store::MemoryStore;
+
+    fn dir() -> Directory<MemoryStore> {
+        let d = Directory::new(MemoryStore::new());
+        d.create_org("org1", "Org One").unwrap();
+        d.add_worker("org1", "w-001", "Asha", "peer_advocate").unwrap();
+        d
+    }
+
+    #[test]
+    fn passwords_are_salted_pbkdf2() {
+        let d = dir();
+        d.create_coordinator("org1", "maya", "correct horse battery").unwrap();
+        let c = d.coordinator("org1", "maya").unwrap().unwrap();
+        assert!(c.iterations >= 600_000);
+        assert_eq!(c.salt.len(), 16);
+        assert!(d.check_password("org1", "maya", "correct horse battery").unwrap());
+        assert!(!d.check_password("org1", "maya", "wrong horse battery").unwrap());
+        assert!(!d.check_password("org1", "nobody", "correct horse battery").unwrap());
+        assert!(matches!(d.create_coordinator("org1", "x", "short"), Err(DirectoryError::Invalid(_))));
+    }
+
+    #[test]
+    fn roles_are_the_five_peer_roles() {
+        let d = dir();
+        assert!(matches!(d.add_worker("org1", "w-2", "B", "boss"), Err(DirectoryError::Invalid(_))));
+        assert!(matches!(d.add_worker("nope", "w-2", "B", "peer_advocate"), Err(DirectoryError::NoOrg(_))));
+    }
+
+    #[test]
+    fn codes_are_single_use() {
+        let d = dir();
+        let (code, _) = d.issue_code("org1", "w-001").unwrap();
+        assert_eq!(code.len(), 14);
+        let dev = d.enroll(&code.to_lowercase(), "dev-1", &[7; 32], "phone").unwrap();
+        assert_eq!((dev.org.as_str(), dev.worker.as_str()), ("org1", "w-001"));
+        assert!(matches!(d.enroll(&code, "dev-2", &[7; 32], "phone"), Err(DirectoryError::BadCode)));
+        assert!(matches!(d.enroll("AAAA-BBBB-CCCC", "dev-3", &[7; 32], "phone"), Err(DirectoryError::BadCode)));
+    }
+}
