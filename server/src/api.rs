@@ -226,9 +226,8 @@ async fn enroll(State(state): State<Arc<AppState>>, headers: HeaderMap, req: axu
             return ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("too many wrong codes; try again in {} s", wait.as_secs() + 1)).into_response();
         }
     }
-    let Ok(public_key) = B64.decode(body.public_key.trim()) else {
-        return ApiError::new(StatusCode::BAD_REQUEST, "public_key must be base64url").into_response();
-    };
+    // A malformed key is reported once the code is known good (a wrong code is always 401).
+    let public_key = B64.decode(body.public_key.trim()).unwrap_or_default();
     let st = state.clone();
     let result = tokio::task::spawn_blocking(move || st.dir.enroll(&body.code, &body.device, &public_key, &body.name)).await;
     match result {
@@ -297,12 +296,11 @@ async fn login(State(state): State<Arc<AppState>>, headers: HeaderMap, req: axum
 }
 
 async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Some(token) = cookie(&headers, SESSION_COOKIE) {
-        if let Some((org, username)) = state.sessions.get(token) {
-            audit(&state, &org, &Principal::Coordinator { org: org.clone(), username }, "logout", vec![], true, "");
-        }
-        state.sessions.end(token);
-    }
+    let Some((token, (org, username))) = cookie(&headers, SESSION_COOKIE).and_then(|t| Some((t, state.sessions.get(t)?))) else {
+        return ApiError::unauthorized().into_response();
+    };
+    audit(&state, &org, &Principal::Coordinator { org: org.clone(), username }, "logout", vec![], true, "");
+    state.sessions.end(token);
     let clear = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
     ([(header::SET_COOKIE, clear)], Json(json!({ "ok": true }))).into_response()
 }

@@ -271,28 +271,32 @@ impl<S: LocalStore> Directory<S> {
 
     /// A new one-time code for `worker`'s phone, valid for 24 hours. Only its hash is stored.
     pub fn issue_code(&self, org: &str, worker: &str) -> Result<(String, DateTime<Utc>), DirectoryError> {
+        self.issue_code_until(org, worker, Utc::now() + Duration::hours(CODE_TTL_HOURS))
+    }
+
+    /// A code valid until `expires_at`.
+    pub fn issue_code_until(&self, org: &str, worker: &str, expires_at: DateTime<Utc>) -> Result<(String, DateTime<Utc>), DirectoryError> {
         if self.worker(org, worker)?.is_none() {
             return Err(DirectoryError::NoWorker { org: org.into(), worker: worker.into() });
         }
         let raw = self.random(CODE_LEN)?;
         let code: String = raw.iter().map(|b| CODE_ALPHABET[(*b as usize) % CODE_ALPHABET.len()] as char).collect();
         let shown = format!("{}-{}-{}", &code[0..4], &code[4..8], &code[8..12]);
-        let expires_at = Utc::now() + Duration::hours(CODE_TTL_HOURS);
         self.put(key(b'n', &[&hash_code(&code)]), &Enrollment { org: org.into(), worker: worker.into(), expires_at })?;
         Ok((shown, expires_at))
     }
 
     /// Use a code (once) to register a device's public key.
     pub fn enroll(&self, code: &str, device: &str, public_key: &[u8], name: &str) -> Result<DeviceRecord, DirectoryError> {
-        validate_id("device", device)?;
-        if public_key.len() != 32 {
-            return Err(DirectoryError::Invalid("the public key must be a 32-byte Ed25519 key".into()));
-        }
         let k = key(b'n', &[&hash_code(code)]);
         let Some(e) = self.get::<Enrollment>(&k)? else { return Err(DirectoryError::BadCode) };
         if e.expires_at < Utc::now() {
             self.kv.apply(vec![Write::Delete(k)])?;
             return Err(DirectoryError::BadCode);
+        }
+        validate_id("device", device)?;
+        if public_key.len() != 32 {
+            return Err(DirectoryError::Invalid("the public key must be a 32-byte Ed25519 key".into()));
         }
         if self.device(device)?.is_some() {
             return Err(DirectoryError::Exists { what: "device", id: device.into() });

@@ -1,0 +1,355 @@
+//! Who may see what, tested against a real server over sockets: organisations, assignments,
+//! revocation and wipe, signatures, replay, enrollment codes, throttling, erasure, consent,
+//! the audit log, and 401 for the unauthenticated.
+
+use peersync_core::sync::SyncError;
+use peersync_core::{ConsentChange, CoreError, NewPerson};
+use peersync_tests::*;
+use serde_json::json;
+
+async fn login(server: &TestServer, org: &str, user: &str, password: &str) -> (u16, String) {
+    let (status, head, _) = http_full(server.addr, "POST", "/v1/login", &[], Some(json!({ "org": org, "username": user, "password": password }))).await;
+    let cookie = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().starts_with("set-cookie:").then(|| l.splitn(2, ':').nth(1).unwrap().trim().to_string()))
+        .unwrap_or_default();
+    (status, cookie)
+}
+
+async fn as_coordinator(server: &TestServer, cookie: &str, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+    let session = cookie.split(';').next().unwrap().to_string();
+    http(server.addr, method, path, &[("Cookie", session)], body).await
+}
+
+fn only(id: &str, alias: &str, workers: &[&str]) -> NewPerson {
+    NewPerson { workers: workers.iter().map(|w| w.to_string()).collect(), ..person(id, alias) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn organisations_and_assignments_bound_what_a_device_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    // A second organisation on the same server, with a worker of its own.
+    assert_eq!(server.admin("POST", "/v1/admin/orgs", Some(json!({ "id": "org2", "name": "Other" }))).await.0, 201);
+    assert_eq!(server.admin("POST", "/v1/workers?org=org2", Some(json!({ "id": "x-001", "name": "X", "role": "peer_navigator" }))).await.0, 201);
+    let (_, code) = server.admin("POST", "/v1/workers/x-001/enrollment?org=org2", None).await;
+    let (x, _) = open_phone(dir.path(), "x-001").await;
+    x.enroll(&server.url, code["code"].as_str().unwrap(), "x").await.unwrap();
+
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (d, _) = server.phone(dir.path(), "w-004").await;
+    a.register_person(only("p-1", "AB-1", &["w-001"])).await.unwrap();
+    a.register_person(only("p-2", "AB-2", &["w-001"])).await.unwrap();
+    sync(&a, &server).await;
+
+    // 1. Another organisation sees nothing, and its same-named record stays its own.
+    x.register_person(only("p-1", "OTHER-ORG", &["x-001"])).await.unwrap();
+    let rx = sync(&x, &server).await;
+    assert_eq!((rx.docs_received, rx.refused.len()), (0, 0));
+    sync(&a, &server).await;
+    assert_eq!(a.person("p-1").await.unwrap().person.alias, "AB-1");
+    assert_eq!(x.person("p-1").await.unwrap().person.alias, "OTHER-ORG");
+
+    // 2. An unassigned worker receives nothing, and its push to the person is refused for that
+    //    person only: its other records sync, its local data is kept.
+    let rd = sync(&d, &server).await;
+    assert_eq!(rd.docs_received, 0);
+    d.register_person(only("p-1", "INTRUDER", &["w-004"])).await.unwrap();
+    d.register_person(only("p-9", "MINE", &["w-004"])).await.unwrap();
+    let rd = sync(&d, &server).await;
+    assert_eq!(rd.refused.len(), 1, "{rd:?}");
+    assert_eq!(rd.refused[0].person, "p-1");
+    assert_eq!(rd.refused[0].code, peersync_core::protocol::ErrorCode::Forbidden);
+    assert_eq!(rd.docs_sent, 1);
+    assert_eq!(d.person("p-1").await.unwrap().person.alias, "INTRUDER", "local data kept");
+    sync(&a, &server).await;
+    assert_eq!(a.person("p-1").await.unwrap().person.alias, "AB-1", "nothing of the intruder reached p-1");
+    assert!(a.person("p-9").await.is_err());
+
+    // 3. A coordinator's assignment gives the worker the whole record at its next sync...
+    assert_eq!(server.admin("POST", &format!("/v1/people/p-2/assign?org={ORG}"), Some(json!({ "worker": "w-004" }))).await.0, 200);
+    sync(&d, &server).await;
+    assert_eq!(d.person("p-2").await.unwrap().person.alias, "AB-2");
+    // ... and unassigning purges it from the worker's phones.
+    assert_eq!(server.admin("POST", &format!("/v1/people/p-2/unassign?org={ORG}"), Some(json!({ "worker": "w-004" }))).await.0, 200);
+    let rd = sync(&d, &server).await;
+    assert_eq!(rd.purged, 1);
+    assert!(matches!(d.person("p-2").await, Err(CoreError::UnknownPerson(_))));
+
+    // 4. Coordinators act only on their own organisation.
+    let (_, _) = server.admin("POST", "/v1/admin/orgs/org2/coordinators", Some(json!({ "username": "xc", "password": "another long password" }))).await;
+    let (status, cookie) = login(&server, "org2", "xc", "another long password").await;
+    assert_eq!(status, 200);
+    assert_eq!(as_coordinator(&server, &cookie, "GET", "/v1/people/p-2?org=org1", None).await.0, 403);
+    assert_eq!(as_coordinator(&server, &cookie, "GET", "/v1/people/p-2", None).await.0, 404);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_device_is_refused_and_wipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    a.register_person(person("p-1", "Lost-Phone-Alias")).await.unwrap();
+    sync(&a, &server).await;
+    let device = a.device_id().await.unwrap();
+    let (status, _) = server.admin("POST", &format!("/v1/devices/{device}/revoke?org={ORG}"), None).await;
+    assert_eq!(status, 200);
+    // The phone records more offline, then connects: it is told to wipe, and does.
+    a.record_visit("p-1", visit("v-1", "offline")).await.unwrap();
+    let err = a.sync(&server.options()).await.unwrap_err();
+    assert!(matches!(err, SyncError::Wiped { .. }), "{err:?}");
+    assert!(a.is_wiped());
+    assert!(matches!(a.person("p-1").await, Err(CoreError::Wiped)));
+    assert!(a.people().await.unwrap().is_empty());
+    // It cannot sync again: its key went with the wipe.
+    assert!(matches!(a.sync(&server.options()).await, Err(SyncError::NotEnrolled)));
+    // The offline visit never reached the server.
+    let (b, _) = server.phone(dir.path(), "w-002").await;
+    sync(&b, &server).await;
+    assert!(visit_ids(&b, "p-1").await.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_replayed_and_unsigned_connections_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let upgrade = |token: Option<String>| {
+        let url = format!("{}/v1/sync", server.url);
+        async move {
+            let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+            if let Some(t) = token {
+                req.headers_mut().insert("authorization", t.parse().unwrap());
+            }
+            match tokio_tungstenite::connect_async(req).await {
+                Ok(_) => 101,
+                Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let good = a.connection_token().await.unwrap().unwrap();
+    // A wrong signature.
+    let mut forged = good.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    assert_eq!(upgrade(Some(forged)).await, 401);
+    // Someone else's device id with our signature.
+    assert_eq!(upgrade(Some(good.replacen("PeerSync ", "PeerSync someone-else", 1))).await, 401);
+    assert_eq!(upgrade(None).await, 401);
+    // The real token works once; replayed, it is refused.
+    assert_eq!(upgrade(Some(good.clone())).await, 101);
+    assert_eq!(upgrade(Some(good)).await, 401);
+    // An old token (clock far behind) is refused; the device corrects its clock and syncs.
+    let token = a.connection_token().await.unwrap().unwrap();
+    let parts: Vec<&str> = token.split('.').collect();
+    let stale = format!("{}.{}.{}.{}", parts[0], parts[1].parse::<i64>().unwrap() - 3600, parts[2], parts[3]);
+    assert_eq!(upgrade(Some(stale)).await, 401);
+    sync(&a, &server).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_codes_are_single_use_expire_and_resist_guessing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let code = server.code("w-001");
+    let (a, _) = open_phone(dir.path(), "a").await;
+    a.enroll(&server.url, &code, "a").await.unwrap();
+    // Reused.
+    let (b, _) = open_phone(dir.path(), "b").await;
+    let err = b.enroll(&server.url, &code, "b").await.unwrap_err();
+    assert!(matches!(err, SyncError::Enrollment { status: 401, .. }), "{err:?}");
+    // Expired.
+    let (old, _) = server.state.dir.issue_code_until(ORG, "w-002", chrono::Utc::now() - chrono::Duration::minutes(1)).unwrap();
+    let err = b.enroll(&server.url, &old, "b").await.unwrap_err();
+    assert!(matches!(err, SyncError::Enrollment { status: 401, .. }), "{err:?}");
+    // Guessing: after ten wrong codes even a right one is turned away for a while.
+    for i in 0..8 {
+        let err = b.enroll(&server.url, &format!("AAAA-BBBB-{i:04}"), "b").await.unwrap_err();
+        assert!(matches!(err, SyncError::Enrollment { status: 401, .. }), "{err:?}");
+    }
+    let fresh = server.code("w-002");
+    let err = b.enroll(&server.url, &fresh, "b").await.unwrap_err();
+    assert!(matches!(err, SyncError::Enrollment { status: 429, .. }), "{err:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_sessions_and_failed_logins_are_throttled() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let pw = "a long enough password";
+    assert_eq!(server.admin("POST", &format!("/v1/admin/orgs/{ORG}/coordinators"), Some(json!({ "username": "maya", "password": pw }))).await.0, 201);
+    let (status, cookie) = login(&server, ORG, "maya", pw).await;
+    assert_eq!(status, 200);
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert_eq!(as_coordinator(&server, &cookie, "GET", "/v1/me", None).await.1["username"], "maya");
+    assert_eq!(as_coordinator(&server, &cookie, "POST", "/v1/logout", None).await.0, 200);
+    assert_eq!(as_coordinator(&server, &cookie, "GET", "/v1/me", None).await.0, 401, "logged out");
+    for _ in 0..5 {
+        assert_eq!(login(&server, ORG, "maya", "wrong password!!").await.0, 401);
+    }
+    assert_eq!(login(&server, ORG, "maya", pw).await.0, 429, "throttled even with the right password");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_is_honoured_everywhere_even_by_a_stale_phone() {
+    const ALIAS: &str = "Quintessa-Marlowe";
+    const NOTE: &str = "Zanzibar lighthouse conversation about the tenancy";
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let server = TestServer::start(&data).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
+    a.register_person(person("p-e", ALIAS)).await.unwrap();
+    a.record_visit("p-e", visit("v-1", NOTE)).await.unwrap();
+    a.register_person(person("p-keep", "Keeps-Going")).await.unwrap();
+    sync(&a, &server).await;
+    sync(&b, &server).await;
+    // B goes offline and records more for the person.
+    b.record_visit("p-e", visit("v-offline", NOTE)).await.unwrap();
+    // The coordinator erases the person at their request.
+    let (status, _) = server.admin("POST", &format!("/v1/people/p-e/erase?org={ORG}"), None).await;
+    assert_eq!(status, 200);
+    // A purges at its next sync.
+    let ra = sync(&a, &server).await;
+    assert_eq!(ra.purged, 1);
+    assert!(matches!(a.person("p-e").await, Err(CoreError::UnknownPerson(_))));
+    // B, stale, pushes its offline visit: refused, not merged; B purges its copy.
+    let rb = sync(&b, &server).await;
+    assert!(rb.purged >= 1, "{rb:?}");
+    assert!(matches!(b.person("p-e").await, Err(CoreError::UnknownPerson(_))));
+    assert_eq!(visit_ids(&b, "p-keep").await.len(), 0, "other records untouched");
+    assert!(b.person("p-keep").await.is_ok());
+    // Nothing comes back, for anyone.
+    let (c, _) = server.phone(dir.path(), "w-003").await;
+    sync(&c, &server).await;
+    assert!(c.person("p-e").await.is_err());
+    assert_eq!(c.people().await.unwrap().len(), 1);
+    sync(&a, &server).await;
+    assert!(a.person("p-e").await.is_err());
+    // A stale register of the same id is refused too.
+    b.register_person(person("p-e", ALIAS)).await.unwrap();
+    let rb = sync(&b, &server).await;
+    assert!(rb.purged >= 1);
+    assert!(b.person("p-e").await.is_err());
+    // The audit log records the erasure, without content.
+    let (_, audit) = server.admin("GET", &format!("/v1/audit?org={ORG}"), None).await;
+    let text = audit.to_string();
+    assert!(audit.as_array().unwrap().iter().any(|e| e["action"] == "erase" && e["people"][0] == "p-e"));
+    assert!(!text.contains(ALIAS) && !text.contains("Zanzibar"));
+    // No trace of the person's alias or notes anywhere in the server's files.
+    server.stop().await;
+    let mut files = Vec::new();
+    fn walk(p: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(p).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() { walk(&p, out) } else { out.push(p) }
+        }
+    }
+    walk(&data, &mut files);
+    assert!(!files.is_empty());
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        for needle in [ALIAS, "Zanzibar", "lighthouse"] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} in {}", f.display());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_withdrawal_hides_a_person_from_coordinators_but_not_from_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
+    a.register_person(person("p-1", "Shares")).await.unwrap();
+    a.register_person(person("p-2", "Withdraws")).await.unwrap();
+    sync(&a, &server).await;
+    let (_, people) = server.admin("GET", &format!("/v1/people?org={ORG}"), None).await;
+    assert_eq!(people.as_array().unwrap().len(), 2);
+    assert_eq!(server.admin("GET", &format!("/v1/people/p-2?org={ORG}"), None).await.0, 200);
+
+    a.set_consent("p-2", ConsentChange { share_with_coordinator: Some(false), ..Default::default() }).await.unwrap();
+    sync(&a, &server).await;
+    let (_, people) = server.admin("GET", &format!("/v1/people?org={ORG}"), None).await;
+    let ids: Vec<_> = people.as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, ["p-1"]);
+    assert_eq!(server.admin("GET", &format!("/v1/people/p-2?org={ORG}"), None).await.0, 404);
+    // Their workers keep working with them.
+    a.record_visit("p-2", visit("v-after", "")).await.unwrap();
+    sync(&a, &server).await;
+    sync(&b, &server).await;
+    assert_eq!(visit_ids(&b, "p-2").await, ["v-after"]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_records_each_event_without_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let pw = "a long enough password";
+    server.admin("POST", &format!("/v1/admin/orgs/{ORG}/coordinators"), Some(json!({ "username": "maya", "password": pw }))).await;
+    login(&server, ORG, "maya", "not the password").await;
+    let (_, cookie) = login(&server, ORG, "maya", pw).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
+    a.register_person(person("p-1", "Secret-Alias")).await.unwrap();
+    a.record_visit("p-1", visit("v-1", "secret note text")).await.unwrap();
+    sync(&a, &server).await;
+    sync(&b, &server).await;
+    as_coordinator(&server, &cookie, "GET", "/v1/people/p-1", None).await;
+    as_coordinator(&server, &cookie, "POST", &format!("/v1/devices/{}/revoke", b.device_id().await.unwrap()), None).await;
+    let _ = b.sync(&server.options()).await;
+    as_coordinator(&server, &cookie, "POST", "/v1/people/p-1/erase", None).await;
+
+    let (status, audit) = as_coordinator(&server, &cookie, "GET", "/v1/audit", None).await;
+    assert_eq!(status, 200);
+    let entries = audit.as_array().unwrap();
+    let has = |action: &str, ok: bool| entries.iter().any(|e| e["action"] == action && e["ok"] == ok);
+    for action in ["enroll", "write", "read", "revoke", "wipe", "erase", "create-coordinator"] {
+        assert!(has(action, true), "no {action} entry: {audit}");
+    }
+    assert!(has("login", true) && has("login", false));
+    assert!(entries.iter().any(|e| e["action"] == "read" && e["actor"] == "coordinator:maya" && e["people"][0] == "p-1"));
+    let text = audit.to_string();
+    assert!(!text.contains("Secret-Alias") && !text.contains("secret note"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_requests_get_401_everywhere_but_healthz() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    assert_eq!(http(server.addr, "GET", "/healthz", &[], None).await.0, 200);
+    let calls: &[(&str, &str, Option<serde_json::Value>)] = &[
+        ("GET", "/v1/sync", None),
+        ("GET", "/metrics", None),
+        ("GET", "/v1/me", None),
+        ("GET", "/v1/workers", None),
+        ("POST", "/v1/workers", Some(json!({ "id": "w-9", "role": "peer_advocate" }))),
+        ("POST", "/v1/workers/w-001/enrollment", None),
+        ("GET", "/v1/devices", None),
+        ("POST", "/v1/devices/x/revoke", None),
+        ("GET", "/v1/people", None),
+        ("GET", "/v1/people/p-1", None),
+        ("POST", "/v1/people/p-1/assign", Some(json!({ "worker": "w-001" }))),
+        ("POST", "/v1/people/p-1/unassign", Some(json!({ "worker": "w-001" }))),
+        ("POST", "/v1/people/p-1/erase", None),
+        ("GET", "/v1/audit", None),
+        ("POST", "/v1/logout", None),
+        ("POST", "/v1/admin/orgs", Some(json!({ "id": "o" }))),
+        ("POST", "/v1/admin/orgs/org1/coordinators", Some(json!({ "username": "u", "password": "pppppppppppppp" }))),
+        ("POST", "/v1/enroll", Some(json!({ "code": "WRONG", "device": "d", "public_key": "AAAA" }))),
+        ("POST", "/v1/login", Some(json!({ "org": "org1", "username": "u", "password": "p" }))),
+    ];
+    for (method, path, body) in calls {
+        let (status, _) = http(server.addr, method, path, &[("Authorization", "Bearer wrong-token".into())], body.clone()).await;
+        assert_eq!(status, 401, "{method} {path}");
+    }
+    server.stop().await;
+}
