@@ -286,8 +286,8 @@ impl Device {
 
     /// Enroll this phone with a one-time code from a coordinator: the phone makes its key pair,
     /// keeps the private key in the sealed store and registers the public key.
-    pub async fn enroll(&self, server: &str, code: &str, device_name: &str) -> Result<crate::sync::Enrollment, crate::sync::SyncError> {
-        crate::sync::enroll(&self.inner, server, code, device_name).await
+    pub async fn enroll(&self, options: &crate::sync::SyncOptions, code: &str, device_name: &str) -> Result<crate::sync::Enrollment, crate::sync::SyncError> {
+        crate::sync::enroll(&self.inner, options, code, device_name).await
     }
 
     /// Open a signed connection; retries once with the server's time if the phone's clock is
@@ -297,7 +297,7 @@ impl Device {
         for attempt in 0..2 {
             let inner = self.inner.clone();
             let header = blocking(move || inner.auth_header()).await?.ok_or(SyncError::NotEnrolled)?;
-            match crate::sync::WsConn::connect(&options.server, &header, options.frame_timeout).await {
+            match crate::sync::WsConn::connect(options, &header).await {
                 Err(SyncError::ClockSkew { server_time }) if attempt == 0 => {
                     let offset = server_time - chrono::Utc::now().timestamp();
                     self.inner.clock_offset.store(offset, std::sync::atomic::Ordering::Relaxed);

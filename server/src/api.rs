@@ -2,7 +2,6 @@
 //! JSON in and out; errors are `{"error": "..."}` with a status that says what went wrong.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -170,9 +169,8 @@ pub fn authorize(state: &AppState, headers: &HeaderMap, q: &OrgQuery) -> Result<
     Ok((who, org))
 }
 
-fn client_ip(headers: &HeaderMap, info: Option<&ConnectInfo<SocketAddr>>) -> String {
-    let _ = headers;
-    info.map(|c| c.0.ip().to_string()).unwrap_or_else(|| "unknown".into())
+fn client_ip(info: Option<&ConnectInfo<crate::app::Peer>>) -> String {
+    info.map(|c| c.0.0.ip().to_string()).unwrap_or_else(|| "unknown".into())
 }
 
 fn audit(state: &AppState, org: &str, who: &Principal, action: &str, people: Vec<String>, ok: bool, detail: impl Into<String>) {
@@ -214,8 +212,8 @@ struct EnrollBody {
     name: String,
 }
 
-async fn enroll(State(state): State<Arc<AppState>>, headers: HeaderMap, req: axum::extract::Request) -> Response {
-    let ip = client_ip(&headers, req.extensions().get::<ConnectInfo<SocketAddr>>());
+async fn enroll(State(state): State<Arc<AppState>>, req: axum::extract::Request) -> Response {
+    let ip = client_ip(req.extensions().get::<ConnectInfo<crate::app::Peer>>());
     let body: EnrollBody = match axum::body::to_bytes(req.into_body(), 64 << 10).await.ok().and_then(|b| serde_json::from_slice(&b).ok()) {
         Some(b) => b,
         None => return ApiError::new(StatusCode::BAD_REQUEST, "expected JSON {code, device, public_key, name}").into_response(),
@@ -256,8 +254,8 @@ struct LoginBody {
     password: String,
 }
 
-async fn login(State(state): State<Arc<AppState>>, headers: HeaderMap, req: axum::extract::Request) -> Response {
-    let ip = client_ip(&headers, req.extensions().get::<ConnectInfo<SocketAddr>>());
+async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) -> Response {
+    let ip = client_ip(req.extensions().get::<ConnectInfo<crate::app::Peer>>());
     let body: LoginBody = match axum::body::to_bytes(req.into_body(), 16 << 10).await.ok().and_then(|b| serde_json::from_slice(&b).ok()) {
         Some(b) => b,
         None => return ApiError::new(StatusCode::BAD_REQUEST, "expected JSON {org, username, password}").into_response(),

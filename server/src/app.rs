@@ -185,18 +185,41 @@ impl Conn for AxumConn {
     }
 }
 
-/// Serve on `listener` until `shutdown` resolves; open sync sessions are told to close.
+/// The client's address, as handlers see it (whether or not TLS is in front).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Peer(*s.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, crate::tls::TlsListener>> for Peer {
+    fn connect_info(s: axum::serve::IncomingStream<'_, crate::tls::TlsListener>) -> Self {
+        Peer(*s.remote_addr())
+    }
+}
+
+/// Serve on `listener` (through TLS if `tls` is given) until `shutdown` resolves; open sync
+/// sessions are told to close.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<AppState>,
     shutdown_tx: watch::Sender<bool>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = shutdown_tx.send(true);
-        })
-        .await
+    let app = router(state).into_make_service_with_connect_info::<Peer>();
+    let signal = async move {
+        shutdown.await;
+        let _ = shutdown_tx.send(true);
+    };
+    match tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(signal).await,
+        Some(acceptor) => {
+            let listener = crate::tls::TlsListener::new(listener, acceptor)?;
+            axum::serve(listener, app).with_graceful_shutdown(signal).await
+        }
+    }
 }

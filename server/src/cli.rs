@@ -31,6 +31,16 @@ pub enum Command {
         /// Token for the admin HTTP API (Authorization: Bearer …); without it the API is off.
         #[arg(long, env = "PEERSYNC_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
+        /// TLS certificate chain (PEM); with --tls-key the server speaks HTTPS/WSS itself.
+        #[arg(long, env = "PEERSYNC_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM).
+        #[arg(long, env = "PEERSYNC_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve plain HTTP on an address other than loopback. Records would cross the network
+        /// unencrypted: only behind a TLS-terminating proxy on the same host.
+        #[arg(long)]
+        allow_plain_http: bool,
     },
     /// Administer the data directory directly (while no server runs on it).
     Admin {
@@ -111,15 +121,25 @@ pub enum CliError {
 /// Run the command line; returns when the command is done.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve { data, listen, cache_docs, admin_token } => {
+        Command::Serve { data, listen, cache_docs, admin_token, tls_cert, tls_key, allow_plain_http } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(c), Some(k)) => Some(crate::tls::acceptor(&c, &k).map_err(|e| CliError::Usage(e.to_string()))?),
+                _ => None,
+            };
+            if tls.is_none() && !listen.ip().is_loopback() && !allow_plain_http {
+                return Err(CliError::Usage(format!(
+                    "refusing to serve plain HTTP on {listen}: give --tls-cert and --tls-key, listen on loopback, or pass --allow-plain-http behind a TLS proxy"
+                )));
+            }
             let (tx, rx) = tokio::sync::watch::channel(false);
-            let opts = Options { cache_docs, admin_token, tls: false };
+            let opts = Options { cache_docs, admin_token, tls: tls.is_some() };
             let state = Arc::new(AppState::open(&data, rx, opts)?);
             let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CliError::Listen { addr: listen, source })?;
             let addr = listener.local_addr().map_err(CliError::Serve)?;
             tracing::info!(%addr, data = %data.display(), "peersync serving");
-            println!("peersync listening on http://{addr} (data in {})", data.display());
-            serve(listener, state, tx, shutdown_signal()).await.map_err(CliError::Serve)?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            println!("peersync listening on {scheme}://{addr} (data in {})", data.display());
+            serve(listener, tls, state, tx, shutdown_signal()).await.map_err(CliError::Serve)?;
             tracing::info!("peersync stopped");
             Ok(())
         }

@@ -19,3 +19,4 @@ pub mod scenario;
 pub mod session;
 pub mod store;
 pub mod throttle;
+pub mod tls;

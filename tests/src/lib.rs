@@ -66,7 +66,7 @@ impl TestServer {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
         let task = tokio::spawn(async move {
-            serve(listener, st, tx, async move {
+            serve(listener, None, st, tx, async move {
                 let _ = stop_rx.await;
             })
             .await
@@ -97,7 +97,7 @@ impl TestServer {
     /// A worker's phone on its own sled store under `dir`, enrolled with this server.
     pub async fn phone(&self, dir: &Path, worker: &str) -> (Device, ManualClock) {
         let (d, clock) = open_phone(dir, worker).await;
-        d.enroll(&self.url, &self.code(worker), worker).await.expect("enrollment");
+        d.enroll(&self.options(), &self.code(worker), worker).await.expect("enrollment");
         (d, clock)
     }
 

@@ -34,7 +34,7 @@ async fn organisations_and_assignments_bound_what_a_device_sees() {
     assert_eq!(server.admin("POST", "/v1/workers?org=org2", Some(json!({ "id": "x-001", "name": "X", "role": "peer_navigator" }))).await.0, 201);
     let (_, code) = server.admin("POST", "/v1/workers/x-001/enrollment?org=org2", None).await;
     let (x, _) = open_phone(dir.path(), "x-001").await;
-    x.enroll(&server.url, code["code"].as_str().unwrap(), "x").await.unwrap();
+    x.enroll(&server.options(), code["code"].as_str().unwrap(), "x").await.unwrap();
 
     let (a, _) = server.phone(dir.path(), "w-001").await;
     let (d, _) = server.phone(dir.path(), "w-004").await;
@@ -157,22 +157,22 @@ async fn enrollment_codes_are_single_use_expire_and_resist_guessing() {
     let server = TestServer::start(&dir.path().join("server")).await;
     let code = server.code("w-001");
     let (a, _) = open_phone(dir.path(), "a").await;
-    a.enroll(&server.url, &code, "a").await.unwrap();
+    a.enroll(&server.options(), &code, "a").await.unwrap();
     // Reused.
     let (b, _) = open_phone(dir.path(), "b").await;
-    let err = b.enroll(&server.url, &code, "b").await.unwrap_err();
+    let err = b.enroll(&server.options(), &code, "b").await.unwrap_err();
     assert!(matches!(err, SyncError::Enrollment { status: 401, .. }), "{err:?}");
     // Expired.
     let (old, _) = server.state.dir.issue_code_until(ORG, "w-002", chrono::Utc::now() - chrono::Duration::minutes(1)).unwrap();
-    let err = b.enroll(&server.url, &old, "b").await.unwrap_err();
+    let err = b.enroll(&server.options(), &old, "b").await.unwrap_err();
     assert!(matches!(err, SyncError::Enrollment { status: 401, .. }), "{err:?}");
     // Guessing: after ten wrong codes even a right one is turned away for a while.
     for i in 0..8 {
-        let err = b.enroll(&server.url, &format!("AAAA-BBBB-{i:04}"), "b").await.unwrap_err();
+        let err = b.enroll(&server.options(), &format!("AAAA-BBBB-{i:04}"), "b").await.unwrap_err();
         assert!(matches!(err, SyncError::Enrollment { status: 401, .. }), "{err:?}");
     }
     let fresh = server.code("w-002");
-    let err = b.enroll(&server.url, &fresh, "b").await.unwrap_err();
+    let err = b.enroll(&server.options(), &fresh, "b").await.unwrap_err();
     assert!(matches!(err, SyncError::Enrollment { status: 429, .. }), "{err:?}");
     server.stop().await;
 }

@@ -68,7 +68,7 @@ async fn device_restored_from_backup() {
     let clock = ManualClock::new(t(1, 9));
     let open = || Device::open(&store, &KEY, Arc::new(clock.clone()));
     let a = open().await.unwrap();
-    a.enroll(&server.url, &server.code("w-001"), "phone").await.unwrap();
+    a.enroll(&server.options(), &server.code("w-001"), "phone").await.unwrap();
     a.register_person(person("p-1", "AB")).await.unwrap();
     sync(&a, &server).await;
     drop(a);

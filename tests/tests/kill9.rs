@@ -33,7 +33,7 @@ async fn kill_9_mid_push_loses_no_acknowledged_change() {
     let note = "Talked through the week, what felt hard, and a plan for the housing appointment. ".repeat(12);
     // 1. Sync; the server is killed with SIGKILL as soon as the first batch is acknowledged.
     let first = ServerProcess::start(BIN, &data);
-    a.enroll(&first.url, &codes[0], "phone a").await.unwrap();
+    a.enroll(&first.options(), &codes[0], "phone a").await.unwrap();
     for i in 0..people {
         let p = format!("p-{i:04}");
         a.register_person(person(&p, &format!("AB-{i:04}"))).await.unwrap();
@@ -59,7 +59,7 @@ async fn kill_9_mid_push_loses_no_acknowledged_change() {
     // 2. Restart on the same data: a fresh phone finds every acknowledged document.
     let server = ServerProcess::start(BIN, &data);
     let (b, _) = open_phone(dir.path(), "w-002").await;
-    b.enroll(&server.url, &codes[1], "phone b").await.unwrap();
+    b.enroll(&server.options(), &codes[1], "phone b").await.unwrap();
     b.sync(&server.options()).await.unwrap();
     for p in &acked {
         let n: String = p.trim_start_matches("p-").to_string();

@@ -4,34 +4,18 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-use super::SyncError;
+use super::{SyncError, SyncOptions};
 
 /// Largest response accepted.
 const MAX_RESPONSE: usize = 64 << 10;
 
-/// `http://host:port` from a sync server URL (`ws://host:port`).
-pub(crate) fn http_base(server: &str) -> Result<(String, u16), SyncError> {
-    let err = |r: &str| SyncError::Connect { url: server.to_string(), reason: r.to_string() };
-    let rest = server.strip_prefix("ws://").or_else(|| server.strip_prefix("http://")).ok_or_else(|| err("expected a ws:// URL"))?;
-    let hostport = rest.split('/').next().unwrap_or_default();
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) => (h.to_string(), p.parse().map_err(|_| err("bad port"))?),
-        None => (hostport.to_string(), 80),
-    };
-    if host.is_empty() {
-        return Err(err("no host"));
-    }
-    Ok((host, port))
-}
-
 /// POST `body` as JSON to `path`; returns the status and the JSON reply.
-pub(crate) async fn post_json(server: &str, path: &str, body: &serde_json::Value, timeout: Duration) -> Result<(u16, serde_json::Value), SyncError> {
-    let (host, port) = http_base(server)?;
-    let url = format!("{server}{path}");
+pub(crate) async fn post_json(opts: &SyncOptions, path: &str, body: &serde_json::Value, timeout: Duration) -> Result<(u16, serde_json::Value), SyncError> {
+    let url = format!("{}{path}", opts.server.trim_end_matches('/'));
+    let e = super::transport::endpoint(&url)?;
+    let (host, port) = (e.host, e.port);
     let work = async {
-        let mut s = TcpStream::connect((host.as_str(), port)).await.map_err(|e| SyncError::Connect { url: url.clone(), reason: e.to_string() })?;
+        let (mut s, _) = super::transport::connect(&url, opts, timeout).await?;
         let payload = serde_json::to_vec(body).expect("JSON value serializes");
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -85,6 +69,5 @@ mod tests {
         let (s, j) = parse_response(b"HTTP/1.1 401 Unauthorized\r\ntransfer-encoding: chunked\r\n\r\n7\r\n{\"a\":2}\r\n0\r\n\r\n").unwrap();
         assert_eq!((s, j["a"].as_i64()), (401, Some(2)));
         assert!(parse_response(b"garbage").is_err());
-        assert_eq!(http_base("ws://127.0.0.1:8080").unwrap(), ("127.0.0.1".to_string(), 8080));
     }
 }

@@ -44,7 +44,7 @@ impl Inner {
 
 /// Enroll with a one-time code: make the key pair on the phone, keep the private key in the
 /// sealed store, register the public key with the server.
-pub(crate) async fn enroll(inner: &std::sync::Arc<Inner>, server: &str, code: &str, name: &str) -> Result<Enrollment, SyncError> {
+pub(crate) async fn enroll(inner: &std::sync::Arc<Inner>, opts: &super::SyncOptions, code: &str, name: &str) -> Result<Enrollment, SyncError> {
     let i = inner.clone();
     let (device, public_key) = tokio::task::spawn_blocking(move || -> Result<(String, Vec<u8>), CoreError> {
         let rng = SystemRandom::new();
@@ -57,7 +57,7 @@ pub(crate) async fn enroll(inner: &std::sync::Arc<Inner>, server: &str, code: &s
     .await
     .map_err(|e| CoreError::Task(e.to_string()))??;
     let body = serde_json::json!({ "code": code, "device": device, "public_key": B64.encode(public_key), "name": name });
-    let (status, reply) = super::http::post_json(server, "/v1/enroll", &body, Duration::from_secs(30)).await?;
+    let (status, reply) = super::http::post_json(opts, "/v1/enroll", &body, Duration::from_secs(30)).await?;
     if status != 200 {
         let message = reply.get("error").and_then(|m| m.as_str()).unwrap_or("refused").to_string();
         return Err(SyncError::Enrollment { status, message });

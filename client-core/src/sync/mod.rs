@@ -5,6 +5,7 @@ mod engine;
 mod http;
 mod identity;
 mod state;
+mod transport;
 mod ws;
 
 use std::sync::Arc;
@@ -28,11 +29,20 @@ pub struct SyncOptions {
     /// Longest wait for any one frame before the sync is abandoned (it resumes next time).
     pub frame_timeout: Duration,
     pub observer: Option<Arc<dyn SyncObserver>>,
+    /// A CA certificate (PEM) to trust besides the public roots: for servers with a private CA.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Allow plain `ws://` to a server that is not on loopback. Never in production.
+    pub allow_insecure: bool,
 }
 
 impl SyncOptions {
     pub fn new(server: impl Into<String>) -> Self {
-        Self { server: server.into(), frame_timeout: Duration::from_secs(60), observer: None }
+        Self { server: server.into(), frame_timeout: Duration::from_secs(60), observer: None, ca_pem: None, allow_insecure: false }
+    }
+
+    pub fn trust_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
     }
 
     pub fn observer(mut self, o: Arc<dyn SyncObserver>) -> Self {

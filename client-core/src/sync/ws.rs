@@ -1,62 +1,22 @@
 //! The websocket transport (tokio-tungstenite), counting every byte at the socket.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::engine::FrameConn;
-use super::{SyncError, SyncReport};
+use super::transport::{Counters, Stream};
+use super::{SyncError, SyncOptions, SyncReport};
 use crate::protocol::MAX_FRAME_BYTES;
 
-#[derive(Default)]
-struct Counters {
-    up: AtomicU64,
-    down: AtomicU64,
-}
-
-/// A TCP stream that counts the bytes crossing it.
-struct Counting {
-    inner: TcpStream,
-    counters: Arc<Counters>,
-}
-
-impl AsyncRead for Counting {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.counters.down.fetch_add((buf.filled().len() - before) as u64, Relaxed);
-        r
-    }
-}
-
-impl AsyncWrite for Counting {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            self.counters.up.fetch_add(*n as u64, Relaxed);
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 pub struct WsConn {
-    ws: WebSocketStream<Counting>,
+    ws: WebSocketStream<Stream>,
     counters: Arc<Counters>,
     upgrade_up: u64,
     upgrade_down: u64,
@@ -67,26 +27,16 @@ pub struct WsConn {
 
 impl WsConn {
     /// Open `{server}/v1/sync`, proving the device's identity with `authorization`.
-    pub async fn connect(server: &str, authorization: &str, timeout: Duration) -> Result<WsConn, SyncError> {
-        let url = format!("{}/v1/sync", server.trim_end_matches('/'));
+    pub(crate) async fn connect(opts: &SyncOptions, authorization: &str) -> Result<WsConn, SyncError> {
+        let timeout = opts.frame_timeout;
+        let url = format!("{}/v1/sync", opts.server.trim_end_matches('/'));
         let connect_err = |reason: String| SyncError::Connect { url: url.clone(), reason };
         let mut request = url.as_str().into_client_request().map_err(|e| connect_err(e.to_string()))?;
         request.headers_mut().insert(
             tungstenite::http::header::AUTHORIZATION,
             authorization.parse().map_err(|_| connect_err("bad authorization header".into()))?,
         );
-        let host = request.uri().host().ok_or_else(|| connect_err("no host in the URL".into()))?.to_string();
-        let port = request.uri().port_u16().unwrap_or(80);
-        if request.uri().scheme_str() != Some("ws") {
-            return Err(connect_err("only ws:// URLs are supported by this build".into()));
-        }
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), port)))
-            .await
-            .map_err(|_| SyncError::Timeout(timeout))?
-            .map_err(|e| connect_err(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        let counters = Arc::new(Counters::default());
-        let stream = Counting { inner: tcp, counters: counters.clone() };
+        let (stream, counters) = super::transport::connect(&url, opts, timeout).await?;
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME_BYTES + (1 << 20)))
             .max_frame_size(Some(MAX_FRAME_BYTES + (1 << 20)));
