@@ -38,8 +38,11 @@ async fn main() {
     };
     let events = scenario::parse(&text).expect("valid scenario");
     let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
     let clock = ManualClock::new(events[0].at());
     let phone = Device::open(dir.path().join("phone"), &KEY, Arc::new(clock.clone())).await.unwrap();
+    // Enrolled as w-001: the server assigns every person this phone creates to w-001.
+    phone.enroll(&server.options(), &server.code("w-001"), "bench phone").await.unwrap();
     eprintln!("recording {} events on one phone...", events.len());
     let started = Instant::now();
     let mut worker = String::new();
@@ -69,7 +72,6 @@ async fn main() {
     eprintln!("recorded in {:.1} s", started.elapsed().as_secs_f64());
     println!("{} person documents; D (sum of automerge save() sizes) = {d} bytes", people.len());
 
-    let server = TestServer::start(&dir.path().join("server")).await;
     let t = Instant::now();
     let r = phone.sync(&server.options()).await.unwrap();
     line("P1 first upload", people.len(), &r, t.elapsed().as_millis());
@@ -80,7 +82,7 @@ async fn main() {
     line("P2 idle re-sync", people.len(), &r, t.elapsed().as_millis());
 
     let fresh = Device::open(dir.path().join("fresh"), &KEY, Arc::new(clock.clone())).await.unwrap();
-    fresh.set_worker("w-001").await.unwrap();
+    fresh.enroll(&server.options(), &server.code("w-001"), "fresh phone").await.unwrap();
     let t = Instant::now();
     let r = fresh.sync(&server.options()).await.unwrap();
     line("P3 fresh phone pull", r.docs_received as usize, &r, t.elapsed().as_millis());
