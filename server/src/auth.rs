@@ -63,6 +63,9 @@ pub trait Access: Send + Sync + 'static {
     fn created(&self, who: &DeviceIdentity, doc: &str, teammates: &[String], seq: u64) -> Result<(), StoreError>;
     /// `doc` changed: keep what the server knows of its consent current.
     fn changed(&self, org: &str, doc: &str, consent: Option<&peersync_core::Consent>) -> Result<(), StoreError>;
+    /// Make what `created` and `changed` recorded durable (called once per batch, before the
+    /// batch is acknowledged).
+    fn flush(&self) -> Result<(), StoreError>;
 }
 
 /// Signed connections: `Authorization: PeerSync <device>.<unix time>.<nonce>.<signature>`, the
@@ -169,6 +172,10 @@ impl<S: LocalStore> Access for Assignments<S> {
             Err(crate::directory::DirectoryError::Store(e)) => Err(e),
             Err(e) => Err(StoreError::Io(e.to_string())),
         }
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.dir.flush()
     }
 
     fn changed(&self, org: &str, doc: &str, consent: Option<&peersync_core::Consent>) -> Result<(), StoreError> {

@@ -348,7 +348,13 @@ impl<S: LocalStore> Directory<S> {
         Ok(self.kv.keys_with_prefix(&prefix)?.into_iter().map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned()).collect())
     }
 
-    /// Assign `doc` to `workers` (unknown workers are skipped and returned).
+    /// Make deferred writes (assignments and consent recorded during a push) durable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.kv.flush()
+    }
+
+    /// Assign `doc` to `workers` (unknown workers are skipped and returned). Durable only at
+    /// the next [`Self::flush`] or durable write: callers batch many.
     pub fn assign(&self, org: &str, doc: &str, workers: &[String], granted_seq: u64, by: &str) -> Result<Vec<String>, DirectoryError> {
         validate_id("person", doc)?;
         let mut writes = Vec::new();
@@ -363,7 +369,7 @@ impl<S: LocalStore> Directory<S> {
                 writes.push(Write::Delete(key(b'u', &[org, w, doc])));
             }
         }
-        self.kv.apply(writes)?;
+        self.kv.apply_deferred(writes)?;
         Ok(unknown)
     }
 
@@ -399,11 +405,12 @@ impl<S: LocalStore> Directory<S> {
         self.get(&key(b'q', &[org, doc]))
     }
 
+    /// Durable only at the next [`Self::flush`] or durable write.
     pub fn set_consent(&self, org: &str, doc: &str, c: ConsentState) -> Result<(), StoreError> {
         if self.consent(org, doc)? == Some(c) {
             return Ok(());
         }
-        self.put(key(b'q', &[org, doc]), &c)
+        self.kv.apply_deferred(vec![Write::Put(key(b'q', &[org, doc]), enc(&c))])
     }
 
     /// Every person of `org` the server has heard of, with their consent.

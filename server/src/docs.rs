@@ -245,6 +245,9 @@ impl DocHub {
             }
             access.changed(org, &a.doc, a.consent.as_ref())?;
         }
+        if !learnt.is_empty() {
+            access.flush()?;
+        }
         for (doc, snapshot, upto) in to_compact {
             if let Err(err) = self.store.compact(org, &doc, snapshot, upto) {
                 // The increments are still there: nothing is lost, compaction retries later.

@@ -35,6 +35,15 @@ pub trait LocalStore: Send + Sync + 'static {
     /// Pairs with `from <= key < to`, in key order.
     fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
     fn apply(&self, batch: Vec<Write>) -> Result<(), StoreError>;
+    /// As `apply`, atomic, but durable only at the next `flush` (or `apply`): for many small
+    /// writes that must become durable together.
+    fn apply_deferred(&self, batch: Vec<Write>) -> Result<(), StoreError> {
+        self.apply(batch)
+    }
+    /// Make every deferred write durable.
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Remove every key, durably.
     fn wipe(&self) -> Result<(), StoreError>;
 }
@@ -178,6 +187,12 @@ impl<S: LocalStore + ?Sized> LocalStore for std::sync::Arc<S> {
     }
     fn apply(&self, batch: Vec<Write>) -> Result<(), StoreError> {
         (**self).apply(batch)
+    }
+    fn apply_deferred(&self, batch: Vec<Write>) -> Result<(), StoreError> {
+        (**self).apply_deferred(batch)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        (**self).flush()
     }
     fn wipe(&self) -> Result<(), StoreError> {
         (**self).wipe()

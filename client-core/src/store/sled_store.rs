@@ -67,6 +67,13 @@ impl LocalStore for SledStore {
     }
 
     fn apply(&self, batch: Vec<Write>) -> Result<(), StoreError> {
+        self.apply_deferred(batch)?;
+        // A write returns only once durable: the worker may drop the phone right after saving.
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    fn apply_deferred(&self, batch: Vec<Write>) -> Result<(), StoreError> {
         let mut b = sled::Batch::default();
         for w in batch {
             match w {
@@ -75,7 +82,10 @@ impl LocalStore for SledStore {
             }
         }
         self.tree.apply_batch(b)?;
-        // A write returns only once durable: the worker may drop the phone right after saving.
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
         self.tree.flush()?;
         Ok(())
     }
