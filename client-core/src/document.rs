@@ -291,10 +291,33 @@ impl PersonDoc {
     /// The full record as this device sees it. Fails only if the profile is missing or damaged;
     /// a damaged visit or check-in (from a buggy peer) is skipped rather than hiding the rest.
     pub fn record(&self) -> Result<PersonRecord, CoreError> {
-        let r = Reader { doc: &self.doc };
+        read_record(&self.id, &self.doc)
+    }
+}
+
+/// The full record held in automerge data `doc` of person `id` (see [`PersonDoc::record`]).
+pub fn read_record(id: &str, doc: &Automerge) -> Result<PersonRecord, CoreError> {
+    RecordReader { id, doc }.record()
+}
+
+struct RecordReader<'a> {
+    id: &'a str,
+    doc: &'a Automerge,
+}
+
+impl RecordReader<'_> {
+    fn section(&self, name: &str) -> Result<ObjId, CoreError> {
+        match self.doc.get(ROOT, name) {
+            Ok(Some((Value::Object(ObjType::Map), id))) => Ok(id),
+            _ => Err(CoreError::document(self.id, format!("the `{name}` map is missing"))),
+        }
+    }
+
+    fn record(&self) -> Result<PersonRecord, CoreError> {
+        let r = Reader { doc: self.doc };
         let profile = r.fields(&self.section("profile")?);
         let consent = r.fields(&self.section("consent")?);
-        let bad = |what: &str| CoreError::document(&self.id, format!("{what} is missing or damaged"));
+        let bad = |what: &str| CoreError::document(self.id, format!("{what} is missing or damaged"));
         let person = Person {
             id: r.str(&profile, "id").ok_or_else(|| bad("profile id"))?,
             alias: r.str(&profile, "alias").ok_or_else(|| bad("alias"))?,

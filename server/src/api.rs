@@ -195,6 +195,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/people/{id}/unassign", post(unassign))
         .route("/v1/people/{id}/erase", post(erase))
         .route("/v1/audit", get(read_audit))
+        .route("/v1/report", get(report))
+        .route("/v1/export", get(export))
         .route("/v1/admin/orgs", post(create_org))
         .route("/v1/admin/orgs/{org}/coordinators", post(create_coordinator))
         .route("/metrics", get(metrics))
@@ -505,4 +507,68 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
         return e.into_response();
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(state.hub.cached_docs())).into_response()
+}
+
+// Reports and export --------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct ReportQuery {
+    org: Option<String>,
+    from: Option<chrono::NaiveDate>,
+    to: Option<chrono::NaiveDate>,
+    /// `csv` (default) or `json`.
+    format: Option<String>,
+    /// For CSV: `visits` (default) or `checkins`.
+    kind: Option<String>,
+}
+
+fn view_rows(state: &AppState, org: &str) -> Result<Vec<(String, crate::report::ViewRow)>, ApiError> {
+    let rows = crate::report::decode_rows(state.hub.store().views(org)?);
+    // A tombstone without its row removed yet (never expected) still counts nowhere.
+    let mut kept = Vec::with_capacity(rows.len());
+    for (doc, row) in rows {
+        if state.dir.tombstone(org, &doc)?.is_none() {
+            kept.push((doc, row));
+        }
+    }
+    Ok(kept)
+}
+
+async fn report(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<ReportQuery>) -> ApiResult {
+    let (_, org) = authorize(&state, &headers, &OrgQuery { org: q.org.clone() })?;
+    let period = crate::report::Period { from: q.from, to: q.to };
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let workers: Vec<String> = st.dir.workers(&org)?.into_iter().map(|w| w.id).collect();
+        let rows = view_rows(&st, &org)?;
+        Ok(Json(crate::report::report(&workers, &rows, period)))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+async fn export(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<ReportQuery>) -> Result<Response, ApiError> {
+    let (who, org) = authorize(&state, &headers, &OrgQuery { org: q.org.clone() })?;
+    let period = crate::report::Period { from: q.from, to: q.to };
+    let format = q.format.clone().unwrap_or_else(|| "csv".into());
+    let kind = q.kind.clone().unwrap_or_else(|| "visits".into());
+    if !matches!((format.as_str(), kind.as_str()), ("csv", "visits" | "checkins") | ("json", _)) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "format is csv or json; kind is visits or checkins"));
+    }
+    let st = state.clone();
+    let o = org.clone();
+    let rows = tokio::task::spawn_blocking(move || view_rows(&st, &o))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let shared: Vec<String> = rows.iter().filter(|(_, r)| r.share_with_coordinator).map(|(d, _)| d.clone()).collect();
+    audit(&state, &org, &who, "export", shared, true, format!("{format} export of {kind}, {:?} to {:?}", q.from, q.to));
+    let stamp = chrono::Utc::now().format("%Y%m%d");
+    Ok(match format.as_str() {
+        "json" => Json(crate::report::export_json(&rows, period)).into_response(),
+        _ => {
+            let body = if kind == "checkins" { crate::report::checkins_csv(&rows, period) } else { crate::report::visits_csv(&rows, period) };
+            let disposition = format!("attachment; filename=\"peersync-{org}-{kind}-{stamp}.csv\"");
+            ([(header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()), (header::CONTENT_DISPOSITION, disposition)], body).into_response()
+        }
+    })
 }

@@ -193,7 +193,7 @@ impl DocHub {
             } else {
                 DocWrite::Snapshot(e.doc.save())
             };
-            appends.push((Append { doc: p.doc.clone(), write }, applied(&p.doc, &e)));
+            appends.push((Append { doc: p.doc.clone(), write, view: crate::report::row_bytes(&p.doc, &e.doc) }, applied(&p.doc, &e)));
             touched.push(p.doc.clone());
         }
         if !complete {
@@ -336,7 +336,7 @@ impl DocHub {
     pub fn touch(&self, org: &str, doc: &str, before: impl FnOnce(u64) -> Result<(), StoreError>) -> Result<u64, StoreError> {
         let _w = lock(&self.write_lock);
         before(self.store.head(org)?.seq + 1)?;
-        let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Touch }])?;
+        let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Touch, view: None }])?;
         let seq = c.last().map_or(0, |c| c.seq);
         let _ = self.announce.send(Announcement { org: org.to_string(), seq });
         Ok(seq)
@@ -348,7 +348,7 @@ impl DocHub {
         let _w = lock(&self.write_lock);
         bury()?;
         self.evict(org, doc);
-        let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Erase }])?;
+        let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Erase, view: None }])?;
         self.evict(org, doc);
         if let Some(c) = c.last() {
             let _ = self.announce.send(Announcement { org: org.to_string(), seq: c.seq });
@@ -415,7 +415,7 @@ impl DocHub {
                 let after = e.doc.get_heads();
                 if after != before {
                     let write = if e.stored { DocWrite::Increment(e.doc.save_after(&before)) } else { DocWrite::Snapshot(e.doc.save()) };
-                    appends.push((Append { doc: m.doc.clone(), write }, applied(&m.doc, &e)));
+                    appends.push((Append { doc: m.doc.clone(), write, view: crate::report::row_bytes(&m.doc, &e.doc) }, applied(&m.doc, &e)));
                     touched.push(m.doc.clone());
                 }
             }

@@ -71,6 +71,8 @@ pub enum DocWrite {
 pub struct Append {
     pub doc: String,
     pub write: DocWrite,
+    /// The document's new row in the reporting view, if it changed (sealed like the data).
+    pub view: Option<Vec<u8>>,
 }
 
 /// What the server remembers of a device's syncs (for sync health on the dashboard).
@@ -98,6 +100,8 @@ pub trait ServerStore: Send + Sync + 'static {
     fn tag_at(&self, org: &str, seq: u64) -> Result<Option<u32>, StoreError>;
     fn put_device(&self, org: &str, device: &str, info: &DeviceSync) -> Result<(), StoreError>;
     fn devices(&self, org: &str) -> Result<Vec<(String, DeviceSync)>, StoreError>;
+    /// Every reporting-view row of `org`, by document (erased documents have none).
+    fn views(&self, org: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// [`ServerStore`] over an ordered key-value store. Key layout (org and doc ids hold no NUL):
@@ -108,6 +112,7 @@ pub trait ServerStore: Send + Sync + 'static {
 /// - `T` org 0 seq(BE)        → tag of entry seq (kept after the entry moves on)
 /// - `H` org                  → head seq ++ tag
 /// - `V` org 0 device         → DeviceSync as JSON
+/// - `R` org 0 doc            → the document's reporting-view row, sealed with its key
 pub struct KvServerStore<S: LocalStore> {
     kv: S,
     /// Per-person keys sealing snapshots and increments (crypto-shredding on erasure).
@@ -228,7 +233,15 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
                         batch.push(Write::Delete(key));
                     }
                     batch.push(Write::Delete(k(b'S', &[o, d])));
+                    batch.push(Write::Delete(k(b'R', &[o, d])));
                     erased.push(a.doc.clone());
+                }
+            }
+            if let Some(view) = a.view {
+                if let Some(cipher) = self.cipher(org, &a.doc)? {
+                    let key = k(b'R', &[o, d]);
+                    let sealed = cipher.seal(&key, &view)?;
+                    batch.push(Write::Put(key, sealed));
                 }
             }
             out.push(Cursor { seq, tag });
@@ -316,6 +329,18 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
         self.kv.apply(vec![Write::Put(k(b'V', &[org.as_bytes(), device.as_bytes()]), v)])
     }
 
+    fn views(&self, org: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = k(b'R', &[org.as_bytes(), b""]);
+        let mut out = Vec::new();
+        for (key, v) in self.kv.scan_prefix(&prefix)? {
+            let doc = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            // A row whose key was destroyed belongs to an erased person: it counts nowhere.
+            let Some(cipher) = self.cipher(org, &doc)? else { continue };
+            out.push((doc, self.open_value(&cipher, &key, &v)?));
+        }
+        Ok(out)
+    }
+
     fn devices(&self, org: &str) -> Result<Vec<(String, DeviceSync)>, StoreError> {
         let prefix = k(b'V', &[org.as_bytes(), b""]);
         let mut out = Vec::new();
@@ -338,7 +363,7 @@ use peersync_core::protocol::Cursor;
         use $crate::store::{Append, DeviceSync, DocWrite, ServerStore};
 
         fn inc(doc: &str, data: &[u8]) -> Append {
-            Append { doc: doc.into(), write: DocWrite::Increment(data.to_vec()) }
+            Append { doc: doc.into(), write: DocWrite::Increment(data.to_vec()), view: None }
         }
 
         #[test]
@@ -370,7 +395,7 @@ use peersync_core::protocol::Cursor;
         fn documents_are_snapshot_plus_increments_by_sequence() {
             let s = $make();
             assert_eq!(s.load_doc("o", "a").unwrap(), None);
-            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S".to_vec()) }]).unwrap();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S".to_vec()), view: None }]).unwrap();
             s.append("o", vec![inc("a", b"i2"), inc("b", b"x"), inc("a", b"i4")]).unwrap();
             let d = s.load_doc("o", "a").unwrap().unwrap();
             assert_eq!(d.snapshot, Some((1, b"S".to_vec())));
@@ -382,7 +407,7 @@ use peersync_core::protocol::Cursor;
             assert_eq!(d.snapshot, Some((2, b"S2".to_vec())));
             assert_eq!(d.increments, vec![(4, b"i4".to_vec())]);
             // A snapshot write replaces everything.
-            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S5".to_vec()) }]).unwrap();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S5".to_vec()), view: None }]).unwrap();
             let d = s.load_doc("o", "a").unwrap().unwrap();
             assert_eq!(d.snapshot, Some((5, b"S5".to_vec())));
             assert!(d.increments.is_empty());
@@ -393,13 +418,25 @@ use peersync_core::protocol::Cursor;
         fn touch_moves_the_entry_and_erase_removes_the_data() {
             let s = $make();
             s.append("o", vec![inc("a", b"1"), inc("b", b"2")]).unwrap();
-            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Touch }]).unwrap();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Touch, view: None }]).unwrap();
             assert_eq!(s.changed_since("o", 2).unwrap(), vec![(3, "a".to_string())]);
             assert_eq!(s.load_doc("o", "a").unwrap().unwrap().increments, vec![(1, b"1".to_vec())]);
-            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Erase }]).unwrap();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Erase, view: None }]).unwrap();
             assert_eq!(s.load_doc("o", "a").unwrap(), None);
             assert_eq!(s.changed_since("o", 3).unwrap(), vec![(4, "a".to_string())]);
             assert!(s.load_doc("o", "b").unwrap().is_some());
+        }
+
+        #[test]
+        fn view_rows_are_kept_and_erased_with_the_document() {
+            let s = $make();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S".to_vec()), view: Some(b"row-a".to_vec()) }]).unwrap();
+            s.append("o", vec![Append { doc: "b".into(), write: DocWrite::Snapshot(b"S".to_vec()), view: Some(b"row-b".to_vec()) }]).unwrap();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Increment(b"i".to_vec()), view: Some(b"row-a2".to_vec()) }]).unwrap();
+            assert_eq!(s.views("o").unwrap(), vec![("a".to_string(), b"row-a2".to_vec()), ("b".to_string(), b"row-b".to_vec())]);
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Erase, view: None }]).unwrap();
+            assert_eq!(s.views("o").unwrap(), vec![("b".to_string(), b"row-b".to_vec())]);
+            assert!(s.views("p").unwrap().is_empty());
         }
 
         #[test]
