@@ -200,6 +200,24 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/admin/orgs", post(create_org))
         .route("/v1/admin/orgs/{org}/coordinators", post(create_coordinator))
         .route("/metrics", get(metrics))
+        .route("/", get(dashboard))
+}
+
+/// The dashboard: one self-contained page (styles, script and charts inline; no CDN). Without a
+/// session it is served with status 401 and shows the login form.
+async fn dashboard(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    const PAGE: &str = include_str!("dashboard/index.html");
+    let status = if principal(&state, &headers).is_some() { StatusCode::OK } else { StatusCode::UNAUTHORIZED };
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        PAGE,
+    )
+        .into_response()
 }
 
 // Enrollment ----------------------------------------------------------------------------
@@ -338,7 +356,10 @@ async fn issue_code(State(state): State<Arc<AppState>>, headers: HeaderMap, Quer
     let (who, org) = authorize(&state, &headers, &q)?;
     let (code, expires_at) = state.dir.issue_code(&org, &worker)?;
     audit(&state, &org, &who, "issue-code", vec![], true, format!("enrollment code for worker {worker}"));
-    Ok(Json(json!({ "worker": worker, "code": code, "expires_at": expires_at })))
+    let qr_svg = qrcode::QrCode::new(code.as_bytes())
+        .map(|q| q.render::<qrcode::render::svg::Color<'_>>().min_dimensions(180, 180).build())
+        .unwrap_or_default();
+    Ok(Json(json!({ "worker": worker, "code": code, "expires_at": expires_at, "qr_svg": qr_svg })))
 }
 
 async fn list_devices(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>) -> ApiResult {

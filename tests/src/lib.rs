@@ -118,7 +118,7 @@ pub async fn http_full(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let payload = body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n", payload.len());
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", payload.len());
     if !payload.is_empty() {
         head.push_str("Content-Type: application/json\r\n");
     }
@@ -128,8 +128,37 @@ pub async fn http_full(
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(&payload).await.unwrap();
+    // Read the head, then exactly Content-Length bytes (some servers keep the connection open).
     let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
+    let mut buf = [0u8; 16384];
+    let body_start = loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break None;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if let Some(i) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            break Some(i + 4);
+        }
+    };
+    if let Some(start) = body_start {
+        let head = String::from_utf8_lossy(&out[..start]).to_ascii_lowercase();
+        let length = head.lines().find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok()));
+        match length {
+            Some(len) => {
+                while out.len() < start + len {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    out.extend_from_slice(&buf[..n]);
+                }
+            }
+            None => {
+                s.read_to_end(&mut out).await.unwrap();
+            }
+        }
+    }
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -344,3 +373,5 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+pub mod webdriver;

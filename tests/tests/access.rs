@@ -328,6 +328,9 @@ async fn unauthenticated_requests_get_401_everywhere_but_healthz() {
     assert_eq!(http(server.addr, "GET", "/healthz", &[], None).await.0, 200);
     let calls: &[(&str, &str, Option<serde_json::Value>)] = &[
         ("GET", "/v1/sync", None),
+        ("GET", "/", None),
+        ("GET", "/v1/report", None),
+        ("GET", "/v1/export", None),
         ("GET", "/metrics", None),
         ("GET", "/v1/me", None),
         ("GET", "/v1/workers", None),
