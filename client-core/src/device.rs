@@ -372,6 +372,20 @@ impl Device {
         blocking(move || inner.forget_sync_state()).await
     }
 
+    /// The heads of a person's document (hex change hashes, sorted): two copies with the same
+    /// heads hold the same record.
+    pub async fn heads(&self, person: &str) -> Result<Vec<String>, CoreError> {
+        let inner = self.inner.clone();
+        let person = person.to_string();
+        blocking(move || {
+            let mut st = inner.lock();
+            let mut h = hex_heads(&inner.loaded(&mut st, &person)?.doc.heads());
+            h.sort();
+            Ok(h)
+        })
+        .await
+    }
+
     /// This device's automerge actor id (hex), for diagnostics.
     pub fn actor_id(&self) -> String {
         self.inner.actor.to_hex_string()

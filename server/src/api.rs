@@ -199,6 +199,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/export", get(export))
         .route("/v1/admin/orgs", post(create_org))
         .route("/v1/admin/orgs/{org}/coordinators", post(create_coordinator))
+        .route("/v1/admin/orgs/{org}/documents", get(documents))
         .route("/metrics", get(metrics))
         .route("/", get(dashboard))
 }
@@ -592,4 +593,25 @@ async fn export(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q)
             ([(header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()), (header::CONTENT_DISPOSITION, disposition)], body).into_response()
         }
     })
+}
+
+/// Every person document of an organisation the server holds (erased ones excepted), with its
+/// heads and assigned workers: for checking that devices converged. Admin only; no content.
+async fn documents(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(org): Path<String>) -> ApiResult {
+    admin_only(&state, &headers)?;
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for (_, doc) in st.hub.store().changed_since(&org, 0)? {
+            if st.dir.tombstone(&org, &doc)?.is_some() {
+                continue;
+            }
+            if let Some(heads) = st.hub.heads(&org, &doc)? {
+                out.push(json!({ "id": doc, "heads": heads, "workers": st.dir.assigned_workers(&org, &doc)? }));
+            }
+        }
+        Ok(Json(json!(out)))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }

@@ -42,6 +42,25 @@ pub enum Command {
         #[arg(long)]
         allow_plain_http: bool,
     },
+    /// Replay a field scenario (JSON Lines) through real devices and a server; check that all
+    /// converged and print the coordinator report. Exit status 1 if anything did not.
+    Replay {
+        /// The scenario file.
+        file: PathBuf,
+        /// A running server (`ws://…` on loopback or `wss://…`); without it an embedded server
+        /// runs on a temporary directory.
+        #[arg(long, requires = "admin_token")]
+        server: Option<String>,
+        /// The server's admin token.
+        #[arg(long, env = "PEERSYNC_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Write the report here instead of stdout.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Organisation to create for the replay (default: a fresh one).
+        #[arg(long)]
+        org: Option<String>,
+    },
     /// Administer the data directory directly (while no server runs on it).
     Admin {
         #[arg(long, default_value = "./peersync-data", env = "PEERSYNC_DATA")]
@@ -143,11 +162,70 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             tracing::info!("peersync stopped");
             Ok(())
         }
+        Command::Replay { file, server, admin_token, report, org } => replay(file, server, admin_token, report, org).await,
         Command::Admin { data, action } => {
             let (_tx, rx) = tokio::sync::watch::channel(false);
             let state = AppState::open(&data, rx, Options::default())?;
             tokio::task::spawn_blocking(move || admin(&state, action)).await.map_err(|e| CliError::Usage(e.to_string()))?
         }
+    }
+}
+
+async fn replay(file: PathBuf, server: Option<String>, admin_token: Option<String>, report: Option<PathBuf>, org: Option<String>) -> Result<(), CliError> {
+    let text = std::fs::read_to_string(&file).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
+    let events = crate::scenario::parse(&text).map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+    let work = tempfile::tempdir().map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut embedded = None;
+    let (url, token) = match (server, admin_token) {
+        (Some(url), Some(token)) => (url, token),
+        _ => {
+            let token = uuid::Uuid::new_v4().to_string();
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            let opts = Options { admin_token: Some(token.clone()), ..Options::default() };
+            let state = Arc::new(AppState::open(&work.path().join("server"), rx, opts)?);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(CliError::Serve)?;
+            let addr = listener.local_addr().map_err(CliError::Serve)?;
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(serve(listener, None, state, tx, async move {
+                let _ = stop_rx.await;
+            }));
+            embedded = Some((stop_tx, task));
+            eprintln!("embedded server on ws://{addr}");
+            (format!("ws://{addr}"), token)
+        }
+    };
+    let org = org.unwrap_or_else(|| format!("replay-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    let opts = peersync_core::sync::SyncOptions::new(url);
+    let started = std::time::Instant::now();
+    let progress = |done: usize, total: usize| eprint!("\rreplaying: {done} of {total} events");
+    let outcome = crate::replay::replay(&events, &opts, &token, &org, work.path(), &progress).await;
+    eprintln!();
+    if let Some((stop, task)) = embedded {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+    let outcome = outcome.map_err(|e| CliError::Usage(format!("replay failed: {e}")))?;
+    eprintln!(
+        "replayed {} events on {} devices in {:.1} s: {} syncs, {} person documents",
+        events.len(),
+        outcome.devices,
+        started.elapsed().as_secs_f64(),
+        outcome.syncs,
+        outcome.documents
+    );
+    let json = serde_json::to_string_pretty(&outcome.report).expect("JSON serializes");
+    match report {
+        Some(path) => std::fs::write(&path, json + "\n").map_err(|e| CliError::Usage(format!("cannot write {}: {e}", path.display())))?,
+        None => println!("{json}"),
+    }
+    if outcome.problems.is_empty() {
+        eprintln!("all devices converged with the server");
+        Ok(())
+    } else {
+        for p in outcome.problems.iter().take(50) {
+            eprintln!("problem: {p}");
+        }
+        Err(CliError::Usage(format!("{} problems: the replay did not converge cleanly", outcome.problems.len())))
     }
 }
 

@@ -356,6 +356,20 @@ impl DocHub {
         Ok(())
     }
 
+    /// The heads of `doc` as stored (hex, sorted); `None` if the server holds nothing of it.
+    pub fn heads(&self, org: &str, doc: &str) -> Result<Option<Vec<String>>, StoreError> {
+        let entry = self.cached(org, doc)?;
+        let e = lock(&entry);
+        if !e.stored {
+            drop(e);
+            self.evict(org, doc);
+            return Ok(None);
+        }
+        let mut h: Vec<String> = e.doc.get_heads().iter().map(|h| h.to_string()).collect();
+        h.sort();
+        Ok(Some(h))
+    }
+
     /// The person's current record as the server holds it (for coordinators' reads).
     pub fn record(&self, org: &str, doc: &str) -> Result<Option<peersync_core::PersonRecord>, StoreError> {
         let entry = self.cached(org, doc)?;

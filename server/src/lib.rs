@@ -15,6 +15,7 @@ pub mod directory;
 pub mod docs;
 pub mod keyring;
 pub mod metrics;
+pub mod replay;
 pub mod report;
 pub mod scenario;
 pub mod session;

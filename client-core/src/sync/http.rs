@@ -11,14 +11,29 @@ const MAX_RESPONSE: usize = 64 << 10;
 
 /// POST `body` as JSON to `path`; returns the status and the JSON reply.
 pub(crate) async fn post_json(opts: &SyncOptions, path: &str, body: &serde_json::Value, timeout: Duration) -> Result<(u16, serde_json::Value), SyncError> {
+    request(opts, "POST", path, None, Some(body), timeout).await
+}
+
+/// A JSON request to the server's HTTP API (`bearer`: an admin token), over the same
+/// connection rules as sync (TLS verified, plain HTTP only on loopback). Returns the status
+/// and the JSON reply (`Null` for an empty body).
+pub async fn request(
+    opts: &SyncOptions,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<(u16, serde_json::Value), SyncError> {
     let url = format!("{}{path}", opts.server.trim_end_matches('/'));
     let e = super::transport::endpoint(&url)?;
     let (host, port) = (e.host, e.port);
     let work = async {
         let (mut s, _) = super::transport::connect(&url, opts, timeout).await?;
-        let payload = serde_json::to_vec(body).expect("JSON value serializes");
+        let payload = body.map(|b| serde_json::to_vec(b).expect("JSON value serializes")).unwrap_or_default();
+        let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             payload.len()
         );
         s.write_all(head.as_bytes()).await.map_err(|_| SyncError::Dropped)?;

@@ -2,7 +2,7 @@
 //! progress. The protocol logic (`engine`) is independent of the socket (`ws`).
 
 mod engine;
-mod http;
+pub mod http;
 mod identity;
 mod state;
 mod transport;

@@ -1,0 +1,140 @@
+//! Replays of the product lead's field scenarios (`shared/data/generate.py`, several sizes and
+//! seeds) converge, and the coordinator report equals one computed independently from the
+//! scenario file.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use peersync_server::scenario;
+use peersync_tests::*;
+use serde_json::{Value, json};
+
+fn generate(args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/generate.py");
+    let out = std::process::Command::new("python3").arg(script).args(args).output().expect("python3 runs generate.py");
+    assert!(out.status.success(), "generate.py: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The report, straight from the scenario's events (no devices, no server).
+fn expected_report(text: &str) -> Value {
+    struct V { by: String, minutes: i64, mode: String, setting: String, activities: Vec<String> }
+    struct C { by: String, at: String, id: String, wellbeing: i64, d: [i64; 5] }
+    let mut workers: BTreeSet<String> = BTreeSet::new();
+    let mut share: HashMap<String, bool> = HashMap::new();
+    let mut visits: BTreeMap<String, (String, V)> = BTreeMap::new(); // visit id -> (person, visit)
+    let mut checkins: Vec<(String, C)> = Vec::new();
+    let mut erased: BTreeSet<String> = BTreeSet::new();
+    for line in text.lines() {
+        let e: Value = serde_json::from_str(line).unwrap();
+        let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+        match e["type"].as_str().unwrap() {
+            "worker" => {
+                workers.insert(s("worker"));
+            }
+            "person" => {
+                share.insert(s("person"), e["consent"]["share_with_coordinator"].as_bool().unwrap());
+            }
+            "visit" => {
+                let v = V {
+                    by: s("by"),
+                    minutes: e["duration_min"].as_i64().unwrap(),
+                    mode: s("mode"),
+                    setting: s("setting"),
+                    activities: e["activities"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect(),
+                };
+                visits.insert(s("visit"), (s("person"), v));
+            }
+            "edit" => {
+                if let (Some(m), Some((_, v))) = (e["set"]["duration_min"].as_i64(), visits.get_mut(&s("visit"))) {
+                    v.minutes = m;
+                }
+            }
+            "checkin" => {
+                let d = ["distress", "coping", "social_support", "self_efficacy", "quality_of_life"].map(|k| e[k].as_i64().unwrap());
+                let wellbeing = e["wellbeing"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).sum();
+                checkins.push((s("person"), C { by: s("by"), at: s("at"), id: s("checkin"), wellbeing, d }));
+            }
+            "consent" => {
+                if let Some(b) = e["set"]["share_with_coordinator"].as_bool() {
+                    share.insert(s("person"), b);
+                }
+            }
+            "erase" => {
+                erased.insert(s("person"));
+            }
+            _ => {}
+        }
+    }
+    let mut per: BTreeMap<String, (i64, i64, BTreeSet<String>, i64, BTreeMap<String, i64>, BTreeMap<String, i64>, BTreeMap<String, i64>)> =
+        workers.iter().map(|w| (w.clone(), Default::default())).collect();
+    let mut people = BTreeSet::new();
+    for (person, v) in visits.values().filter(|(p, _)| !erased.contains(p)) {
+        let w = per.entry(v.by.clone()).or_default();
+        w.0 += 1;
+        w.1 += v.minutes;
+        *w.4.entry(v.mode.clone()).or_default() += 1;
+        *w.5.entry(v.setting.clone()).or_default() += 1;
+        for a in &v.activities {
+            *w.6.entry(a.clone()).or_default() += 1;
+        }
+        if share[person] {
+            w.2.insert(person.clone());
+            people.insert(person.clone());
+        }
+    }
+    let mut by_person: BTreeMap<String, Vec<&C>> = BTreeMap::new();
+    for (person, c) in checkins.iter().filter(|(p, _)| !erased.contains(p)) {
+        per.entry(c.by.clone()).or_default().3 += 1;
+        by_person.entry(person.clone()).or_default().push(c);
+    }
+    let mut changes = Vec::new();
+    for (person, mut cs) in by_person {
+        if share[&person] && cs.len() >= 2 {
+            cs.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.id.cmp(&b.id)));
+            let (f, l) = (cs[0], cs[cs.len() - 1]);
+            changes.push((l.wellbeing - f.wellbeing, [0, 1, 2, 3, 4].map(|i| l.d[i] - f.d[i])));
+        }
+    }
+    let n = changes.len();
+    let mean = |xs: Vec<i64>| if n == 0 { Value::Null } else { json!((xs.iter().sum::<i64>() as f64 / n as f64 * 100.0).round() / 100.0) };
+    let mut totals = (0, 0, 0);
+    let mut wj = serde_json::Map::new();
+    for (id, w) in per {
+        totals.0 += w.0;
+        totals.1 += w.1;
+        totals.2 += w.3;
+        wj.insert(id, json!({ "visits": w.0, "minutes": w.1, "people": w.2.len(), "checkins": w.3, "by_mode": w.4, "by_setting": w.5, "by_activity": w.6 }));
+    }
+    let names = ["distress", "coping", "social_support", "self_efficacy", "quality_of_life"];
+    let domains: serde_json::Map<String, Value> = names.iter().enumerate().map(|(i, k)| (k.to_string(), mean(changes.iter().map(|c| c.1[i]).collect()))).collect();
+    json!({
+        "workers": wj,
+        "totals": { "visits": totals.0, "minutes": totals.1, "people": people.len(), "checkins": totals.2 },
+        "outcomes": { "people": n, "wellbeing_mean_change": mean(changes.iter().map(|c| c.0).collect()),
+                      "improved": changes.iter().filter(|c| c.0 >= 3).count(), "no_change": changes.iter().filter(|c| c.0.abs() < 3).count(),
+                      "worse": changes.iter().filter(|c| c.0 <= -3).count(), "domains": domains }
+    })
+}
+
+async fn replay_and_check(args: &[&str]) {
+    let text = generate(args);
+    let events = scenario::parse(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let outcome = peersync_server::replay::replay(&events, &server.options(), ADMIN_TOKEN, "field", &dir.path().join("phones"), &|_, _| {}).await.unwrap();
+    assert!(outcome.problems.is_empty(), "{args:?}: {:#?}", &outcome.problems[..outcome.problems.len().min(20)]);
+    assert_eq!(outcome.report, expected_report(&text), "{args:?}");
+    assert!(outcome.report["totals"]["visits"].as_u64().unwrap() > 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_small_scenario_replays_and_its_report_is_right() {
+    replay_and_check(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_sizes_and_seeds_replay_and_their_reports_are_right() {
+    replay_and_check(&["--workers", "5", "--people", "80", "--weeks", "8", "--seed", "7"]).await;
+    replay_and_check(&["--workers", "3", "--people", "150", "--weeks", "4", "--seed", "42"]).await;
+}
