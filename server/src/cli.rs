@@ -42,6 +42,26 @@ pub enum Command {
         #[arg(long)]
         allow_plain_http: bool,
     },
+    /// Write a synthetic field scenario (JSON Lines) to stdout.
+    Simulate {
+        #[arg(long, default_value_t = 12)]
+        workers: usize,
+        #[arg(long, default_value_t = 200)]
+        people: usize,
+        #[arg(long, default_value_t = 12)]
+        weeks: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// The demo: a server on embedded sled with a demo organisation whose small team recorded
+    /// offline and synced; prints the dashboard URL and login, serves until Ctrl-C. A second
+    /// start reuses the data.
+    Demo {
+        #[arg(long, default_value = "./peersync-data", env = "PEERSYNC_DATA")]
+        data: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080", env = "PEERSYNC_LISTEN")]
+        listen: SocketAddr,
+    },
     /// Replay a field scenario (JSON Lines) through real devices and a server; check that all
     /// converged and print the coordinator report. Exit status 1 if anything did not.
     Replay {
@@ -163,12 +183,70 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Replay { file, server, admin_token, report, org } => replay(file, server, admin_token, report, org).await,
+        Command::Simulate { workers, people, weeks, seed } => {
+            if workers == 0 || people == 0 || weeks == 0 {
+                return Err(CliError::Usage("--workers, --people and --weeks must be at least 1".into()));
+            }
+            let events = crate::simulate::simulate(&crate::simulate::Params { workers, people, weeks, seed });
+            use std::io::Write;
+            std::io::stdout().write_all(crate::simulate::to_jsonl(&events).as_bytes()).map_err(CliError::Serve)?;
+            Ok(())
+        }
+        Command::Demo { data, listen } => demo(data, listen).await,
         Command::Admin { data, action } => {
             let (_tx, rx) = tokio::sync::watch::channel(false);
             let state = AppState::open(&data, rx, Options::default())?;
             tokio::task::spawn_blocking(move || admin(&state, action)).await.map_err(|e| CliError::Usage(e.to_string()))?
         }
     }
+}
+
+const DEMO_ORG: &str = "demo";
+
+async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
+    let token = uuid::Uuid::new_v4().to_string();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let opts = Options { admin_token: Some(token.clone()), ..Options::default() };
+    let state = Arc::new(AppState::open(&data, rx, opts)?);
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CliError::Listen { addr: listen, source })?;
+    let addr = listener.local_addr().map_err(CliError::Serve)?;
+    let fresh = state.dir.org(DEMO_ORG)?.is_none();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, None, state.clone(), tx, async move {
+        tokio::select! { _ = shutdown_signal() => {}, _ = stop_rx => {} }
+    }));
+    let login_file = data.join("demo-login.txt");
+    if fresh {
+        println!("setting up the demo organisation: a small team records offline for 8 weeks and syncs...");
+        let events = crate::simulate::simulate(&crate::simulate::Params { workers: 6, people: 60, weeks: 8, seed: 1 });
+        let opts = peersync_core::sync::SyncOptions::new(format!("ws://{addr}"));
+        let progress = |done: usize, total: usize| eprint!("\r  replaying {done} of {total} events");
+        let outcome = crate::replay::replay(&events, &opts, &token, DEMO_ORG, &data.join("demo-phones"), &progress)
+            .await
+            .map_err(|e| CliError::Usage(format!("demo setup failed: {e}")))?;
+        eprintln!();
+        for p in &outcome.problems {
+            eprintln!("  problem: {p}");
+        }
+        let password = format!("demo-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let st = state.clone();
+        let pw = password.clone();
+        tokio::task::spawn_blocking(move || st.dir.create_coordinator(DEMO_ORG, "coordinator", &pw))
+            .await
+            .map_err(|e| CliError::Usage(e.to_string()))??;
+        std::fs::write(&login_file, format!("organisation: {DEMO_ORG}\nusername: coordinator\npassword: {password}\n")).map_err(CliError::Serve)?;
+        println!(
+            "  {} phones, {} people, {} syncs; everything converged: {}",
+            outcome.devices,
+            outcome.documents,
+            outcome.syncs,
+            if outcome.problems.is_empty() { "yes" } else { "NO" }
+        );
+    }
+    let login = std::fs::read_to_string(&login_file).unwrap_or_else(|_| "(login file missing)\n".into());
+    println!("\npeersync demo is running. Dashboard: http://{addr}/\n{login}Data: {} (a second start reuses it). Ctrl-C to stop.", data.display());
+    let _ = &stop_tx;
+    server.await.map_err(|e| CliError::Usage(e.to_string()))?.map_err(CliError::Serve)
 }
 
 async fn replay(file: PathBuf, server: Option<String>, admin_token: Option<String>, report: Option<PathBuf>, org: Option<String>) -> Result<(), CliError> {

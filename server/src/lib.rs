@@ -19,6 +19,7 @@ pub mod replay;
 pub mod report;
 pub mod scenario;
 pub mod session;
+pub mod simulate;
 pub mod store;
 pub mod throttle;
 pub mod tls;

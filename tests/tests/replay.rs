@@ -138,3 +138,22 @@ async fn other_sizes_and_seeds_replay_and_their_reports_are_right() {
     replay_and_check(&["--workers", "5", "--people", "80", "--weeks", "8", "--seed", "7"]).await;
     replay_and_check(&["--workers", "3", "--people", "150", "--weeks", "4", "--seed", "42"]).await;
 }
+
+/// `peersync simulate` writes scenarios in the same format and by the same rules: they replay
+/// cleanly too, and the report matches the independent computation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_scenarios_replay_and_their_reports_are_right() {
+    for (workers, people, weeks, seed) in [(8, 120, 10, 3), (2, 40, 6, 9)] {
+        let events = peersync_server::simulate::simulate(&peersync_server::simulate::Params { workers, people, weeks, seed });
+        let text = peersync_server::simulate::to_jsonl(&events);
+        // The format is generate.py's: every line parses with the same reader.
+        assert_eq!(scenario::parse(&text).unwrap(), events);
+        let dir = tempfile::tempdir().unwrap();
+        let server = TestServer::start(&dir.path().join("server")).await;
+        let outcome = peersync_server::replay::replay(&events, &server.options(), ADMIN_TOKEN, "sim", &dir.path().join("phones"), &|_, _| {}).await.unwrap();
+        assert!(outcome.problems.is_empty(), "{:#?}", &outcome.problems[..outcome.problems.len().min(20)]);
+        assert_eq!(outcome.report, expected_report(&text));
+        assert!(outcome.report["totals"]["visits"].as_u64().unwrap() > 0);
+        server.stop().await;
+    }
+}

@@ -1,0 +1,63 @@
+//! `peersync demo` — the README's run command — sets up a team that recorded offline and
+//! synced, serves the dashboard with a working login, and reuses its data on a second start.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use peersync_tests::*;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_server_process");
+
+/// Start the demo; returns the process, its address and the printed login.
+fn start(data: &std::path::Path) -> (std::process::Child, std::net::SocketAddr, String) {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env("PEERSYNC_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let (mut addr, mut password) = (None, None);
+    while addr.is_none() || password.is_none() {
+        assert!(Instant::now() < deadline, "the demo did not come up");
+        let line = lines.next().expect("demo output").unwrap();
+        if let Some(url) = line.split("Dashboard: http://").nth(1) {
+            addr = Some(url.trim_end_matches('/').parse().unwrap());
+        }
+        if let Some(p) = line.strip_prefix("password: ") {
+            password = Some(p.trim().to_string());
+        }
+    }
+    (child, addr.unwrap(), password.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_serves_a_team_and_reuses_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("peersync-data");
+    let (mut child, addr, password) = start(&data);
+    let (status, head, _) = http_full(addr, "POST", "/v1/login", &[], Some(json!({ "org": "demo", "username": "coordinator", "password": password }))).await;
+    assert_eq!(status, 200);
+    let cookie = head.lines().find_map(|l| l.to_ascii_lowercase().starts_with("set-cookie:").then(|| l[11..].trim().split(';').next().unwrap().to_string())).unwrap();
+    let (status, report) = http(addr, "GET", "/v1/report", &[("Cookie", cookie.clone())], None).await;
+    assert_eq!(status, 200);
+    assert!(report["totals"]["visits"].as_u64().unwrap() > 50, "{report}");
+    assert_eq!(report["workers"].as_object().unwrap().len(), 6);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Second start: same data, same login, no second setup.
+    let started = Instant::now();
+    let (mut child, addr, again) = start(&data);
+    assert_eq!(again, password);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let (status, _, _) = http_full(addr, "POST", "/v1/login", &[], Some(json!({ "org": "demo", "username": "coordinator", "password": again }))).await;
+    assert_eq!(status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}
