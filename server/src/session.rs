@@ -71,6 +71,7 @@ struct Session<C: Conn> {
     started: Instant,
     docs_in: u64,
     docs_out: u64,
+    docs_stored: u64,
     /// People written and read during the current exchange, for the audit log.
     written: Vec<String>,
     read: Vec<String>,
@@ -103,6 +104,7 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
         started: Instant::now(),
         docs_in: 0,
         docs_out: 0,
+        docs_stored: 0,
         written: Vec::new(),
         read: Vec::new(),
     };
@@ -140,6 +142,7 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
             if !matches!(code, ErrorCode::ShuttingDown | ErrorCode::Timeout) {
                 state.metrics.errors.fetch_add(1, Relaxed);
                 tracing::info!(device = %s.who.device, %code, %message, "sync session ended with an error");
+                s.record_error(format!("{code}: {message}")).await;
             }
             let frame = protocol::encode(&ServerMsg::Error { code: *code, message: message.clone() });
             if let Ok(frame) = frame {
@@ -220,7 +223,9 @@ impl<C: Conn> Session<C> {
             })
             .await?;
             self.pushed = pushed;
-            self.written.extend(acks.iter().filter(|a| a.status == protocol::AckStatus::Stored).map(|a| a.doc.clone()));
+            let stored: Vec<String> = acks.iter().filter(|a| a.status == protocol::AckStatus::Stored).map(|a| a.doc.clone()).collect();
+            self.docs_stored += stored.len() as u64;
+            self.written.extend(stored);
             let refused: Vec<String> = acks.iter().filter(|a| matches!(a.status, protocol::AckStatus::Refused { .. })).map(|a| a.doc.clone()).collect();
             if !refused.is_empty() {
                 self.state.audit_device(&self.who, "write", refused, false, "push refused (not assigned, erased or invalid)");
@@ -282,6 +287,19 @@ impl<C: Conn> Session<C> {
         self.send(&ServerMsg::Docs { docs: b.docs, purge: b.purge, cursor: b.cursor, remaining: b.remaining, done }).await
     }
 
+    /// Remember the error that ended this device's sync, for the dashboard's sync health.
+    async fn record_error(&mut self, error: String) {
+        let (state, who) = (self.state.clone(), self.who.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            let store = state.hub.store();
+            let mut info = store.devices(&who.org)?.into_iter().find(|(d, _)| *d == who.device).map(|(_, i)| i).unwrap_or_default();
+            info.last_error = Some(error);
+            info.last_error_at = Some(chrono::Utc::now());
+            store.put_device(&who.org, &who.device, &info)
+        })
+        .await;
+    }
+
     async fn record_device(&mut self, error: Option<String>) {
         self.state.metrics.observe_sync(self.started.elapsed());
         let written = std::mem::take(&mut self.written);
@@ -294,19 +312,32 @@ impl<C: Conn> Session<C> {
             let n = read.len();
             self.state.audit_device(&self.who, "read", read, true, format!("{n} person documents sent"));
         }
-        let info = DeviceSync {
-            cursor: self.cursor.seq,
-            last_sync_at: Some(chrono::Utc::now()),
-            docs_received: self.docs_in,
-            docs_sent: self.docs_out,
-            last_error: error,
-        };
+        let pending = self.docs_in.saturating_sub(self.docs_stored);
         let (state, who) = (self.state.clone(), self.who.clone());
-        let r = tokio::task::spawn_blocking(move || state.hub.store().put_device(&who.org, &who.device, &info)).await;
+        let (cursor, docs_in, docs_out) = (self.cursor.seq, self.docs_in, self.docs_out);
+        let r = tokio::task::spawn_blocking(move || {
+            let store = state.hub.store();
+            // Keep the last error visible until a later one replaces it.
+            let previous = store.devices(&who.org)?.into_iter().find(|(d, _)| *d == who.device).map(|(_, i)| i).unwrap_or_default();
+            let info = DeviceSync {
+                cursor,
+                last_sync_at: Some(chrono::Utc::now()),
+                docs_received: docs_in,
+                docs_sent: docs_out,
+                pending,
+                last_error: error.or(previous.last_error),
+                last_error_at: previous.last_error_at,
+            };
+            store.put_device(&who.org, &who.device, &info)
+        })
+        .await;
         if let Ok(Err(e)) = r {
             tracing::warn!(error = %e, "could not record device sync");
         }
         self.started = Instant::now();
+        self.docs_in = 0;
+        self.docs_out = 0;
+        self.docs_stored = 0;
     }
 }
 

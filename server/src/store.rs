@@ -79,10 +79,18 @@ pub struct Append {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceSync {
     pub cursor: u64,
+    /// When the device last completed a sync.
     pub last_sync_at: Option<chrono::DateTime<chrono::Utc>>,
     pub docs_received: u64,
     pub docs_sent: u64,
+    /// Documents the device offered in its last sync that the server did not store (refused,
+    /// or left for reconciliation): still pending on the phone.
+    #[serde(default)]
+    pub pending: u64,
+    /// The last error that ended a sync of this device, and when.
     pub last_error: Option<String>,
+    #[serde(default)]
+    pub last_error_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 pub trait ServerStore: Send + Sync + 'static {

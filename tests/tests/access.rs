@@ -62,6 +62,11 @@ async fn organisations_and_assignments_bound_what_a_device_sees() {
     assert_eq!(rd.refused[0].code, peersync_core::protocol::ErrorCode::Forbidden);
     assert_eq!(rd.docs_sent, 1);
     assert_eq!(d.person("p-1").await.unwrap().person.alias, "INTRUDER", "local data kept");
+    // Sync health shows the refused document as still pending on that phone.
+    let (_, devices) = server.admin("GET", &format!("/v1/devices?org={ORG}"), None).await;
+    let d_id = d.device_id().await.unwrap();
+    let entry = devices.as_array().unwrap().iter().find(|x| x["id"] == d_id.as_str()).unwrap().clone();
+    assert_eq!(entry["sync"]["pending"], 1, "{entry}");
     sync(&a, &server).await;
     assert_eq!(a.person("p-1").await.unwrap().person.alias, "AB-1", "nothing of the intruder reached p-1");
     assert!(a.person("p-9").await.is_err());

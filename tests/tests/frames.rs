@@ -68,6 +68,12 @@ async fn bad_frames_get_an_error_and_a_clean_close() {
     let replay = tokio_tungstenite::connect_async(req).await;
     assert!(matches!(replay, Err(tokio_tungstenite::tungstenite::Error::Http(ref r)) if r.status() == 401), "{replay:?}");
 
+    // Sync health records the last error of the misbehaving device.
+    let (_, devices) = server.admin("GET", &format!("/v1/devices?org={ORG}"), None).await;
+    let raw_id = raw_phone.device_id().await.unwrap();
+    let entry = devices.as_array().unwrap().iter().find(|x| x["id"] == raw_id.as_str()).unwrap().clone();
+    assert!(entry["sync"]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{entry}");
+
     // Everyone else is still served.
     let (a, _) = server.phone(dir.path(), "w-001").await;
     a.register_person(person("p-1", "KM-1")).await.unwrap();
