@@ -26,22 +26,8 @@ pub struct VisitRow {
     pub referrals: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CheckinRow {
-    pub id: String,
-    pub by: String,
-    pub taken_at: DateTime<Utc>,
-    pub wellbeing: Vec<u8>,
-    pub distress: u8,
-    pub coping: u8,
-    pub social_support: u8,
-    pub self_efficacy: u8,
-    pub quality_of_life: u8,
-    pub housing: String,
-    pub employment: String,
-    pub hospital_nights_28d: u32,
-    pub substance_use_days_28d: Option<u32>,
-}
+/// Check-ins hold no free text: the view keeps them as recorded.
+pub type CheckinRow = peersync_core::Checkin;
 
 /// A person's row in the view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,25 +57,7 @@ pub fn row_bytes(doc: &str, am: &Automerge) -> Option<Vec<u8>> {
                 referrals: v.referrals,
             })
             .collect(),
-        checkins: r
-            .checkins
-            .into_iter()
-            .map(|c| CheckinRow {
-                id: c.id,
-                by: c.by,
-                taken_at: c.taken_at,
-                wellbeing: c.wellbeing,
-                distress: c.distress,
-                coping: c.coping,
-                social_support: c.social_support,
-                self_efficacy: c.self_efficacy,
-                quality_of_life: c.quality_of_life,
-                housing: c.housing,
-                employment: c.employment,
-                hospital_nights_28d: c.hospital_nights_28d,
-                substance_use_days_28d: c.substance_use_days_28d,
-            })
-            .collect(),
+        checkins: r.checkins,
     };
     postcard::to_allocvec(&row).ok()
 }
