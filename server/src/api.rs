@@ -239,8 +239,10 @@ async fn enroll(State(state): State<Arc<AppState>>, req: axum::extract::Request)
         Some(b) => b,
         None => return ApiError::new(StatusCode::BAD_REQUEST, "expected JSON {code, device, public_key, name}").into_response(),
     };
-    // Guessing is throttled per client address and across all clients.
-    for key in [format!("ip:{ip}"), "all".to_string()] {
+    // Guessing is throttled per client address (codes carry 60 bits: a global lockout would
+    // only let anyone block every enrollment).
+    {
+        let key = format!("ip:{ip}");
         if let Err(wait) = state.code_throttle.check(&key) {
             return ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("too many wrong codes; try again in {} s", wait.as_secs() + 1)).into_response();
         }
@@ -258,7 +260,6 @@ async fn enroll(State(state): State<Arc<AppState>>, req: axum::extract::Request)
         Ok(Err(e)) => {
             if matches!(e, DirectoryError::BadCode) {
                 state.code_throttle.fail(&format!("ip:{ip}"));
-                state.code_throttle.fail("all");
             }
             ApiError::from(e).into_response()
         }
@@ -281,7 +282,8 @@ async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) 
         Some(b) => b,
         None => return ApiError::new(StatusCode::BAD_REQUEST, "expected JSON {org, username, password}").into_response(),
     };
-    let account = format!("acct:{}/{}", body.org, body.username);
+    // Per account and address, and per address: a stranger elsewhere cannot lock a coordinator out.
+    let account = format!("acct:{}/{}@{ip}", body.org, body.username);
     let from = format!("ip:{ip}");
     for key in [&account, &from] {
         if let Err(wait) = state.login_throttle.check(key) {

@@ -61,11 +61,9 @@ pub trait Access: Send + Sync + 'static {
     fn check_write(&self, who: &DeviceIdentity, doc: &str, exists: bool) -> Result<Option<AckStatus>, StoreError>;
     /// A device created `doc`: its worker and the teammates the profile names get it.
     fn created(&self, who: &DeviceIdentity, doc: &str, teammates: &[String], seq: u64) -> Result<(), StoreError>;
-    /// `doc` changed: keep what the server knows of its consent current.
+    /// `doc` changed: keep what the server knows of its consent current. Like `created`, this
+    /// may be deferred: the caller's next durable write makes it durable.
     fn changed(&self, org: &str, doc: &str, consent: Option<&peersync_core::Consent>) -> Result<(), StoreError>;
-    /// Make what `created` and `changed` recorded durable (called once per batch, before the
-    /// batch is acknowledged).
-    fn flush(&self) -> Result<(), StoreError>;
 }
 
 /// Signed connections: `Authorization: PeerSync <device>.<unix time>.<nonce>.<signature>`, the
@@ -139,12 +137,17 @@ impl<S: LocalStore> Access for Assignments<S> {
 
     fn must_purge(&self, who: &DeviceIdentity, doc: &str, since: u64) -> Result<bool, StoreError> {
         if let Some(t) = self.dir.tombstone(&who.org, doc)? {
-            return Ok(t.workers.contains(&who.worker));
+            if t.workers.contains(&who.worker) {
+                return Ok(true);
+            }
         }
         Ok(self.dir.unassigned_at(&who.org, &who.worker, doc)?.is_some_and(|at| at > since))
     }
 
     fn check_write(&self, who: &DeviceIdentity, doc: &str, exists: bool) -> Result<Option<AckStatus>, StoreError> {
+        if who.revoked {
+            return Ok(Some(AckStatus::Refused { code: ErrorCode::Forbidden, message: "this device was revoked".into() }));
+        }
         if self.dir.tombstone(&who.org, doc)?.is_some() {
             return Ok(Some(AckStatus::Refused {
                 code: ErrorCode::Erased,
@@ -172,10 +175,6 @@ impl<S: LocalStore> Access for Assignments<S> {
             Err(crate::directory::DirectoryError::Store(e)) => Err(e),
             Err(e) => Err(StoreError::Io(e.to_string())),
         }
-    }
-
-    fn flush(&self) -> Result<(), StoreError> {
-        self.dir.flush()
     }
 
     fn changed(&self, org: &str, doc: &str, consent: Option<&peersync_core::Consent>) -> Result<(), StoreError> {

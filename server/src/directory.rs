@@ -348,11 +348,6 @@ impl<S: LocalStore> Directory<S> {
         Ok(self.kv.keys_with_prefix(&prefix)?.into_iter().map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned()).collect())
     }
 
-    /// Make deferred writes (assignments and consent recorded during a push) durable.
-    pub fn flush(&self) -> Result<(), StoreError> {
-        self.kv.flush()
-    }
-
     /// Assign `doc` to `workers` (unknown workers are skipped and returned). Durable only at
     /// the next [`Self::flush`] or durable write: callers batch many.
     pub fn assign(&self, org: &str, doc: &str, workers: &[String], granted_seq: u64, by: &str) -> Result<Vec<String>, DirectoryError> {
@@ -390,6 +385,10 @@ impl<S: LocalStore> Directory<S> {
 
     /// Record the erasure and forget everything the directory knew of the person but its id.
     pub fn bury(&self, org: &str, doc: &str, by: &str) -> Result<(), StoreError> {
+        // A second erasure (a retry, a double click) must not overwrite who had the person.
+        if self.tombstone(org, doc)?.is_some() {
+            return Ok(());
+        }
         let workers = self.assigned_workers(org, doc)?;
         let mut writes = vec![
             Write::Put(key(b'z', &[org, doc]), enc(&Tombstone { erased_at: Utc::now(), by: by.into(), workers })),

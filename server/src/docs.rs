@@ -61,15 +61,17 @@ fn refused(code: ErrorCode, message: impl Into<String>) -> AckStatus {
 /// What the server learnt from a document it is about to store.
 struct Applied {
     doc: String,
+    /// The cached copy that holds the change, carried to the commit (not looked up again).
+    entry: Arc<Mutex<CachedDoc>>,
     /// The store held nothing of it before: its creator's worker and teammates get it.
     created: bool,
     teammates: Vec<String>,
     consent: Option<peersync_core::Consent>,
 }
 
-fn applied(doc: &str, e: &CachedDoc) -> Applied {
+fn applied(doc: &str, entry: &Arc<Mutex<CachedDoc>>, e: &CachedDoc) -> Applied {
     let (teammates, consent) = peersync_core::document::profile_and_consent(&e.doc);
-    Applied { doc: doc.to_string(), created: !e.stored, teammates, consent }
+    Applied { doc: doc.to_string(), entry: entry.clone(), created: !e.stored, teammates, consent }
 }
 
 /// One batch of a download.
@@ -118,7 +120,12 @@ impl DocHub {
             None => CachedDoc { doc: Automerge::new(), increments: 0, stored: false },
         };
         let entry = Arc::new(Mutex::new(entry));
-        lock(&self.cache).put(key, entry.clone());
+        // Another thread may have loaded (and since changed) it meanwhile: theirs wins.
+        let mut cache = lock(&self.cache);
+        if let Some(existing) = cache.get(&key) {
+            return Ok(existing.clone());
+        }
+        cache.put(key, entry.clone());
         Ok(entry)
     }
 
@@ -193,7 +200,7 @@ impl DocHub {
             } else {
                 DocWrite::Snapshot(e.doc.save())
             };
-            appends.push((Append { doc: p.doc.clone(), write, view: crate::report::row_bytes(&p.doc, &e.doc) }, applied(&p.doc, &e)));
+            appends.push((Append { doc: p.doc.clone(), write, view: crate::report::row_bytes(&p.doc, &e.doc) }, applied(&p.doc, &entry, &e)));
             touched.push(p.doc.clone());
         }
         if !complete {
@@ -215,8 +222,17 @@ impl DocHub {
             return Ok(());
         }
         let (appends, learnt): (Vec<Append>, Vec<Applied>) = appends.into_iter().unzip();
-        let kinds: Vec<(String, bool)> =
-            appends.iter().map(|a| (a.doc.clone(), matches!(a.write, DocWrite::Snapshot(_)))).collect();
+        let kinds: Vec<bool> = appends.iter().map(|a| matches!(a.write, DocWrite::Snapshot(_))).collect();
+        // Assignments of new people and consent go in first, as deferred writes at the
+        // positions the appends will take (writers are serialised, so the head cannot move):
+        // the append's durable write makes them durable together with the documents.
+        let head = self.store.head(org)?.seq;
+        for (i, a) in learnt.iter().enumerate() {
+            if a.created {
+                access.created(who, &a.doc, &a.teammates, head + 1 + i as u64)?;
+            }
+            access.changed(org, &a.doc, a.consent.as_ref())?;
+        }
         let cursors = match self.store.append(org, appends) {
             Ok(c) => c,
             Err(e) => {
@@ -227,26 +243,14 @@ impl DocHub {
             }
         };
         let mut to_compact = Vec::new();
-        for ((doc, snapshot), cursor) in kinds.iter().zip(&cursors) {
-            let key = (org.to_string(), doc.clone());
-            let hit = lock(&self.cache).get(&key).cloned();
-            let Some(entry) = hit else { continue };
-            let mut e = lock(&entry);
+        for ((a, snapshot), cursor) in learnt.iter().zip(&kinds).zip(&cursors) {
+            let mut e = lock(&a.entry);
             e.stored = true;
             e.increments = if *snapshot { 0 } else { e.increments + 1 };
             if e.increments > COMPACT_AFTER {
-                to_compact.push((doc.clone(), e.doc.save(), cursor.seq));
+                to_compact.push((a.doc.clone(), e.doc.save(), cursor.seq));
                 e.increments = 0;
             }
-        }
-        for (a, cursor) in learnt.iter().zip(&cursors) {
-            if a.created {
-                access.created(who, &a.doc, &a.teammates, cursor.seq)?;
-            }
-            access.changed(org, &a.doc, a.consent.as_ref())?;
-        }
-        if !learnt.is_empty() {
-            access.flush()?;
         }
         for (doc, snapshot, upto) in to_compact {
             if let Err(err) = self.store.compact(org, &doc, snapshot, upto) {
@@ -429,7 +433,7 @@ impl DocHub {
                 let after = e.doc.get_heads();
                 if after != before {
                     let write = if e.stored { DocWrite::Increment(e.doc.save_after(&before)) } else { DocWrite::Snapshot(e.doc.save()) };
-                    appends.push((Append { doc: m.doc.clone(), write, view: crate::report::row_bytes(&m.doc, &e.doc) }, applied(&m.doc, &e)));
+                    appends.push((Append { doc: m.doc.clone(), write, view: crate::report::row_bytes(&m.doc, &e.doc) }, applied(&m.doc, &entry, &e)));
                     touched.push(m.doc.clone());
                 }
             }

@@ -101,6 +101,7 @@ impl Keyring {
     /// Make sure each of `docs` has a key; new keys are durable before this returns.
     pub fn ensure(&self, org: &str, docs: &[&str]) -> Result<(), StoreError> {
         let mut keys = self.lock();
+        let before = keys.clone();
         let mut added = false;
         for doc in docs {
             let k = (org.to_string(), doc.to_string());
@@ -113,11 +114,8 @@ impl Keyring {
         }
         if added {
             if let Err(e) = self.persist(&keys) {
-                // Keep memory in line with the file: forget keys that were not written.
-                *keys = match &self.path {
-                    Some(p) => Keyring::open(p)?.lock().clone(),
-                    None => keys.clone(),
-                };
+                // Keep memory in line with the file: forget the keys that were not written.
+                *keys = before;
                 return Err(e);
             }
         }
@@ -127,8 +125,14 @@ impl Keyring {
     /// Destroy the key of `doc`: its sealed data becomes unreadable for good.
     pub fn destroy(&self, org: &str, doc: &str) -> Result<(), StoreError> {
         let mut keys = self.lock();
-        if keys.remove(&(org.to_string(), doc.to_string())).is_some() {
-            self.persist(&keys)?;
+        let k = (org.to_string(), doc.to_string());
+        if keys.contains_key(&k) {
+            // Persist the map without the key first: memory and file never disagree, and a
+            // failed write leaves the key in place for the retry.
+            let mut without = keys.clone();
+            without.remove(&k);
+            self.persist(&without)?;
+            *keys = without;
         }
         Ok(())
     }

@@ -37,6 +37,8 @@ pub trait Conn: Send {
 
 #[derive(Debug, thiserror::Error)]
 enum SessionEnd {
+    #[error("the device was revoked")]
+    Revoked,
     #[error("{code}: {message}")]
     Protocol { code: ErrorCode, message: String },
     #[error("connection closed")]
@@ -109,6 +111,8 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
         read: Vec::new(),
     };
     let end = loop {
+        // A device revoked while connected (a phone reported lost mid-session) is cut off at
+        // its next frame or forwarded change.
         let idle = if s.live && s.exchanged { Duration::MAX } else { IDLE_TIMEOUT };
         tokio::select! {
             incoming = tokio::time::timeout(idle, s.conn.recv()) => {
@@ -116,7 +120,10 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
                     Err(_) => Err(SessionEnd::protocol(ErrorCode::Timeout, "no frame for too long")),
                     Ok(Incoming::Closed) => Err(SessionEnd::Gone),
                     Ok(Incoming::Text) => Err(SessionEnd::protocol(ErrorCode::BadFrame, "text frames are not part of the protocol; send binary frames")),
-                    Ok(Incoming::Frame(bytes)) => s.on_frame(bytes).await,
+                    Ok(Incoming::Frame(bytes)) => match s.still_enrolled() {
+                        Ok(()) => s.on_frame(bytes).await,
+                        Err(e) => Err(e),
+                    },
                 };
                 if let Err(e) = step { break e; }
             }
@@ -128,6 +135,7 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => false,
                 };
                 if relevant {
+                    if let Err(e) = s.still_enrolled() { break e; }
                     if let Err(e) = s.send_download(s.cursor, HashSet::new(), false).await { break e; }
                 }
             }
@@ -138,6 +146,12 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
     };
     match &end {
         SessionEnd::Gone => {}
+        SessionEnd::Revoked => {
+            state.audit_device(&s.who, "wipe", vec![], true, "device revoked while connected; told to wipe");
+            if let Ok(frame) = protocol::encode(&ServerMsg::Wipe { message: "this device was revoked by a coordinator".into() }) {
+                s.send_raw(frame).await;
+            }
+        }
         SessionEnd::Protocol { code, message } => {
             if !matches!(code, ErrorCode::ShuttingDown | ErrorCode::Timeout) {
                 state.metrics.errors.fetch_add(1, Relaxed);
@@ -155,6 +169,14 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
 }
 
 impl<C: Conn> Session<C> {
+    fn still_enrolled(&self) -> Result<(), SessionEnd> {
+        match self.state.dir.device(&self.who.device) {
+            Ok(Some(d)) if d.revoked_at.is_none() => Ok(()),
+            Ok(_) => Err(SessionEnd::Revoked),
+            Err(e) => Err(SessionEnd::from(e)),
+        }
+    }
+
     async fn send_raw(&mut self, frame: Vec<u8>) -> bool {
         self.state.metrics.frames_out.fetch_add(1, Relaxed);
         self.state.metrics.bytes_out.fetch_add(frame.len() as u64, Relaxed);

@@ -116,6 +116,40 @@ async fn revoked_device_is_refused_and_wipes() {
     server.stop().await;
 }
 
+/// A phone revoked while it stays connected is cut off at the next change it would receive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_revoked_while_connected_is_cut_off_and_wipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (c, _) = server.phone(dir.path(), "w-003").await;
+    a.register_person(person("p-1", "AB")).await.unwrap();
+    sync(&a, &server).await;
+    let live = c.sync_live(&server.options()).await.unwrap();
+    for _ in 0..100 {
+        if c.people().await.unwrap().len() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.people().await.unwrap().len(), 1);
+    let device = c.device_id().await.unwrap();
+    assert_eq!(server.admin("POST", &format!("/v1/devices/{device}/revoke?org={ORG}"), None).await.0, 200);
+    a.record_visit("p-1", visit("v-secret", "must not reach the lost phone")).await.unwrap();
+    sync(&a, &server).await;
+    for _ in 0..200 {
+        if c.is_wiped() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(c.is_wiped(), "the connected phone was told to wipe");
+    assert!(live.is_finished() || tokio::time::timeout(std::time::Duration::from_secs(5), async { while !live.is_finished() { tokio::time::sleep(std::time::Duration::from_millis(20)).await } }).await.is_ok());
+    let end = live.stop().await;
+    assert!(matches!(end, Err(SyncError::Wiped { .. })), "{end:?}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_replayed_and_unsigned_connections_are_refused() {
     let dir = tempfile::tempdir().unwrap();
