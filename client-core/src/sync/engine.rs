@@ -11,7 +11,7 @@ use super::state::PreparedPush;
 use super::{Refusal, SyncError, SyncOptions, SyncProgress, SyncReport};
 use crate::device::Inner;
 use crate::error::CoreError;
-use crate::protocol::{self, AckStatus, ClientMsg, DocPush, DocSync, ErrorCode, ServerMsg, TARGET_BATCH_BYTES};
+use crate::protocol::{self, AckStatus, ClientMsg, DocAck, DocPush, ErrorCode, ServerMsg, TARGET_BATCH_BYTES};
 
 /// Push frames sent ahead of their acknowledgements. Bounds what the server buffers and what a
 /// dropped link wastes, while keeping the link busy.
@@ -152,28 +152,9 @@ impl<C: FrameConn> Engine<'_, C> {
             match self.recv().await? {
                 ServerMsg::Acks { acks } => {
                     let sent = in_flight.pop_front().ok_or_else(|| unexpected("acknowledgement without a push"))?;
-                    let by_doc: HashMap<_, _> = sent.into_iter().map(|(d, h, p)| (d.clone(), (d, h, p))).collect();
-                    let mut stored = Vec::new();
-                    for ack in acks {
-                        let Some(entry) = by_doc.get(&ack.doc) else { continue };
-                        match ack.status {
-                            AckStatus::Stored => stored.push(entry.clone()),
-                            AckStatus::NeedSync => need_sync.push(ack.doc),
-                            AckStatus::Refused { code: ErrorCode::Erased, .. } => {
-                                // The person was erased while this phone was offline: what it
-                                // recorded since must not survive here either.
-                                let doc = ack.doc.clone();
-                                blocking(self.inner, move |i| i.receive_docs(vec![], vec![doc], None)).await?;
-                                self.report.purged += 1;
-                            }
-                            AckStatus::Refused { code, message } => {
-                                self.report.refused.push(Refusal { person: ack.doc, code, message });
-                            }
-                        }
-                    }
-                    acked_docs += stored.len() as u64;
-                    self.report.docs_sent += stored.len() as u64;
-                    blocking(self.inner, move |i| i.acknowledge(&stored)).await?;
+                    let (stored, more) = self.on_acks(sent, acks).await?;
+                    need_sync.extend(more);
+                    acked_docs += stored;
                     self.progress(SyncProgress::Sending { done: acked_docs, total });
                 }
                 ServerMsg::Docs { docs, purge, cursor, remaining, done } => {
@@ -226,6 +207,39 @@ impl<C: FrameConn> Engine<'_, C> {
         Ok(())
     }
 
+    /// Record what the server did with one batch of pushes: acknowledged heads are stored,
+    /// erased people purged, refusals reported. Returns how many were stored and the documents
+    /// to reconcile.
+    async fn on_acks(&mut self, sent: Vec<(String, Vec<[u8; 32]>, u64)>, acks: Vec<DocAck>) -> Result<(u64, Vec<String>), SyncError> {
+        let by_doc: HashMap<_, _> = sent.into_iter().map(|(d, h, p)| (d.clone(), (d, h, p))).collect();
+        let mut stored = Vec::new();
+        let mut need_sync = Vec::new();
+        let mut erased = Vec::new();
+        for ack in acks {
+            let Some(entry) = by_doc.get(&ack.doc) else { continue };
+            match ack.status {
+                AckStatus::Stored => stored.push(entry.clone()),
+                AckStatus::NeedSync => need_sync.push(ack.doc),
+                // The person was erased while this phone was offline: what it recorded since
+                // must not survive here either.
+                AckStatus::Refused { code: ErrorCode::Erased, .. } => erased.push(ack.doc),
+                AckStatus::Refused { code, message } => self.report.refused.push(Refusal { person: ack.doc, code, message }),
+            }
+        }
+        let n = stored.len() as u64;
+        self.report.docs_sent += n;
+        self.report.purged += erased.len() as u64;
+        blocking(self.inner, move |i| {
+            i.acknowledge(&stored)?;
+            if !erased.is_empty() {
+                i.receive_docs(vec![], erased, None)?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok((n, need_sync))
+    }
+
     /// Stay connected: apply what the server forwards, push what is recorded here.
     async fn live(&mut self, mut stop: tokio::sync::oneshot::Receiver<()>) -> Result<(), SyncError> {
         let changed_here = self.inner.local_changes.clone();
@@ -251,12 +265,8 @@ impl<C: FrameConn> Engine<'_, C> {
                 msg = self.recv() => match msg {
                     Ok(ServerMsg::Acks { acks }) => {
                         let sent = in_flight.pop_front().ok_or_else(|| unexpected("acknowledgement without a push"))?;
-                        let stored: Vec<_> = sent
-                            .into_iter()
-                            .filter(|(d, _, _)| acks.iter().any(|a| &a.doc == d && a.status == AckStatus::Stored))
-                            .collect();
-                        self.report.docs_sent += stored.len() as u64;
-                        blocking(self.inner, move |i| i.acknowledge(&stored)).await?;
+                        let (_, need_sync) = self.on_acks(sent, acks).await?;
+                        self.reconcile(need_sync).await?;
                     }
                     Ok(ServerMsg::Docs { docs, purge, cursor, .. }) => {
                         self.report.docs_received += docs.len() as u64;
@@ -276,33 +286,26 @@ impl<C: FrameConn> Engine<'_, C> {
     }
 
     /// Automerge's sync protocol for `ids`, all documents in each round, until both sides have
-    /// nothing more to say.
+    /// nothing more to say. Documents are marked as held by the server only if it answered for
+    /// them (it stays silent about documents it may not read).
     async fn reconcile(&mut self, ids: Vec<String>) -> Result<(), SyncError> {
         if ids.is_empty() {
             return Ok(());
         }
         self.progress(SyncProgress::Reconciling { documents: ids.len() as u64 });
         let mut states: HashMap<String, SyncState> = ids.iter().map(|id| (id.clone(), SyncState::new())).collect();
+        let mut confirmed: std::collections::HashSet<String> = Default::default();
         for _ in 0..MAX_SYNC_ROUNDS {
-            let ids2 = ids.clone();
-            let taken = std::mem::take(&mut states);
+            let (ids2, taken, conf) = (ids.clone(), std::mem::take(&mut states), confirmed.clone());
             let (msgs, back) = blocking(self.inner, move |i| {
                 let mut taken = taken;
-                let mut msgs = Vec::new();
-                for id in &ids2 {
-                    let st = taken.get_mut(id).expect("state per id");
-                    if let Some(m) = i.sync_generate(id, st)? {
-                        msgs.push(DocSync { doc: id.clone(), msg: m });
-                    }
-                }
+                let msgs = i.sync_step(&ids2, &mut taken, &conf)?;
                 Ok((msgs, taken))
             })
             .await?;
             states = back;
             if msgs.is_empty() {
-                let ids2 = ids.clone();
-                blocking(self.inner, move |i| i.mark_reconciled(&ids2)).await?;
-                self.report.reconciled += ids.len() as u64;
+                self.report.reconciled += confirmed.len() as u64;
                 return Ok(());
             }
             // Bounded frames; the server answers each with one `Sync`.
@@ -323,10 +326,21 @@ impl<C: FrameConn> Engine<'_, C> {
                 frames += 1;
             }
             self.report.round_trips += 1;
-            for _ in 0..frames {
-                let ServerMsg::Sync { msgs } = self.recv().await? else {
-                    return Err(unexpected("expected a sync reply"));
+            while frames > 0 {
+                let msgs = match self.recv().await? {
+                    ServerMsg::Sync { msgs } => {
+                        frames -= 1;
+                        msgs
+                    }
+                    // A live connection may get forwarded changes in between.
+                    ServerMsg::Docs { docs, purge, cursor, .. } => {
+                        self.report.docs_received += docs.len() as u64;
+                        blocking(self.inner, move |i| i.receive_docs(docs, purge, Some(cursor))).await?;
+                        continue;
+                    }
+                    _ => return Err(unexpected("expected a sync reply")),
                 };
+                confirmed.extend(msgs.iter().map(|m| m.doc.clone()));
                 let taken = std::mem::take(&mut states);
                 states = blocking(self.inner, move |i| {
                     let mut taken = taken;

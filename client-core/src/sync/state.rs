@@ -171,13 +171,6 @@ impl Inner {
         Ok(self.store.doc_ids()?)
     }
 
-    /// The next automerge sync message for `id`, if this side has anything to say.
-    pub(crate) fn sync_generate(&self, id: &str, state: &mut SyncState) -> Result<Option<Vec<u8>>, CoreError> {
-        let mut st = self.lock();
-        let loaded = self.loaded(&mut st, id)?;
-        Ok(loaded.doc.automerge().generate_sync_message(state).map(|m| m.encode()))
-    }
-
     /// Take in the server's sync message for `id`; what it brings is stored durably.
     pub(crate) fn sync_receive(&self, id: &str, state: &mut SyncState, msg: &[u8]) -> Result<bool, CoreError> {
         let msg = SyncMessage::decode(msg).map_err(|e| CoreError::document(id, e))?;
@@ -195,13 +188,36 @@ impl Inner {
         Ok(changed)
     }
 
-    /// After reconciliation the server holds what this device holds for `ids`.
-    pub(crate) fn mark_reconciled(&self, ids: &[String]) -> Result<(), CoreError> {
+    /// One reconciliation step for `ids`, under one lock: the next sync message of each document
+    /// that has something to say; when none has, the documents in `confirmed` (those the server
+    /// answered for) are marked as held by the server, with the heads of this very moment, so a
+    /// change recorded meanwhile is never taken for acknowledged.
+    pub(crate) fn sync_step(
+        &self,
+        ids: &[String],
+        states: &mut std::collections::HashMap<String, SyncState>,
+        confirmed: &std::collections::HashSet<String>,
+    ) -> Result<Vec<crate::protocol::DocSync>, CoreError> {
         let mut st = self.lock();
+        let mut msgs = Vec::new();
+        for id in ids {
+            let state = states.entry(id.clone()).or_default();
+            if let Some(m) = self.loaded(&mut st, id)?.doc.automerge().generate_sync_message(state) {
+                msgs.push(crate::protocol::DocSync { doc: id.clone(), msg: m.encode() });
+            }
+        }
+        if msgs.is_empty() {
+            let done: Vec<String> = ids.iter().filter(|id| confirmed.contains(*id)).cloned().collect();
+            self.mark_reconciled_locked(&mut st, &done)?;
+        }
+        Ok(msgs)
+    }
+
+    fn mark_reconciled_locked(&self, st: &mut crate::device::State, ids: &[String]) -> Result<(), CoreError> {
         let mut writes = Vec::new();
         let mut updated = Vec::new();
         for id in ids {
-            let heads = self.loaded(&mut st, id)?.doc.heads();
+            let heads = self.loaded(st, id)?.doc.heads();
             let s = DocSyncState { server_heads: hex_heads(&heads), pending: 0 };
             writes.push(StoredWrite::DocMeta { doc: id.clone(), name: "sync".into(), value: serde_json::to_vec(&s).expect("serializes") });
             updated.push((id.clone(), s));
