@@ -29,6 +29,9 @@ pub struct DeviceIdentity {
     pub worker: String,
     /// Revoked devices are told to wipe and nothing else.
     pub revoked: bool,
+    /// The log position the device has caught up to (its cursor in this session): what was
+    /// taken from its worker after it is news to the device.
+    pub since: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +120,7 @@ impl<S: LocalStore> Authenticator for SignedDevice<S> {
             return Err(AuthError::Replayed);
         }
         list.push_back((time, nonce.to_string()));
-        Ok(DeviceIdentity { org: record.org, device: record.id, worker: record.worker, revoked: record.revoked_at.is_some() })
+        Ok(DeviceIdentity { org: record.org, device: record.id, worker: record.worker, revoked: record.revoked_at.is_some(), since: 0 })
     }
 }
 
@@ -155,6 +158,11 @@ impl<S: LocalStore> Access for Assignments<S> {
             }));
         }
         if !exists || self.dir.assignment(&who.org, doc, &who.worker)?.is_some() {
+            return Ok(None);
+        }
+        // Taken from this worker after the phone last synced: what it recorded offline, while it
+        // still had the person, is kept (the phone purges its copy at the end of this sync).
+        if self.dir.unassigned_at(&who.org, &who.worker, doc)?.is_some_and(|at| at > who.since) {
             return Ok(None);
         }
         Ok(Some(AckStatus::Refused {

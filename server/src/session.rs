@@ -200,6 +200,7 @@ impl<C: Conn> Session<C> {
                 self.hello_seen = true;
                 self.live = live;
                 self.cursor = cursor;
+                self.who.since = cursor.seq;
                 let (state, org) = (self.state.clone(), self.who.org.clone());
                 self.cursor_known = blocking(move || state.hub.cursor_known(&org, cursor)).await?;
                 self.push(docs, more).await
@@ -305,6 +306,7 @@ impl<C: Conn> Session<C> {
         self.docs_out += b.docs.len() as u64;
         self.state.metrics.docs_sent.fetch_add(b.docs.len() as u64, Relaxed);
         self.cursor = b.cursor;
+        self.who.since = b.cursor.seq;
         self.read.extend(b.docs.iter().map(|d| d.doc.clone()));
         self.send(&ServerMsg::Docs { docs: b.docs, purge: b.purge, cursor: b.cursor, remaining: b.remaining, done }).await
     }

@@ -75,11 +75,20 @@ async fn organisations_and_assignments_bound_what_a_device_sees() {
     assert_eq!(server.admin("POST", &format!("/v1/people/p-2/assign?org={ORG}"), Some(json!({ "worker": "w-004" }))).await.0, 200);
     sync(&d, &server).await;
     assert_eq!(d.person("p-2").await.unwrap().person.alias, "AB-2");
-    // ... and unassigning purges it from the worker's phones.
+    // ... and unassigning purges it from the worker's phones, after taking in what the phone
+    // recorded offline while it still had the person.
+    d.record_visit("p-2", visit("v-before-unassign", "")).await.unwrap();
     assert_eq!(server.admin("POST", &format!("/v1/people/p-2/unassign?org={ORG}"), Some(json!({ "worker": "w-004" }))).await.0, 200);
     let rd = sync(&d, &server).await;
     assert_eq!(rd.purged, 1);
+    assert!(!rd.refused.iter().any(|r| r.person == "p-2"), "{rd:?}");
     assert!(matches!(d.person("p-2").await, Err(CoreError::UnknownPerson(_))));
+    sync(&a, &server).await;
+    assert_eq!(visit_ids(&a, "p-2").await, ["v-before-unassign"]);
+    // Once the phone knows, it can no longer write to the person.
+    d.register_person(only("p-2", "AGAIN", &["w-004"])).await.unwrap();
+    let rd = sync(&d, &server).await;
+    assert!(rd.refused.iter().any(|r| r.person == "p-2" && r.code == peersync_core::protocol::ErrorCode::Forbidden), "{rd:?}");
 
     // 4. Coordinators act only on their own organisation.
     let (_, _) = server.admin("POST", "/v1/admin/orgs/org2/coordinators", Some(json!({ "username": "xc", "password": "another long password" }))).await;
