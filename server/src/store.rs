@@ -366,7 +366,6 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
 #[cfg(test)]
 macro_rules! server_store_suite {
     ($make:expr) => {
-        use peersync_core::crypto::Cipher;
 use peersync_core::protocol::Cursor;
         use $crate::store::{Append, DeviceSync, DocWrite, ServerStore};
 
