@@ -366,7 +366,7 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
 #[cfg(test)]
 macro_rules! server_store_suite {
     ($make:expr) => {
-use peersync_core::protocol::Cursor;
+        use peersync_core::protocol::Cursor;
         use $crate::store::{Append, DeviceSync, DocWrite, ServerStore};
 
         fn inc(doc: &str, data: &[u8]) -> Append {
