@@ -360,33 +360,31 @@ impl DocHub {
         Ok(())
     }
 
-    /// The heads of `doc` as stored (hex, sorted); `None` if the server holds nothing of it.
-    pub fn heads(&self, org: &str, doc: &str) -> Result<Option<Vec<String>>, StoreError> {
+    /// A copy of `doc` as the server holds it; `None` if it holds nothing of it.
+    fn stored_copy(&self, org: &str, doc: &str) -> Result<Option<Automerge>, StoreError> {
         let entry = self.cached(org, doc)?;
         let e = lock(&entry);
-        if !e.stored {
-            drop(e);
-            self.evict(org, doc);
-            return Ok(None);
+        if e.stored {
+            return Ok(Some(e.doc.clone()));
         }
-        let mut h: Vec<String> = e.doc.get_heads().iter().map(|h| h.to_string()).collect();
-        h.sort();
-        Ok(Some(h))
+        drop(e);
+        // Nothing stored: do not let a probe fill the cache with empty documents.
+        self.evict(org, doc);
+        Ok(None)
+    }
+
+    /// The heads of `doc` as stored (hex, sorted); `None` if the server holds nothing of it.
+    pub fn heads(&self, org: &str, doc: &str) -> Result<Option<Vec<String>>, StoreError> {
+        Ok(self.stored_copy(org, doc)?.map(|am| {
+            let mut h: Vec<String> = am.get_heads().iter().map(|h| h.to_string()).collect();
+            h.sort();
+            h
+        }))
     }
 
     /// The person's current record as the server holds it (for coordinators' reads).
     pub fn record(&self, org: &str, doc: &str) -> Result<Option<peersync_core::PersonRecord>, StoreError> {
-        let entry = self.cached(org, doc)?;
-        let e = lock(&entry);
-        if !e.stored {
-            drop(e);
-            self.evict(org, doc);
-            return Ok(None);
-        }
-        let am = e.doc.clone();
-        drop(e);
-        let pd = peersync_core::PersonDoc::from_automerge(doc, am);
-        Ok(pd.record().ok())
+        Ok(self.stored_copy(org, doc)?.and_then(|am| peersync_core::document::read_record(doc, &am).ok()))
     }
 
     /// One round of automerge's sync protocol for each document in `msgs`, with per-session

@@ -231,6 +231,17 @@ pub async fn sync(d: &Device, server: &TestServer) -> SyncReport {
     d.sync(&server.options()).await.expect("sync succeeds")
 }
 
+/// Wait until `check` holds, polling for up to 5 s; panics naming `what` otherwise.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
 /// Visit ids of a person on a device, sorted.
 pub async fn visit_ids(d: &Device, person: &str) -> Vec<String> {
     let mut v: Vec<_> = d.person(person).await.unwrap().visits.into_iter().map(|v| v.id).collect();

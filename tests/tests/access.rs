@@ -135,25 +135,13 @@ async fn a_device_revoked_while_connected_is_cut_off_and_wipes() {
     a.register_person(person("p-1", "AB")).await.unwrap();
     sync(&a, &server).await;
     let live = c.sync_live(&server.options()).await.unwrap();
-    for _ in 0..100 {
-        if c.people().await.unwrap().len() == 1 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(c.people().await.unwrap().len(), 1);
+    eventually("the connected phone holds p-1", async || c.people().await.unwrap().len() == 1).await;
     let device = c.device_id().await.unwrap();
     assert_eq!(server.admin("POST", &format!("/v1/devices/{device}/revoke?org={ORG}"), None).await.0, 200);
     a.record_visit("p-1", visit("v-secret", "must not reach the lost phone")).await.unwrap();
     sync(&a, &server).await;
-    for _ in 0..200 {
-        if c.is_wiped() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(c.is_wiped(), "the connected phone was told to wipe");
-    assert!(live.is_finished() || tokio::time::timeout(std::time::Duration::from_secs(5), async { while !live.is_finished() { tokio::time::sleep(std::time::Duration::from_millis(20)).await } }).await.is_ok());
+    eventually("the connected phone was told to wipe", async || c.is_wiped()).await;
+    eventually("the live connection ended", async || live.is_finished()).await;
     let end = live.stop().await;
     assert!(matches!(end, Err(SyncError::Wiped { .. })), "{end:?}");
     server.stop().await;

@@ -2,7 +2,6 @@
 //! records goes out at once.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use peersync_core::sync::SyncObserver;
 use peersync_tests::*;
@@ -14,16 +13,6 @@ impl SyncObserver for Changed {
     fn records_changed(&self, people: &[String]) {
         self.0.lock().unwrap().extend(people.iter().cloned());
     }
-}
-
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..100 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting until {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
