@@ -17,6 +17,7 @@ use crate::caseload::{FollowUp, PersonSummary};
 use crate::clock::Clock;
 use crate::document::{PersonDoc, PersonRecord};
 use crate::error::{CoreError, ValidationError};
+use crate::listeners::{Fanout, Listeners, Subscription};
 use crate::model::{
     Checkin, Consent, ConsentChange, NewCheckin, NewPerson, NewVisit, Person, Visit, VisitEdit, validate_id,
 };
@@ -100,6 +101,8 @@ pub(crate) struct Inner {
     pub(crate) clock_offset: std::sync::atomic::AtomicI64,
     /// Woken by every local change, for live sync.
     pub(crate) local_changes: Arc<tokio::sync::Notify>,
+    /// The app's subscribers (see [`Device::subscribe`]).
+    pub(crate) listeners: Arc<Listeners>,
     // A std Mutex: held only for short, synchronous work inside spawn_blocking, never across
     // an await.
     state: Mutex<State>,
@@ -173,6 +176,7 @@ impl Device {
                 clock,
                 actor,
                 local_changes: Arc::new(tokio::sync::Notify::new()),
+                listeners: Arc::new(Listeners::default()),
                 clock_offset: std::sync::atomic::AtomicI64::new(0),
                 state: Mutex::new(State { worker, docs: HashMap::new(), summaries, sync, wiped: false }),
             }),
@@ -197,39 +201,58 @@ impl Device {
         .await
     }
 
+    /// Call `listener` for every change of records on this device (local writes and what sync
+    /// brings) and for the progress and state of every sync, until the returned subscription
+    /// is cancelled or dropped.
+    pub fn subscribe(&self, listener: Arc<dyn crate::sync::SyncObserver>) -> Subscription {
+        self.inner.listeners.add(listener)
+    }
+
+    /// Tell subscribers that these people's records changed, once the write is durable.
+    fn changed<T>(&self, person: &str, result: Result<T, CoreError>) -> Result<T, CoreError> {
+        if result.is_ok() {
+            self.inner.listeners.records_changed(&[person.to_string()]);
+        }
+        result
+    }
+
     pub async fn register_person(&self, p: NewPerson) -> Result<Person, CoreError> {
         let inner = self.inner.clone();
-        blocking(move || inner.register_person(p)).await
+        let person = blocking(move || inner.register_person(p)).await?;
+        self.inner.listeners.records_changed(std::slice::from_ref(&person.id));
+        Ok(person)
     }
 
     pub async fn record_visit(&self, person: &str, v: NewVisit) -> Result<Visit, CoreError> {
         let inner = self.inner.clone();
-        let person = person.to_string();
-        blocking(move || inner.record_visit(&person, v)).await
+        let id = person.to_string();
+        self.changed(person, blocking(move || inner.record_visit(&id, v)).await)
     }
 
     pub async fn record_checkin(&self, person: &str, c: NewCheckin) -> Result<Checkin, CoreError> {
         let inner = self.inner.clone();
-        let person = person.to_string();
-        blocking(move || inner.record_checkin(&person, c)).await
+        let id = person.to_string();
+        self.changed(person, blocking(move || inner.record_checkin(&id, c)).await)
     }
 
     /// Amend a visit; returns the visit as it now reads on this device.
     pub async fn edit_visit(&self, person: &str, visit: &str, edit: VisitEdit) -> Result<Visit, CoreError> {
         let inner = self.inner.clone();
-        let (person, visit) = (person.to_string(), visit.to_string());
-        blocking(move || inner.edit_visit(&person, &visit, edit)).await
+        let (id, visit) = (person.to_string(), visit.to_string());
+        self.changed(person, blocking(move || inner.edit_visit(&id, &visit, edit)).await)
     }
 
     pub async fn set_consent(&self, person: &str, change: ConsentChange) -> Result<Consent, CoreError> {
         let inner = self.inner.clone();
-        let person = person.to_string();
-        blocking(move || inner.set_consent(&person, change)).await
+        let id = person.to_string();
+        self.changed(person, blocking(move || inner.set_consent(&id, change)).await)
     }
 
     /// The caseload: one summary per person on this device, ordered by person id.
     pub async fn people(&self) -> Result<Vec<PersonSummary>, CoreError> {
-        Ok(self.inner.lock().summaries.values().cloned().collect())
+        let st = self.inner.lock();
+        self.inner.check_not_wiped(&st)?;
+        Ok(st.summaries.values().cloned().collect())
     }
 
     /// Everything this device holds about one person.
@@ -246,7 +269,10 @@ impl Device {
     /// People whose follow-up date (set at their most recent visit) is on or before `on`,
     /// earliest first.
     pub async fn follow_ups_due(&self, on: NaiveDate) -> Result<Vec<FollowUp>, CoreError> {
-        let mut due: Vec<_> = self.inner.lock().summaries.values().filter_map(|s| s.follow_up_due(on)).collect();
+        let st = self.inner.lock();
+        self.inner.check_not_wiped(&st)?;
+        let mut due: Vec<_> = st.summaries.values().filter_map(|s| s.follow_up_due(on)).collect();
+        drop(st);
         due.sort_by(|a, b| a.due.cmp(&b.due).then_with(|| a.person_id.cmp(&b.person_id)));
         Ok(due)
     }
@@ -254,6 +280,7 @@ impl Device {
     /// Local changes the server has not acknowledged yet.
     pub async fn pending_changes(&self) -> Result<PendingChanges, CoreError> {
         let st = self.inner.lock();
+        self.inner.check_not_wiped(&st)?;
         let mut p = PendingChanges::default();
         for s in st.sync.values().filter(|s| s.pending > 0) {
             p.documents += 1;
@@ -269,8 +296,9 @@ impl Device {
     pub async fn import_document(&self, person: &str, data: Vec<u8>) -> Result<bool, CoreError> {
         validate_id("person", person)?;
         let inner = self.inner.clone();
-        let person = person.to_string();
-        blocking(move || inner.import(&person, &data)).await
+        let id = person.to_string();
+        let arrived = self.changed(person, blocking(move || inner.import(&id, &data)).await)?;
+        Ok(arrived)
     }
 
     /// The person's whole document, as automerge `save()` bytes.
@@ -311,26 +339,54 @@ impl Device {
     /// Sync with the server: send what it lacks, receive what this device lacks. One sync at a
     /// time per device; a failed sync keeps local data and resumes where it stopped.
     pub async fn sync(&self, options: &crate::sync::SyncOptions) -> Result<crate::sync::SyncReport, crate::sync::SyncError> {
+        use crate::sync::{SyncObserver, SyncProgress, SyncReport, SyncState};
         let _one_at_a_time = self.sync_lock.lock().await;
-        let mut conn = self.connect(options).await?;
-        if let Some(o) = &options.observer {
-            let mut r = crate::sync::SyncReport::default();
+        let (options, observer) = self.observed(options);
+        observer.state(&SyncState::Connecting);
+        let result = async {
+            let mut conn = self.connect(&options).await?;
+            let mut r = SyncReport::default();
             crate::sync::FrameConn::account(&conn, &mut r);
-            o.progress(&crate::sync::SyncProgress::Connected { upgrade_bytes: r.upgrade_bytes_up + r.upgrade_bytes_down });
+            observer.progress(&SyncProgress::Connected { upgrade_bytes: r.upgrade_bytes_up + r.upgrade_bytes_down });
+            observer.state(&SyncState::Syncing);
+            self.sync_over(&mut conn, &options).await
         }
-        self.sync_over(&mut conn, options).await
+        .await;
+        observer.state(&end_state(&result));
+        result
     }
 
     /// Sync, then stay connected (see [`crate::sync::LiveSync`]).
     pub async fn sync_live(&self, options: &crate::sync::SyncOptions) -> Result<crate::sync::LiveSync, crate::sync::SyncError> {
-        let mut conn = self.connect(options).await?;
+        use crate::sync::{SyncObserver, SyncState};
+        let (options, observer) = self.observed(options);
+        observer.state(&SyncState::Connecting);
+        let mut conn = match self.connect(&options).await {
+            Ok(c) => c,
+            Err(e) => {
+                observer.state(&error_state(&e));
+                return Err(e);
+            }
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let (inner, opts, lock) = (self.inner.clone(), options.clone(), self.sync_lock.clone());
+        let (inner, lock) = (self.inner.clone(), self.sync_lock.clone());
         let task = tokio::spawn(async move {
             let _one_at_a_time = lock.lock().await;
-            crate::sync::run_until(&inner, &mut conn, &opts, Some(stop_rx)).await
+            observer.state(&SyncState::Live);
+            let result = crate::sync::run_until(&inner, &mut conn, &options, Some(stop_rx)).await;
+            observer.state(&end_state(&result));
+            result
         });
         Ok(crate::sync::LiveSync::new(stop_tx, task))
+    }
+
+    /// The options for one sync with its observer replaced by one that also reaches every
+    /// subscriber.
+    fn observed(&self, options: &crate::sync::SyncOptions) -> (crate::sync::SyncOptions, Arc<Fanout>) {
+        let fanout = Arc::new(Fanout { explicit: options.observer.clone(), listeners: self.inner.listeners.clone() });
+        let mut options = options.clone();
+        options.observer = Some(fanout.clone());
+        (options, fanout)
     }
 
     /// The `Authorization` header value that proves this device on a new connection to the
@@ -389,6 +445,22 @@ impl Device {
     /// This device's automerge actor id (hex), for diagnostics.
     pub fn actor_id(&self) -> String {
         self.inner.actor.to_hex_string()
+    }
+}
+
+/// The state a sync ended in.
+fn end_state(result: &Result<crate::sync::SyncReport, crate::sync::SyncError>) -> crate::sync::SyncState {
+    match result {
+        Ok(report) => crate::sync::SyncState::Finished { report: report.clone() },
+        Err(e) => error_state(e),
+    }
+}
+
+fn error_state(e: &crate::sync::SyncError) -> crate::sync::SyncState {
+    use crate::sync::{SyncError, SyncState};
+    match e {
+        SyncError::Wiped { message } => SyncState::Wiped { message: message.clone() },
+        e => SyncState::Failed { message: e.to_string() },
     }
 }
 

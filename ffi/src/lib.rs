@@ -1,5 +1,21 @@
-//! UniFFI bindings of peersync-core for Android (Kotlin) and iOS (Swift).
+//! UniFFI bindings of peersync-core for Android (Kotlin) and iOS (Swift), and Python.
 //!
-//! Not built yet: issue 5 (thin wrappers over `peersync_core::Device`, listener interfaces,
-//! an in-workspace `uniffi-bindgen`, Kotlin and Python tests). The crate exists so the
-//! workspace layout is the final one.
+//! A thin layer: objects wrapping the core's `Device`, records mirroring its domain types, one
+//! flat error enum, and listener interfaces the app implements. Behaviour lives in
+//! `peersync-core`; see `ffi/README.md` for how an app builds and uses the library.
+
+mod device;
+mod error;
+mod runtime;
+mod sync;
+mod types;
+
+pub use device::{Clock, Device, LiveSync, Subscription};
+pub use error::PeersyncError;
+pub use sync::{DeviceListener, Enrollment, Refusal, SyncConfig, SyncProgress, SyncReport, SyncState};
+pub use types::{
+    Checkin, Consent, ConsentChange, FieldConflict, FollowUp, NewCheckin, NewPerson, NewVisit, PendingChanges, Person,
+    PersonRecord, PersonSummary, Visit, VisitEdit,
+};
+
+uniffi::setup_scaffolding!();

@@ -63,12 +63,31 @@ pub enum SyncProgress {
     Reconciling { documents: u64 },
 }
 
-/// Told of progress and of records that changed through sync. Called from a background
-/// thread; keep it quick.
+/// Where the device's connection to the server stands, for a sync indicator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncState {
+    /// Opening the connection.
+    Connecting,
+    /// Connected; exchanging documents.
+    Syncing,
+    /// Connected and staying connected: changes flow both ways as they happen.
+    Live,
+    /// The sync finished; everything pending was acknowledged or refused (see the report).
+    Finished { report: SyncReport },
+    /// The sync stopped early. Nothing local was lost; sync again later.
+    Failed { message: String },
+    /// A coordinator revoked this device; its records have been deleted.
+    Wiped { message: String },
+}
+
+/// Told of progress, of the connection's state, and of records that changed. Called from a
+/// background thread; keep it quick.
 pub trait SyncObserver: Send + Sync {
     fn progress(&self, _progress: &SyncProgress) {}
-    /// People whose records changed on this device because of what the server sent.
+    /// People whose records changed on this device: because of what the server sent, or (for
+    /// listeners subscribed with [`crate::Device::subscribe`]) because of a write on this device.
     fn records_changed(&self, _people: &[String]) {}
+    fn state(&self, _state: &SyncState) {}
 }
 
 /// A document the server would not take; the device keeps its data.

@@ -159,10 +159,13 @@ impl Inner {
         let mut st = self.lock();
         self.store.wipe()?;
         st.docs.clear();
-        st.summaries.clear();
+        let gone: Vec<String> = std::mem::take(&mut st.summaries).into_keys().collect();
         st.sync.clear();
         st.worker = None;
         st.wiped = true;
+        // Listeners may call back into the device: tell them only after the lock is released.
+        drop(st);
+        self.listeners.records_changed(&gone);
         Ok(())
     }
 

@@ -1,0 +1,183 @@
+//! Sync as the apps see it: where the server is, what a sync did, and the listener an app
+//! implements to follow progress, the connection's state and changed records.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use peersync_core::sync as core;
+
+/// How to reach the server.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct SyncConfig {
+    /// `wss://host[:port]` (plain `ws://` only for a server on this machine's loopback).
+    pub server_url: String,
+    /// A CA certificate (PEM) to trust besides the public roots, for a server with a private CA.
+    #[uniffi(default = None)]
+    pub ca_pem: Option<String>,
+    /// Longest wait for any one message from the server before the sync is abandoned (it
+    /// resumes next time). Default 60 s; on 2G links with large caseloads keep it generous.
+    #[uniffi(default = None)]
+    pub frame_timeout_secs: Option<u32>,
+}
+
+impl SyncConfig {
+    pub(crate) fn options(&self, listener: Option<Arc<dyn DeviceListener>>) -> core::SyncOptions {
+        let mut o = core::SyncOptions::new(self.server_url.clone());
+        if let Some(pem) = &self.ca_pem {
+            o = o.trust_ca(pem.clone().into_bytes());
+        }
+        if let Some(s) = self.frame_timeout_secs {
+            o.frame_timeout = Duration::from_secs(u64::from(s.max(1)));
+        }
+        if let Some(l) = listener {
+            o = o.observer(Arc::new(Bridge(l)));
+        }
+        o
+    }
+}
+
+/// A document the server would not take; the device keeps its data.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct Refusal {
+    pub person_id: String,
+    /// The server's reason code (`Forbidden`, `Erased`, ...).
+    pub code: String,
+    pub message: String,
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct SyncReport {
+    pub docs_sent: u64,
+    pub docs_received: u64,
+    pub refused: Vec<Refusal>,
+    /// People deleted from this device: erased, or no longer assigned to its worker.
+    pub purged: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub round_trips: u64,
+    pub duration_ms: u64,
+}
+
+impl From<core::SyncReport> for SyncReport {
+    fn from(r: core::SyncReport) -> Self {
+        Self {
+            docs_sent: r.docs_sent,
+            docs_received: r.docs_received,
+            refused: r
+                .refused
+                .into_iter()
+                .map(|f| Refusal { person_id: f.person, code: format!("{:?}", f.code), message: f.message })
+                .collect(),
+            purged: r.purged,
+            bytes_up: r.bytes_up + r.upgrade_bytes_up,
+            bytes_down: r.bytes_down + r.upgrade_bytes_down,
+            round_trips: r.round_trips,
+            duration_ms: r.duration_ms,
+        }
+    }
+}
+
+/// Where a sync stands, for a progress bar.
+#[derive(Debug, Clone, PartialEq, uniffi::Enum)]
+pub enum SyncProgress {
+    Connected { upgrade_bytes: u64 },
+    /// Documents the server has acknowledged, of those this sync sends.
+    Sending { done: u64, total: u64 },
+    /// Documents received, of those announced so far.
+    Receiving { done: u64, total: u64 },
+    /// Documents being reconciled (self-healing after a restore).
+    Reconciling { documents: u64 },
+}
+
+impl From<&core::SyncProgress> for SyncProgress {
+    fn from(p: &core::SyncProgress) -> Self {
+        match *p {
+            core::SyncProgress::Connected { upgrade_bytes } => Self::Connected { upgrade_bytes },
+            core::SyncProgress::Sending { done, total } => Self::Sending { done, total },
+            core::SyncProgress::Receiving { done, total } => Self::Receiving { done, total },
+            core::SyncProgress::Reconciling { documents } => Self::Reconciling { documents },
+        }
+    }
+}
+
+/// Where the device's connection to the server stands, for a sync indicator.
+#[derive(Debug, Clone, PartialEq, uniffi::Enum)]
+pub enum SyncState {
+    Connecting,
+    Syncing,
+    /// Connected and staying connected (live sync).
+    Live,
+    Finished { report: SyncReport },
+    /// Stopped early; nothing local was lost. Sync again later.
+    Failed { message: String },
+    /// A coordinator revoked this device; its records have been deleted.
+    Wiped { message: String },
+}
+
+impl From<&core::SyncState> for SyncState {
+    fn from(s: &core::SyncState) -> Self {
+        match s {
+            core::SyncState::Connecting => Self::Connecting,
+            core::SyncState::Syncing => Self::Syncing,
+            core::SyncState::Live => Self::Live,
+            core::SyncState::Finished { report } => Self::Finished { report: report.clone().into() },
+            core::SyncState::Failed { message } => Self::Failed { message: message.clone() },
+            core::SyncState::Wiped { message } => Self::Wiped { message: message.clone() },
+        }
+    }
+}
+
+/// What enrollment established.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct Enrollment {
+    pub org: String,
+    pub worker: String,
+    pub device: String,
+}
+
+impl From<core::Enrollment> for Enrollment {
+    fn from(e: core::Enrollment) -> Self {
+        Self { org: e.org, worker: e.worker, device: e.device }
+    }
+}
+
+/// Implemented by the app. Called on a library thread, never the UI thread: hop to the main
+/// thread before touching views, and return quickly.
+#[uniffi::export(with_foreign)]
+pub trait DeviceListener: Send + Sync {
+    /// Progress of a sync.
+    fn on_progress(&self, progress: SyncProgress);
+    /// The connection's state changed.
+    fn on_state(&self, state: SyncState);
+    /// These people's records changed on this device (a write here, or what sync brought):
+    /// refresh screens that show them.
+    fn on_records_changed(&self, person_ids: Vec<String>);
+}
+
+/// Adapts an app's listener to the core's observer. A listener that throws must not stop a
+/// sync or a write that already happened, so its failures are contained here.
+pub(crate) struct Bridge(pub(crate) Arc<dyn DeviceListener>);
+
+impl Bridge {
+    fn call(&self, f: impl FnOnce(&dyn DeviceListener)) {
+        if std::panic::catch_unwind(AssertUnwindSafe(|| f(self.0.as_ref()))).is_err() {
+            tracing::warn!("an app listener failed; the sync goes on");
+        }
+    }
+}
+
+impl core::SyncObserver for Bridge {
+    fn progress(&self, progress: &core::SyncProgress) {
+        self.call(|l| l.on_progress(progress.into()));
+    }
+
+    fn records_changed(&self, people: &[String]) {
+        self.call(|l| l.on_records_changed(people.to_vec()));
+    }
+
+    fn state(&self, state: &core::SyncState) {
+        self.call(|l| l.on_state(state.into()));
+    }
+}
