@@ -84,3 +84,14 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
 pub fn reset_peak_rss(pid: u32) -> bool {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
 }
+
+/// CPU time (user and system) a process has used so far; `None` where `/proc` does not tell.
+pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces: state is
+    // the first, utime the 12th, stime the 13th.
+    let mut rest = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let ticks: u64 = rest.next()?.parse::<u64>().ok()? + rest.next()?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux architecture this runs on.
+    Some(std::time::Duration::from_millis(ticks * 10))
+}

@@ -21,6 +21,8 @@ pub struct PhaseRun {
     pub rss: Option<u64>,
     /// The kernel would not reset the peak: `rss` is the peak since the server started.
     pub rss_since_start: bool,
+    /// Server CPU time (user and system) during the phase, if known.
+    pub server_cpu: Option<Duration>,
 }
 
 /// One phase, as printed.
@@ -51,6 +53,9 @@ pub struct PhaseLine {
     pub server_peak_rss_bytes: Option<u64>,
     /// The peak could not be reset, so it covers everything since the server started.
     pub rss_since_start: bool,
+    /// Server CPU time during the phase (all cores), if known: with every phone in this one
+    /// process on the same machine, it tells the server's share of the wall time.
+    pub server_cpu_ms: Option<u64>,
     /// The phase's reference size: the sum of the automerge `save()` sizes of the documents the
     /// phones hold (P1, P2, P4: before P1; P3: the fresh phones after the restore).
     pub d_bytes: u64,
@@ -94,6 +99,7 @@ pub fn summarise(phase: &str, what: &str, run: &PhaseRun, d: u64, profile: Profi
         refused: sum(&|r| r.refused.len() as u64),
         server_peak_rss_bytes: run.rss,
         rss_since_start: run.rss_since_start,
+        server_cpu_ms: run.server_cpu.map(|d| d.as_millis() as u64),
         d_bytes: d,
         bytes_over_d: if d == 0 { 0.0 } else { main as f64 / d as f64 },
         wall_over_link_limit: ratio,
@@ -129,9 +135,10 @@ impl Printer {
             Some(b) => format!("{}{}", mb(b), if l.rss_since_start { " (since start)" } else { "" }),
             None => "unknown".into(),
         };
+        let cpu = l.server_cpu_ms.map(|ms| format!("  server CPU {ms} ms")).unwrap_or_default();
         let limit = l.wall_over_link_limit.map(|r| format!("  wall/limit {r:.2}")).unwrap_or_default();
         println!(
-            "{} {:<40} docs {:>5}  wall {:>6} ms  up {:>10} B  down {:>10} B  round trips max {} (total {})  server peak RSS {rss}  bytes/D {:.2}{limit}",
+            "{} {:<40} docs {:>5}  wall {:>6} ms  up {:>10} B  down {:>10} B  round trips max {} (total {})  server peak RSS {rss}{cpu}  bytes/D {:.2}{limit}",
             l.phase, l.what, l.documents, l.wall_ms, l.bytes_up, l.bytes_down, l.round_trips_max, l.round_trips_total, l.bytes_over_d
         );
     }
