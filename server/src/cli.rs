@@ -41,6 +41,10 @@ pub enum Command {
         /// unencrypted: only behind a TLS-terminating proxy on the same host.
         #[arg(long)]
         allow_plain_http: bool,
+        /// Stop when stdin closes: for a server run as a child process (`peersync bench`), so
+        /// that it never outlives its parent.
+        #[arg(long, hide = true)]
+        stop_on_stdin_eof: bool,
     },
     /// Write a synthetic field scenario (JSON Lines) to stdout.
     Simulate {
@@ -80,6 +84,38 @@ pub enum Command {
         /// Organisation to create for the replay (default: a fresh one).
         #[arg(long)]
         org: Option<String>,
+    },
+    /// Measure sync over emulated links: four phases (first upload, idle re-sync, restore on a
+    /// fresh phone, incremental) with every worker's phone at once; one line per phase.
+    Bench {
+        #[arg(long, default_value_t = 12)]
+        workers: usize,
+        #[arg(long, default_value_t = 200)]
+        people: usize,
+        #[arg(long, default_value_t = 12)]
+        weeks: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// A scenario file (JSON Lines) instead of a generated one.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// A running server (`ws://…`); without it the server runs as a child process on a
+        /// temporary directory, and its peak memory is reported.
+        #[arg(long, requires = "admin_token")]
+        server: Option<String>,
+        /// The server's admin token.
+        #[arg(long, env = "PEERSYNC_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Each phone's link: lan (no emulation), 3g (100 ms one way, 1.5 Mbit/s), 2g (300 ms,
+        /// 250 kbit/s).
+        #[arg(long, value_enum, default_value = "lan")]
+        link: crate::bench::link::Profile,
+        /// One JSON object per phase.
+        #[arg(long)]
+        json: bool,
+        /// Give up on a phase after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        phase_timeout: u64,
     },
     /// Administer the data directory directly (while no server runs on it).
     Admin {
@@ -155,12 +191,14 @@ pub enum CliError {
     Serve(std::io::Error),
     #[error("{0}")]
     Usage(String),
+    #[error("bench: {0}")]
+    Bench(crate::bench::BenchError),
 }
 
 /// Run the command line; returns when the command is done.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve { data, listen, cache_docs, admin_token, tls_cert, tls_key, allow_plain_http } => {
+        Command::Serve { data, listen, cache_docs, admin_token, tls_cert, tls_key, allow_plain_http, stop_on_stdin_eof } => {
             let tls = match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(crate::tls::acceptor(&c, &k).map_err(|e| CliError::Usage(e.to_string()))?),
                 _ => None,
@@ -178,7 +216,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             tracing::info!(%addr, data = %data.display(), "peersync serving");
             let scheme = if tls.is_some() { "https" } else { "http" };
             println!("peersync listening on {scheme}://{addr} (data in {})", data.display());
-            serve(listener, tls, state, tx, shutdown_signal()).await.map_err(CliError::Serve)?;
+            let stop = async move {
+                if stop_on_stdin_eof {
+                    tokio::select! { _ = shutdown_signal() => {}, _ = stdin_eof() => {} }
+                } else {
+                    shutdown_signal().await
+                }
+            };
+            serve(listener, tls, state, tx, stop).await.map_err(CliError::Serve)?;
             tracing::info!("peersync stopped");
             Ok(())
         }
@@ -193,6 +238,16 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Demo { data, listen } => demo(data, listen).await,
+        Command::Bench { workers, people, weeks, seed, scenario, server, admin_token, link, json, phase_timeout } => {
+            let phase_timeout = std::time::Duration::from_secs(phase_timeout);
+            let args = crate::bench::BenchArgs { workers, people, weeks, seed, scenario, server, admin_token, link, json, phase_timeout };
+            // On Ctrl-C or SIGTERM the bench is dropped, which stops the server child and the
+            // proxies and removes the temporary stores.
+            tokio::select! {
+                r = crate::bench::run(args) => r.map_err(CliError::Bench),
+                _ = shutdown_signal() => Err(CliError::Usage("interrupted".into())),
+            }
+        }
         Command::Admin { data, action } => {
             let (_tx, rx) = tokio::sync::watch::channel(false);
             let state = AppState::open(&data, rx, Options::default())?;
@@ -356,6 +411,23 @@ fn admin(state: &AppState, action: AdminAction) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Resolves when stdin reaches its end (or cannot be read): the parent has gone.
+async fn stdin_eof() {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    // Blocking reads on a thread of its own: tokio's stdin would hold a blocking-pool thread.
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        while let Ok(n) = std::io::stdin().read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
 }
 
 /// Ctrl-C or SIGTERM.

@@ -5,11 +5,13 @@
 //! - [`session`]: one device connection, generic over its transport.
 //! - [`auth`]: the identity and access seams every session goes through.
 //! - [`app`]: routes and the websocket upgrade; [`cli`]: the `peersync` command.
+//! - [`simulate`], [`replay`], [`bench`]: field scenarios, replayed and measured.
 
 pub mod api;
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod bench;
 pub mod cli;
 pub mod directory;
 pub mod docs;

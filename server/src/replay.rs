@@ -41,7 +41,7 @@ pub struct Outcome {
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn api(opts: &SyncOptions, token: &str, method: &str, path: &str, body: Option<Value>) -> Result<Value, ReplayError> {
+pub(crate) async fn api(opts: &SyncOptions, token: &str, method: &str, path: &str, body: Option<Value>) -> Result<Value, ReplayError> {
     let (status, v) = request(opts, method, path, Some(token), body.as_ref(), TIMEOUT).await?;
     if !(200..300).contains(&status) {
         let message = v.get("error").and_then(|m| m.as_str()).unwrap_or("").to_string();

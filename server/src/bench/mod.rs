@@ -1,0 +1,277 @@
+//! `peersync bench`: what a deployment costs, in time, bytes and server memory, over the links
+//! workers actually have (issue 7).
+//!
+//! A generated (or given) field scenario is recorded offline on one phone per worker, each on
+//! its own encrypted sled store; then four phases run, every phone of a phase at once, each
+//! through its own emulated link ([`link`]) to a server running as a child process ([`child`])
+//! whose peak memory is read from `/proc`:
+//!
+//! - **P1 first upload**: every phone, holding all it recorded offline, syncs to the fresh server.
+//! - **P2 idle re-sync**: every phone again, nothing new (after one untimed round that brings
+//!   each phone what its teammate pushed in P1 after it had finished).
+//! - **P3 restore**: a fresh phone per worker, enrolled for the same worker, pulls its caseload.
+//! - **P4 incremental**: every P1 phone adds one visit to five of its people and syncs.
+//!
+//! How the offline recording treats people shared by two workers: the scenario lets a teammate
+//! record for a person only after its phone could have received them at a sync. No phone syncs
+//! before P1 here, so before such an event the teammate's phone merges in the other phone's
+//! current copy of the person (as if it had received it at its last sync, perhaps with a few
+//! later changes). In P1 both phones then push that person; the server keeps each change once.
+//! Erasures and `sync` events are not replayed (the server must be fresh for P1).
+
+pub mod child;
+pub mod link;
+mod output;
+mod prepare;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use peersync_core::sync::{SyncOptions, SyncReport};
+use peersync_core::{Device, ManualClock, NewVisit};
+
+use child::ServerChild;
+use link::{LinkProxy, Profile};
+pub use output::PhaseLine;
+
+/// What `peersync bench` was asked to do.
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    pub workers: usize,
+    pub people: usize,
+    pub weeks: u32,
+    pub seed: u64,
+    pub scenario: Option<PathBuf>,
+    pub server: Option<String>,
+    pub admin_token: Option<String>,
+    pub link: Profile,
+    pub json: bool,
+    pub phase_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("server: {0}")]
+    Server(String),
+    #[error("setting up the organisation: {0}")]
+    Setup(#[from] crate::replay::ReplayError),
+    #[error("{worker}'s phone: {source}")]
+    Phone { worker: String, source: peersync_core::CoreError },
+    #[error("{phase}: {worker}'s phone could not sync: {source}")]
+    Sync { phase: &'static str, worker: String, source: peersync_core::sync::SyncError },
+    #[error("{phase} did not finish within {0:?}", .timeout)]
+    Timeout { phase: &'static str, timeout: Duration },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A worker's phone.
+pub(crate) struct Phone {
+    pub worker: String,
+    pub device: Arc<Device>,
+    pub clock: ManualClock,
+    /// Its own link to the server (none on lan).
+    pub opts: SyncOptions,
+}
+
+/// How one phone's sync went.
+pub(crate) struct PhoneRun {
+    pub report: SyncReport,
+    pub wall: Duration,
+}
+
+/// Longest wait for any one frame: generous, since 50 phones share 2 cores with the server.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
+    let events = match &args.scenario {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| BenchError::Usage(format!("cannot read {}: {e}", path.display())))?;
+            crate::scenario::parse(&text).map_err(|e| BenchError::Usage(format!("{}: {e}", path.display())))?
+        }
+        None => {
+            if args.workers == 0 || args.people == 0 || args.weeks == 0 {
+                return Err(BenchError::Usage("--workers, --people and --weeks must be at least 1".into()));
+            }
+            crate::simulate::simulate(&crate::simulate::Params { workers: args.workers, people: args.people, weeks: args.weeks, seed: args.seed })
+        }
+    };
+    let work = tempfile::tempdir()?;
+
+    // The server: a child process on a fresh directory, or the one given.
+    let (server, url, token) = match (&args.server, &args.admin_token) {
+        (Some(url), Some(token)) => (None, url.trim_end_matches('/').to_string(), token.clone()),
+        (Some(_), None) => return Err(BenchError::Usage("--server needs --admin-token".into())),
+        _ => {
+            let child = ServerChild::start(&work.path().join("server")).await?;
+            let url = format!("ws://{}", child.addr);
+            let token = child.admin_token.clone();
+            (Some(child), url, token)
+        }
+    };
+    let pid = server.as_ref().map(ServerChild::pid);
+    let direct = SyncOptions::new(url.clone());
+    let upstream = match args.link.link() {
+        None => None,
+        Some(_) => Some(upstream_of(&url).await?),
+    };
+    let org = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    eprintln!("bench: {} events, link {}, server {url}{}", events.len(), args.link.name(), pid.map(|p| format!(" (pid {p})")).unwrap_or_default());
+
+    let started = Instant::now();
+    let workers = prepare::create_team(&events, &direct, &token, &org).await?;
+    let mut proxies = Vec::new();
+    let mut phones = Vec::new();
+    for (worker, code) in &workers {
+        let (opts, proxy) = phone_link(&url, upstream, args.link).await?;
+        proxies.extend(proxy);
+        phones.push(prepare::enrolled_phone(&work.path().join("phones"), worker, code, &direct, opts).await?);
+    }
+    let recorded = prepare::record_offline(&events, &phones).await?;
+    eprintln!("bench: {} phones recorded {recorded} events offline in {:.1} s", phones.len(), started.elapsed().as_secs_f64());
+
+    let out = output::Printer { json: args.json, link: args.link };
+    let d_p1 = held_bytes(&phones).await?;
+    out.header(phones.len(), &events, d_p1);
+
+    let p1 = phase("P1", &phones, pid, args.phase_timeout).await?;
+    out.line(output::summarise("P1", "first upload", &p1, d_p1, args.link, |r| r.docs_sent));
+    // People two workers share were pushed by both phones at once in P1, so one phone may
+    // have finished before its teammate's changes arrived. One untimed round brings everyone
+    // up to date, so that P2 measures the idle case it is meant to.
+    let settle = phase("settling", &phones, None, args.phase_timeout).await?;
+    let late: u64 = settle.runs.iter().map(|r| r.report.docs_received).sum();
+    eprintln!("bench: after P1, {late} documents reached a phone from its teammate's P1 push (untimed)");
+    let p2 = phase("P2", &phones, pid, args.phase_timeout).await?;
+    out.line(output::summarise("P2", "idle re-sync", &p2, d_p1, args.link, |r| r.docs_sent + r.docs_received));
+
+    let mut fresh = Vec::new();
+    for (worker, _) in &workers {
+        let code = prepare::enrollment_code(&direct, &token, &org, worker).await?;
+        let (opts, proxy) = phone_link(&url, upstream, args.link).await?;
+        proxies.extend(proxy);
+        fresh.push(prepare::enrolled_phone(&work.path().join("fresh"), worker, &code, &direct, opts).await?);
+    }
+    let p3 = phase("P3", &fresh, pid, args.phase_timeout).await?;
+    let d_p3 = held_bytes(&fresh).await?;
+    out.line(output::summarise("P3", "restore on a fresh phone", &p3, d_p3, args.link, |r| r.docs_received));
+
+    for p in &phones {
+        add_five_visits(p).await?;
+    }
+    let p4 = phase("P4", &phones, pid, args.phase_timeout).await?;
+    out.line(output::summarise("P4", "incremental (one visit to five people)", &p4, d_p1, args.link, |r| r.docs_sent));
+    drop(proxies);
+    drop(server);
+    Ok(())
+}
+
+/// Where the proxies forward to: the server URL's address (plain `ws://` only, since the proxy
+/// would break a TLS server name check).
+async fn upstream_of(url: &str) -> Result<SocketAddr, BenchError> {
+    let rest = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| BenchError::Usage("link emulation needs a ws:// server URL (on loopback); use --link lan for wss://".into()))?;
+    let hostport = rest.split('/').next().unwrap_or_default();
+    tokio::net::lookup_host(hostport)
+        .await
+        .map_err(|e| BenchError::Usage(format!("cannot resolve {hostport}: {e}")))?
+        .next()
+        .ok_or_else(|| BenchError::Usage(format!("cannot resolve {hostport}")))
+}
+
+/// A phone's sync options: through its own emulated link, or straight to the server on lan.
+async fn phone_link(url: &str, upstream: Option<SocketAddr>, profile: Profile) -> Result<(SyncOptions, Option<LinkProxy>), BenchError> {
+    let (url, proxy) = match (upstream, profile.link()) {
+        (Some(up), Some(link)) => {
+            let proxy = LinkProxy::start(up, link).await?;
+            (format!("ws://{}", proxy.addr), Some(proxy))
+        }
+        _ => (url.to_string(), None),
+    };
+    let mut opts = SyncOptions::new(url);
+    opts.frame_timeout = FRAME_TIMEOUT;
+    Ok((opts, proxy))
+}
+
+/// D for a set of phones: the sum of the automerge `save()` sizes of every document each holds.
+async fn held_bytes(phones: &[Phone]) -> Result<u64, BenchError> {
+    let mut d = 0u64;
+    for p in phones {
+        let err = |source| BenchError::Phone { worker: p.worker.clone(), source };
+        for person in p.device.people().await.map_err(err)? {
+            d += p.device.export_document(&person.id).await.map_err(err)?.len() as u64;
+        }
+    }
+    Ok(d)
+}
+
+/// Every phone syncs at once; returns the phase's wall time and each phone's run. The server's
+/// peak memory is reset before and read after.
+pub(crate) async fn phase(name: &'static str, phones: &[Phone], pid: Option<u32>, timeout: Duration) -> Result<output::PhaseRun, BenchError> {
+    let rss_reset = pid.is_some_and(child::reset_peak_rss);
+    let cpu_before = pid.and_then(child::cpu_time);
+    let now = chrono::Utc::now();
+    let mut set = tokio::task::JoinSet::new();
+    for p in phones {
+        // Signed connection tokens carry the phone's time; the server accepts ±5 minutes.
+        p.clock.set(now);
+        let (device, opts, worker) = (p.device.clone(), p.opts.clone(), p.worker.clone());
+        set.spawn(async move {
+            let t = Instant::now();
+            let r = device.sync(&opts).await;
+            (worker, r, t.elapsed())
+        });
+    }
+    let started = Instant::now();
+    let done = AtomicUsize::new(0);
+    let total = phones.len();
+    let collect = async {
+        let mut runs = Vec::with_capacity(total);
+        while let Some(joined) = set.join_next().await {
+            let (worker, result, wall) = joined.map_err(|e| BenchError::Server(format!("a phone's task failed: {e}")))?;
+            let report = result.map_err(|source| BenchError::Sync { phase: name, worker, source })?;
+            runs.push(PhoneRun { report, wall });
+            let n = done.fetch_add(1, Relaxed) + 1;
+            if started.elapsed() > Duration::from_secs(2) || n == total {
+                eprint!("\r{name}: {n} of {total} phones synced ");
+            }
+        }
+        eprintln!();
+        Ok::<_, BenchError>(runs)
+    };
+    let runs = tokio::time::timeout(timeout, collect).await.map_err(|_| BenchError::Timeout { phase: name, timeout })??;
+    let wall = started.elapsed();
+    let rss = pid.and_then(child::peak_rss);
+    let server_cpu = cpu_before.zip(pid.and_then(child::cpu_time)).map(|(a, b)| b.saturating_sub(a));
+    Ok(output::PhaseRun { wall, runs, rss, rss_since_start: !rss_reset, server_cpu })
+}
+
+/// P4's change on one phone: one visit to each of five of its people.
+async fn add_five_visits(p: &Phone) -> Result<(), BenchError> {
+    let err = |source| BenchError::Phone { worker: p.worker.clone(), source };
+    let now = chrono::Utc::now();
+    p.clock.set(now);
+    for (i, person) in p.device.people().await.map_err(err)?.into_iter().take(5).enumerate() {
+        let visit = NewVisit {
+            id: Some(format!("bench-{}-{i}", p.worker)),
+            started_at: now - chrono::Duration::minutes(45),
+            duration_min: 45,
+            mode: "in_person".into(),
+            setting: "community".into(),
+            activities: vec!["support".into()],
+            goals: vec![],
+            referrals: vec![],
+            notes: "Checked in after the group; talked about the week ahead.".into(),
+            follow_up: None,
+        };
+        p.device.record_visit(&person.id, visit).await.map_err(err)?;
+    }
+    Ok(())
+}

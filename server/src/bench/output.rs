@@ -1,0 +1,145 @@
+//! What each phase prints: one line of text, or one JSON object per line with `--json`.
+
+use std::time::Duration;
+
+use peersync_core::sync::SyncReport;
+use serde::{Deserialize, Serialize};
+
+use super::PhoneRun;
+use super::link::Profile;
+use crate::scenario::Event;
+
+/// Round trips before a sync's own exchange on an emulated link: the TCP handshake and the
+/// websocket upgrade.
+pub const SETUP_ROUND_TRIPS: u32 = 2;
+
+/// How a phase went, before summing up.
+pub struct PhaseRun {
+    pub wall: Duration,
+    pub runs: Vec<PhoneRun>,
+    /// Server peak RSS in bytes, if known.
+    pub rss: Option<u64>,
+    /// The kernel would not reset the peak: `rss` is the peak since the server started.
+    pub rss_since_start: bool,
+    /// Server CPU time (user and system) during the phase, if known.
+    pub server_cpu: Option<Duration>,
+}
+
+/// One phase, as printed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseLine {
+    pub phase: String,
+    pub what: String,
+    pub link: String,
+    pub phones: usize,
+    /// Documents moved, summed over phones (a person two phones hold counts twice).
+    pub documents: u64,
+    pub wall_ms: u64,
+    /// Websocket frames after the upgrade, summed over phones, each way.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// The largest per-phone frame bytes, each way.
+    pub max_phone_bytes_up: u64,
+    pub max_phone_bytes_down: u64,
+    /// The largest per-phone frame bytes, both ways together.
+    pub max_phone_bytes: u64,
+    /// HTTP upgrade request and response, summed over phones.
+    pub upgrade_bytes: u64,
+    pub round_trips_max: u64,
+    pub round_trips_total: u64,
+    /// Documents the server refused (access), summed over phones.
+    pub refused: u64,
+    /// Server peak resident memory during the phase; `None` for a server not started here.
+    pub server_peak_rss_bytes: Option<u64>,
+    /// The peak could not be reset, so it covers everything since the server started.
+    pub rss_since_start: bool,
+    /// Server CPU time during the phase (all cores), if known: with every phone in this one
+    /// process on the same machine, it tells the server's share of the wall time.
+    pub server_cpu_ms: Option<u64>,
+    /// The phase's reference size: the sum of the automerge `save()` sizes of the documents the
+    /// phones hold (P1, P2, P4: before P1; P3: the fresh phones after the restore).
+    pub d_bytes: u64,
+    /// Frame bytes in the phase's main direction (up for P1, P2, P4; down for P3) over D.
+    pub bytes_over_d: f64,
+    /// The worst phone's wall time over its link limit: (set-up round trips + 1) x RTT + its
+    /// bytes (upgrade included, the larger direction) over the bandwidth. `None` on lan.
+    pub wall_over_link_limit: Option<f64>,
+}
+
+/// A phone's physical limit on `link`: connection set-up and one round trip, plus its bytes
+/// over the bandwidth (the larger direction: the link carries both at once).
+pub fn link_limit(r: &SyncReport, link: super::link::Link) -> Duration {
+    let up = r.bytes_up + r.upgrade_bytes_up;
+    let down = r.bytes_down + r.upgrade_bytes_down;
+    link.rtt() * (SETUP_ROUND_TRIPS + 1) + link.serialise(up.max(down))
+}
+
+pub fn summarise(phase: &str, what: &str, run: &PhaseRun, d: u64, profile: Profile, docs: impl Fn(&SyncReport) -> u64) -> PhaseLine {
+    let sum = |f: &dyn Fn(&SyncReport) -> u64| run.runs.iter().map(|p| f(&p.report)).sum::<u64>();
+    let max = |f: &dyn Fn(&SyncReport) -> u64| run.runs.iter().map(|p| f(&p.report)).max().unwrap_or(0);
+    let (up, down) = (sum(&|r| r.bytes_up), sum(&|r| r.bytes_down));
+    let main = if phase == "P3" { down } else { up };
+    let ratio =
+        profile.link().and_then(|link| run.runs.iter().map(|p| p.wall.as_secs_f64() / link_limit(&p.report, link).as_secs_f64()).max_by(f64::total_cmp));
+    PhaseLine {
+        phase: phase.into(),
+        what: what.into(),
+        link: profile.name().into(),
+        phones: run.runs.len(),
+        documents: sum(&docs),
+        wall_ms: run.wall.as_millis() as u64,
+        bytes_up: up,
+        bytes_down: down,
+        max_phone_bytes_up: max(&|r| r.bytes_up),
+        max_phone_bytes_down: max(&|r| r.bytes_down),
+        max_phone_bytes: max(&|r| r.bytes_up + r.bytes_down),
+        upgrade_bytes: sum(&|r| r.upgrade_bytes_up + r.upgrade_bytes_down),
+        round_trips_max: max(&|r| r.round_trips),
+        round_trips_total: sum(&|r| r.round_trips),
+        refused: sum(&|r| r.refused.len() as u64),
+        server_peak_rss_bytes: run.rss,
+        rss_since_start: run.rss_since_start,
+        server_cpu_ms: run.server_cpu.map(|d| d.as_millis() as u64),
+        d_bytes: d,
+        bytes_over_d: if d == 0 { 0.0 } else { main as f64 / d as f64 },
+        wall_over_link_limit: ratio,
+    }
+}
+
+pub struct Printer {
+    pub json: bool,
+    pub link: Profile,
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / 1e6)
+}
+
+impl Printer {
+    pub fn header(&self, phones: usize, events: &[Event], d: u64) {
+        if !self.json {
+            let people = events.iter().filter(|e| matches!(e, Event::Person { .. })).count();
+            println!("peersync bench: {phones} phones, {people} people, {} events; link {}; D = {d} bytes", events.len(), self.link.name());
+        }
+    }
+
+    pub fn line(&self, l: PhaseLine) {
+        if self.json {
+            match serde_json::to_string(&l) {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("cannot print the phase as JSON: {e}"),
+            }
+            return;
+        }
+        let rss = match l.server_peak_rss_bytes {
+            Some(b) => format!("{}{}", mb(b), if l.rss_since_start { " (since start)" } else { "" }),
+            None => "unknown".into(),
+        };
+        let cpu = l.server_cpu_ms.map(|ms| format!("  server CPU {ms} ms")).unwrap_or_default();
+        let limit = l.wall_over_link_limit.map(|r| format!("  wall/limit {r:.2}")).unwrap_or_default();
+        println!(
+            "{} {:<40} docs {:>5}  wall {:>6} ms  up {:>10} B  down {:>10} B  round trips max {} (total {})  server peak RSS {rss}{cpu}  bytes/D {:.2}{limit}",
+            l.phase, l.what, l.documents, l.wall_ms, l.bytes_up, l.bytes_down, l.round_trips_max, l.round_trips_total, l.bytes_over_d
+        );
+    }
+}
