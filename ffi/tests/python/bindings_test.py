@@ -42,14 +42,14 @@ class Recorder(ps.DeviceListener):
         self.changed.extend(person_ids)
 
 
-def visit(n, mode="home", follow_up=None):
+def visit(n, mode="in_person", follow_up=None):
     return ps.NewVisit(
         id=f"py-v{n}",
         started_at=datetime.datetime(2026, 11, 2 + n, 10, 0, tzinfo=UTC),
         duration_min=30 + n,
         mode=mode,
         setting="community",
-        activities=["listening"],
+        activities=["support"],
         notes=f"python visit {n}",
         follow_up=follow_up,
     )
@@ -101,13 +101,14 @@ async def main_phase(env):
         assert v.by == env["PEERSYNC_WORKER"] and v.notes == f"python visit {n}", v
     checkin = await device.record_checkin("py-p1", ps.NewCheckin(
         wellbeing=[3, 4, 3, 4, 3, 4, 3], distress=2, coping=4, social_support=3, self_efficacy=4,
-        quality_of_life=3, housing="stable", employment="part_time", hospital_nights_28d=0))
+        quality_of_life=3, housing="stable", employment="volunteering", hospital_nights_28d=0))
     assert checkin.by == env["PEERSYNC_WORKER"]
     edited = await device.edit_visit("py-p1", "py-v2", ps.VisitEdit(duration_min=75, notes="amended"))
     assert edited.duration_min == 75 and edited.notes == "amended", edited
     consent = await device.set_consent("py-p1", ps.ConsentChange(research=True))
     assert consent.research and consent.record, consent
-    assert "py-p1" in subscriber.changed, subscriber.changed
+    # One notice per durable write: register, three visits, check-in, edit, consent.
+    assert subscriber.changed.count("py-p1") == 7, subscriber.changed
 
     pending = await device.pending_changes()
     assert pending.documents == 1 and pending.changes >= 6, pending
@@ -116,7 +117,7 @@ async def main_phase(env):
 
     # Invalid input: a typed error naming the field; nothing is written.
     msg = await raises(ps.PeersyncError.Invalid, device.record_visit("py-p1", visit(9, mode="teleport")))
-    assert "mode" in msg and "home" in msg, msg
+    assert "mode" in msg and "in_person" in msg, msg
     await raises(ps.PeersyncError.Invalid, device.record_visit("py-p1", visit(8, follow_up="2026-13-45")))
     await raises(ps.PeersyncError.Invalid, device.follow_ups_due("tomorrow"))
     await raises(ps.PeersyncError.NotFound, device.record_visit("nobody", visit(7)))
