@@ -80,6 +80,16 @@ fn dir_size(p: &Path) -> u64 {
         .sum()
 }
 
+/// Every file under `p`.
+fn walk(p: &Path) -> Vec<std::fs::DirEntry> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(p).unwrap() {
+        let e = e.unwrap();
+        if e.metadata().unwrap().is_dir() { out.extend(walk(&e.path())) } else { out.push(e) }
+    }
+    out
+}
+
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
@@ -166,7 +176,16 @@ async fn main() {
         raw.scan_prefix(b"").unwrap().iter().map(|(k, v)| k.len() + v.len()).sum()
     };
     println!("live keys+values in the store: {live} bytes ({:.2}x JSON)", live as f64 / json_bytes as f64);
+    for e in walk(dir.path()) {
+        let m = e.metadata().unwrap();
+        println!("  {:>10} B  {}", std::os::unix::fs::MetadataExt::blocks(&m) * 512, e.path().strip_prefix(dir.path()).unwrap().display());
+    }
     let disk = dir_size(dir.path());
+    if let Some(to) = std::env::var_os("PEERSYNC_BENCH_KEEP") {
+        // For storage experiments on the same data.
+        std::fs::rename(dir.keep(), &to).unwrap();
+        eprintln!("store kept at {}", Path::new(&to).display());
+    }
     println!(
         "bytes on disk {} vs raw JSON {} of the same records: {:.2}x",
         disk,

@@ -23,8 +23,13 @@ use crate::model::{
 };
 use crate::store::{LocalStore, MemoryStore, SealedStore, SledStore, StoredWrite};
 
-/// Appended change chunks per document before they are folded into a new snapshot.
-const COMPACT_AFTER: u64 = 8;
+/// Appended change chunks are folded into a new snapshot once they hold more than this share
+/// of the snapshot's size (or this floor, for small documents). Chunks repeat what a snapshot
+/// stores once (actor ids, dependency hashes), so a long tail of them costs flash; compacting
+/// in proportion to the snapshot keeps the store near the size of the documents themselves
+/// while each write still costs, amortised, a constant multiple of its own size.
+const COMPACT_RATIO: f64 = 0.5;
+const COMPACT_FLOOR: u64 = 1024;
 
 const META_WORKER: &str = "worker";
 const DOC_SUMMARY: &str = "summary";
@@ -62,7 +67,9 @@ pub(crate) struct Staged {
     id: String,
     pub(crate) writes: Vec<StoredWrite>,
     new_chunks: u64,
-    compacted: bool,
+    new_bytes: u64,
+    /// The new snapshot's size, if this change compacted the document.
+    compacted: Option<u64>,
     summary: Option<PersonSummary>,
     sync: DocSyncState,
 }
@@ -73,15 +80,17 @@ pub(crate) fn hex_heads(heads: &[automerge::ChangeHash]) -> Vec<String> {
 
 impl Loaded {
     pub(crate) fn new(doc: PersonDoc) -> Self {
-        Self { doc, next_seq: 0, increments: 0 }
+        Self { doc, next_seq: 0, appended: 0, snapshot: 0 }
     }
 }
 
 pub(crate) struct Loaded {
     pub(crate) doc: PersonDoc,
     next_seq: u64,
-    /// Chunks appended since the last snapshot.
-    increments: u64,
+    /// Bytes of the chunks appended since the last snapshot.
+    appended: u64,
+    /// Bytes of the last snapshot.
+    snapshot: u64,
 }
 
 pub(crate) struct State {
@@ -484,8 +493,9 @@ impl Inner {
         if !st.docs.contains_key(id) {
             let data = self.store.load_doc(id)?.ok_or_else(|| CoreError::UnknownPerson(id.to_string()))?;
             let doc = PersonDoc::load(id, &data, self.actor.clone())?;
-            let increments = data.changes.len() as u64;
-            st.docs.insert(id.to_string(), Loaded { doc, next_seq: data.next_seq, increments });
+            let appended = data.changes.iter().map(|c| c.len() as u64).sum();
+            let snapshot = data.snapshot.as_ref().map_or(0, |s| s.len() as u64);
+            st.docs.insert(id.to_string(), Loaded { doc, next_seq: data.next_seq, appended, snapshot });
         }
         Ok(st.docs.get_mut(id).expect("inserted above"))
     }
@@ -546,13 +556,13 @@ impl Inner {
         let summary = loaded.doc.record().ok().map(|r| PersonSummary::of(&r));
         let mut writes = Vec::new();
         let new_chunks = chunks.len() as u64;
-        let compacted = loaded.increments + new_chunks > COMPACT_AFTER;
-        if compacted {
-            writes.push(StoredWrite::Compact {
-                doc: id.to_string(),
-                snapshot: loaded.doc.save(),
-                upto_seq: loaded.next_seq + new_chunks,
-            });
+        let new_bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        let limit = ((loaded.snapshot as f64 * COMPACT_RATIO) as u64).max(COMPACT_FLOOR);
+        let mut compacted = None;
+        if loaded.appended + new_bytes > limit {
+            let snapshot = loaded.doc.save();
+            compacted = Some(snapshot.len() as u64);
+            writes.push(StoredWrite::Compact { doc: id.to_string(), snapshot, upto_seq: loaded.next_seq + new_chunks });
         } else {
             for (i, bytes) in chunks.into_iter().enumerate() {
                 writes.push(StoredWrite::AppendChange { doc: id.to_string(), seq: loaded.next_seq + i as u64, bytes });
@@ -571,14 +581,17 @@ impl Inner {
             writes.push(StoredWrite::DocMeta { doc: id.to_string(), name: DOC_SUMMARY.into(), value: json(summary) });
         }
         writes.push(StoredWrite::DocMeta { doc: id.to_string(), name: DOC_SYNC.into(), value: json(&sync) });
-        Ok((out, Some(Staged { id: id.to_string(), writes, new_chunks, compacted, summary, sync })))
+        Ok((out, Some(Staged { id: id.to_string(), writes, new_chunks, new_bytes, compacted, summary, sync })))
     }
 
     /// Bring memory in line once a staged change is durable.
     pub(crate) fn finish(&self, st: &mut State, staged: Staged) {
         if let Some(loaded) = st.docs.get_mut(&staged.id) {
             loaded.next_seq += staged.new_chunks;
-            loaded.increments = if staged.compacted { 0 } else { loaded.increments + staged.new_chunks };
+            match staged.compacted {
+                Some(size) => (loaded.appended, loaded.snapshot) = (0, size),
+                None => loaded.appended += staged.new_bytes,
+            }
         }
         if let Some(summary) = staged.summary {
             st.summaries.insert(staged.id.clone(), summary);
@@ -589,7 +602,7 @@ impl Inner {
     fn import(&self, id: &str, data: &[u8]) -> Result<bool, CoreError> {
         let mut st = self.lock();
         if !st.docs.contains_key(id) && self.store.load_doc(id)?.is_none() {
-            st.docs.insert(id.to_string(), Loaded { doc: PersonDoc::empty(id, self.actor.clone()), next_seq: 0, increments: 0 });
+            st.docs.insert(id.to_string(), Loaded::new(PersonDoc::empty(id, self.actor.clone())));
         }
         let mut changed = false;
         self.write(&mut st, id, false, |doc| {
@@ -642,7 +655,7 @@ impl Inner {
             updated_at: now,
         };
         let (doc, skeleton) = PersonDoc::create(&id, self.actor.clone());
-        st.docs.insert(id.clone(), Loaded { doc, next_seq: 0, increments: 0 });
+        st.docs.insert(id.clone(), Loaded::new(doc));
         let result = self.write(&mut st, &id, true, |doc| {
             let profile = doc.write_profile(&person, &consent)?;
             Ok((vec![skeleton, profile], person.clone()))

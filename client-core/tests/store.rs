@@ -85,7 +85,7 @@ async fn a_tampered_value_is_detected() {
     {
         let raw = SledStore::open(dir.path()).unwrap();
         let mut writes = Vec::new();
-        for (k, mut v) in raw.scan_prefix(b"c/").unwrap().into_iter().chain(raw.scan_prefix(b"s/").unwrap()) {
+        for (k, mut v) in raw.scan_prefix(b"p/").unwrap() {
             let last = v.len() - 1;
             v[last] ^= 0x01;
             writes.push(Write::Put(k, v));
@@ -104,10 +104,10 @@ async fn swapping_values_between_keys_is_detected() {
     seeded(dir.path()).await;
     {
         let raw = SledStore::open(dir.path()).unwrap();
-        let changes = raw.scan_prefix(b"c/").unwrap();
-        let snap = raw.scan_prefix(b"s/").unwrap();
-        // Put a (validly sealed) change value under the snapshot's key.
-        raw.apply(vec![Write::Put(snap[0].0.clone(), changes[0].1.clone())]).unwrap();
+        let metas = raw.scan_prefix(b"m/").unwrap();
+        let docs = raw.scan_prefix(b"p/").unwrap();
+        // Put a (validly sealed) metadata value under the document's key.
+        raw.apply(vec![Write::Put(docs[0].0.clone(), metas[0].1.clone())]).unwrap();
     }
     let d = open(dir.path(), &KEY).await.unwrap();
     assert!(matches!(d.person("p-1").await.unwrap_err(), CoreError::Store(StoreError::Tampered { .. })));

@@ -17,7 +17,8 @@ fn start(data: &std::path::Path) -> (std::process::Child, std::net::SocketAddr, 
         .arg(data)
         .env("PEERSYNC_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // Kept beside the data so a failure can say what the demo reported.
+        .stderr(Stdio::from(std::fs::File::create(data.with_extension("stderr.log")).unwrap()))
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -57,7 +58,9 @@ async fn the_demo_serves_a_team_and_reuses_its_data() {
     assert_eq!(again, password);
     assert!(started.elapsed() < Duration::from_secs(30));
     let (status, _, _) = http_full(addr, "POST", "/v1/login", &[], Some(json!({ "org": "demo", "username": "coordinator", "password": again }))).await;
-    assert_eq!(status, 200);
+    let exited = child.try_wait().unwrap();
+    let log = std::fs::read_to_string(data.with_extension("stderr.log")).unwrap_or_default();
+    assert_eq!(status, 200, "second start: login failed (demo exited: {exited:?}); its stderr:\n{log}");
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -2,12 +2,21 @@
 //! lays out per-document data (snapshot, appended changes, metadata) over a [`LocalStore`].
 //!
 //! Key layout (keys are not secret: they hold only pseudonymous document ids):
-//! - `k`                      key check, proves the store key is right
-//! - `g/<name>`               device-wide metadata (actor id, worker, sync cursor)
-//! - `d/<doc>`                the document exists
-//! - `s/<doc>`                compacted automerge snapshot
-//! - `c/<doc>\0<seq:u64 BE>`  automerge changes appended since the snapshot
-//! - `m/<doc>\0<name>`        per-document metadata (caseload summary, sync bookkeeping)
+//! - `k`          key check, proves the store key is right
+//! - `g/<name>`   device-wide metadata (actor id, worker, sync cursor)
+//! - `p/<doc>`    the document: its compacted automerge snapshot and the changes appended since
+//! - `m/<doc>`    the document's metadata (caseload summary, sync bookkeeping), by name
+//!
+//! Two values per document, rewritten whole on each change: a key-value engine stores many
+//! small values at a large multiple of their size (sled: node headers, per-entry overhead,
+//! log segments cleaned only below half use), and one person's document is a few kilobytes.
+//! Stores written by the first layout (`d/`, `s/`, `c/<doc>\0<seq>`, `m/<doc>\0<name>`) are
+//! converted on open, in one atomic batch.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
 
 use super::{LocalStore, Write};
 use crate::crypto::Cipher;
@@ -38,29 +47,47 @@ pub enum StoredWrite {
     DeleteDoc { doc: String },
 }
 
+/// The stored form of `p/<doc>`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct DocBlob {
+    snapshot: Option<Vec<u8>>,
+    /// (sequence number, change chunk), oldest first.
+    changes: Vec<(u64, Vec<u8>)>,
+    next_seq: u64,
+}
+
+/// The stored form of `m/<doc>`.
+type DocMetas = BTreeMap<String, Vec<u8>>;
+
 pub struct SealedStore {
     backend: Box<dyn LocalStore>,
     cipher: Cipher,
+    /// Commits read, change and rewrite whole values: one at a time.
+    commit_lock: Mutex<()>,
 }
 
 fn key(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()
 }
 
-fn change_prefix(doc: &str) -> Vec<u8> {
-    key(&[b"c/", doc.as_bytes(), b"\0"])
+fn doc_key(doc: &str) -> Vec<u8> {
+    key(&[b"p/", doc.as_bytes()])
 }
 
-fn change_key(doc: &str, seq: u64) -> Vec<u8> {
-    key(&[&change_prefix(doc), &seq.to_be_bytes()])
-}
-
-fn meta_prefix(doc: &str) -> Vec<u8> {
-    key(&[b"m/", doc.as_bytes(), b"\0"])
+fn meta_key(doc: &str) -> Vec<u8> {
+    key(&[b"m/", doc.as_bytes()])
 }
 
 fn printable(k: &[u8]) -> String {
     String::from_utf8_lossy(k).replace('\0', "/")
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("plain data types always serialize")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(k: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt { key: printable(k), reason: e.to_string() })
 }
 
 impl SealedStore {
@@ -68,17 +95,18 @@ impl SealedStore {
     /// with [`StoreError::WrongKey`]; nothing is read or written then.
     pub fn open(backend: Box<dyn LocalStore>, key: &[u8]) -> Result<Self, StoreError> {
         let cipher = Cipher::new(key)?;
-        match backend.get(KEY_CHECK)? {
-            Some(sealed) => match cipher.open(KEY_CHECK, &sealed) {
-                Some(plain) if plain == KEY_CHECK_PLAIN => {}
+        let store = Self { backend, cipher, commit_lock: Mutex::new(()) };
+        match store.backend.get(KEY_CHECK)? {
+            Some(sealed) => match store.cipher.open(KEY_CHECK, &sealed) {
+                Some(plain) if plain == KEY_CHECK_PLAIN => store.upgrade_layout()?,
                 _ => return Err(StoreError::WrongKey),
             },
             None => {
-                let sealed = cipher.seal(KEY_CHECK, KEY_CHECK_PLAIN)?;
-                backend.apply(vec![Write::Put(KEY_CHECK.to_vec(), sealed)])?;
+                let sealed = store.cipher.seal(KEY_CHECK, KEY_CHECK_PLAIN)?;
+                store.backend.apply(vec![Write::Put(KEY_CHECK.to_vec(), sealed)])?;
             }
         }
-        Ok(Self { backend, cipher })
+        Ok(store)
     }
 
     fn unseal(&self, k: &[u8], sealed: &[u8]) -> Result<Vec<u8>, StoreError> {
@@ -100,10 +128,20 @@ impl SealedStore {
         Ok(())
     }
 
+    fn blob(&self, doc: &str) -> Result<Option<DocBlob>, StoreError> {
+        let k = doc_key(doc);
+        self.get(&k)?.map(|b| decode(&k, &b)).transpose()
+    }
+
+    fn metas(&self, doc: &str) -> Result<Option<DocMetas>, StoreError> {
+        let k = meta_key(doc);
+        self.get(&k)?.map(|b| decode(&k, &b)).transpose()
+    }
+
     /// Ids of every document in the store, in order.
     pub fn doc_ids(&self) -> Result<Vec<String>, StoreError> {
         self.backend
-            .keys_with_prefix(b"d/")?
+            .keys_with_prefix(b"p/")?
             .into_iter()
             .map(|k| {
                 String::from_utf8(k[2..].to_vec()).map_err(|_| StoreError::Corrupt {
@@ -115,44 +153,24 @@ impl SealedStore {
     }
 
     pub fn load_doc(&self, doc: &str) -> Result<Option<DocData>, StoreError> {
-        if self.backend.get(&key(&[b"d/", doc.as_bytes()]))?.is_none() {
-            return Ok(None);
-        }
-        let snapshot = self.get(&key(&[b"s/", doc.as_bytes()]))?;
-        let prefix = change_prefix(doc);
-        let mut changes = Vec::new();
-        let mut next_seq = 0;
-        for (k, v) in self.backend.scan_prefix(&prefix)? {
-            let seq_bytes: [u8; 8] = k[prefix.len()..].try_into().map_err(|_| StoreError::Corrupt {
-                key: printable(&k),
-                reason: "change key has no sequence number".into(),
-            })?;
-            next_seq = u64::from_be_bytes(seq_bytes) + 1;
-            changes.push(self.unseal(&k, &v)?);
-        }
-        if let Some(seq) = self.meta_u64(doc, "next_seq")? {
-            next_seq = next_seq.max(seq);
-        }
-        Ok(Some(DocData { snapshot, changes, next_seq }))
-    }
-
-    fn meta_u64(&self, doc: &str, name: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self.doc_meta(doc, name)?.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes))
+        Ok(self.blob(doc)?.map(|b| DocData {
+            snapshot: b.snapshot,
+            changes: b.changes.into_iter().map(|(_, c)| c).collect(),
+            next_seq: b.next_seq,
+        }))
     }
 
     pub fn doc_meta(&self, doc: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.get(&key(&[&meta_prefix(doc), name.as_bytes()]))
+        Ok(self.metas(doc)?.and_then(|mut m| m.remove(name)))
     }
 
     /// The metadata `name` of every document that has it, by document id.
     pub fn doc_meta_all(&self, name: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
         for (k, v) in self.backend.scan_prefix(b"m/")? {
-            let rest = &k[2..];
-            let Some(split) = rest.iter().position(|b| *b == 0) else { continue };
-            if &rest[split + 1..] == name.as_bytes() {
-                let doc = String::from_utf8_lossy(&rest[..split]).into_owned();
-                out.push((doc, self.unseal(&k, &v)?));
+            let mut metas: DocMetas = decode(&k, &self.unseal(&k, &v)?)?;
+            if let Some(value) = metas.remove(name) {
+                out.push((String::from_utf8_lossy(&k[2..]).into_owned(), value));
             }
         }
         Ok(out)
@@ -164,54 +182,180 @@ impl SealedStore {
 
     /// Apply `writes` atomically; returns once they are durable.
     pub fn commit(&self, writes: Vec<StoredWrite>) -> Result<(), StoreError> {
-        let mut out = Vec::with_capacity(writes.len() + 1);
+        let _one_at_a_time = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Each touched document's values, read once, changed in memory, written once;
+        // `None` means deleted.
+        let mut blobs: BTreeMap<String, Option<DocBlob>> = BTreeMap::new();
+        let mut metas: BTreeMap<String, Option<DocMetas>> = BTreeMap::new();
+        let mut out = Vec::new();
         for w in writes {
             match w {
                 StoredWrite::AppendChange { doc, seq, bytes } => {
-                    out.push(Write::Put(key(&[b"d/", doc.as_bytes()]), Vec::new()));
-                    self.put(&mut out, change_key(&doc, seq), &bytes)?;
+                    let b = self.touched(&mut blobs, &doc, Self::blob)?;
+                    b.changes.push((seq, bytes));
+                    b.next_seq = b.next_seq.max(seq + 1);
                 }
                 StoredWrite::Compact { doc, snapshot, upto_seq } => {
-                    out.push(Write::Put(key(&[b"d/", doc.as_bytes()]), Vec::new()));
-                    self.put(&mut out, key(&[b"s/", doc.as_bytes()]), &snapshot)?;
-                    let prefix = change_prefix(&doc);
-                    for k in self.backend.keys_with_prefix(&prefix)? {
-                        if let Ok(seq) = <[u8; 8]>::try_from(&k[prefix.len()..]) {
-                            if u64::from_be_bytes(seq) < upto_seq {
-                                out.push(Write::Delete(k));
-                            }
-                        }
-                    }
-                    // Remember where sequence numbers stand once no chunk is left to tell.
-                    self.put(
-                        &mut out,
-                        key(&[&meta_prefix(&doc), b"next_seq"]),
-                        &upto_seq.to_be_bytes(),
-                    )?;
+                    let b = self.touched(&mut blobs, &doc, Self::blob)?;
+                    b.snapshot = Some(snapshot);
+                    b.changes.retain(|(seq, _)| *seq >= upto_seq);
+                    // Sequence numbers keep rising even once no chunk is left to tell.
+                    b.next_seq = b.next_seq.max(upto_seq);
                 }
                 StoredWrite::DocMeta { doc, name, value } => {
-                    self.put(&mut out, key(&[&meta_prefix(&doc), name.as_bytes()]), &value)?;
+                    self.touched(&mut metas, &doc, Self::metas)?.insert(name, value);
                 }
                 StoredWrite::Meta { name, value } => {
                     self.put(&mut out, key(&[b"g/", name.as_bytes()]), &value)?;
                 }
                 StoredWrite::DeleteDoc { doc } => {
-                    out.push(Write::Delete(key(&[b"d/", doc.as_bytes()])));
-                    out.push(Write::Delete(key(&[b"s/", doc.as_bytes()])));
-                    for k in self.backend.keys_with_prefix(&change_prefix(&doc))? {
-                        out.push(Write::Delete(k));
-                    }
-                    for k in self.backend.keys_with_prefix(&meta_prefix(&doc))? {
-                        out.push(Write::Delete(k));
-                    }
+                    blobs.insert(doc.clone(), None);
+                    metas.insert(doc, None);
                 }
+            }
+        }
+        for (doc, b) in blobs {
+            match b {
+                Some(b) => self.put(&mut out, doc_key(&doc), &encode(&b))?,
+                None => out.push(Write::Delete(doc_key(&doc))),
+            }
+        }
+        for (doc, m) in metas {
+            match m {
+                Some(m) => self.put(&mut out, meta_key(&doc), &encode(&m))?,
+                None => out.push(Write::Delete(meta_key(&doc))),
             }
         }
         self.backend.apply(out)
     }
 
-    /// Remove everything, including the key check.
+    /// The in-commit copy of one document's value, read from the store on first touch (or
+    /// started empty, also after a delete earlier in the same commit).
+    fn touched<'a, T: Default>(
+        &self,
+        map: &'a mut BTreeMap<String, Option<T>>,
+        doc: &str,
+        read: impl Fn(&Self, &str) -> Result<Option<T>, StoreError>,
+    ) -> Result<&'a mut T, StoreError> {
+        if !map.contains_key(doc) {
+            let current = read(self, doc)?;
+            map.insert(doc.to_string(), current);
+        }
+        Ok(map.get_mut(doc).expect("inserted above").get_or_insert_with(T::default))
+    }
+
+    /// Convert a store of the first layout, if this is one: every document's values move to
+    /// the current keys in one atomic batch, so a crash leaves either layout whole.
+    fn upgrade_layout(&self) -> Result<(), StoreError> {
+        let markers = self.backend.keys_with_prefix(b"d/")?;
+        if markers.is_empty() {
+            return Ok(());
+        }
+        let mut out = Vec::new();
+        let mut blobs: BTreeMap<String, DocBlob> = BTreeMap::new();
+        let mut metas: BTreeMap<String, DocMetas> = BTreeMap::new();
+        for k in markers {
+            blobs.entry(String::from_utf8_lossy(&k[2..]).into_owned()).or_default();
+            out.push(Write::Delete(k));
+        }
+        for (k, v) in self.backend.scan_prefix(b"s/")? {
+            let doc = String::from_utf8_lossy(&k[2..]).into_owned();
+            blobs.entry(doc).or_default().snapshot = Some(self.unseal(&k, &v)?);
+            out.push(Write::Delete(k));
+        }
+        for (k, v) in self.backend.scan_prefix(b"c/")? {
+            // `c/<doc>\0` then the sequence number as 8 big-endian bytes (which may hold NULs).
+            let rest = &k[2..];
+            let Some(split) = rest.len().checked_sub(9).filter(|&at| rest[at] == 0) else {
+                return Err(StoreError::Corrupt { key: printable(&k), reason: "change key has no sequence number".into() });
+            };
+            let seq = u64::from_be_bytes(rest[split + 1..].try_into().expect("8 bytes by construction"));
+            let b = blobs.entry(String::from_utf8_lossy(&rest[..split]).into_owned()).or_default();
+            b.changes.push((seq, self.unseal(&k, &v)?));
+            b.next_seq = b.next_seq.max(seq + 1);
+            out.push(Write::Delete(k));
+        }
+        for (k, v) in self.backend.scan_prefix(b"m/")? {
+            let rest = &k[2..];
+            // Current-layout keys hold no NUL; only first-layout metadata keys do.
+            let Some(split) = rest.iter().position(|b| *b == 0) else { continue };
+            let doc = String::from_utf8_lossy(&rest[..split]).into_owned();
+            let name = String::from_utf8_lossy(&rest[split + 1..]).into_owned();
+            let value = self.unseal(&k, &v)?;
+            if name == "next_seq" {
+                if let Ok(seq) = <[u8; 8]>::try_from(value.as_slice()) {
+                    let b = blobs.entry(doc).or_default();
+                    b.next_seq = b.next_seq.max(u64::from_be_bytes(seq));
+                }
+            } else {
+                metas.entry(doc).or_default().insert(name, value);
+            }
+            out.push(Write::Delete(k));
+        }
+        for (doc, b) in &blobs {
+            self.put(&mut out, doc_key(doc), &encode(b))?;
+        }
+        for (doc, m) in &metas {
+            self.put(&mut out, meta_key(doc), &encode(m))?;
+        }
+        self.backend.apply(out)
+    }
+
     pub fn wipe(&self) -> Result<(), StoreError> {
         self.backend.wipe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    /// A store written by the first layout opens with every document, change, sequence number
+    /// and metadata value intact, and keeps nothing in the old keys.
+    #[test]
+    fn a_first_layout_store_is_converted_on_open() {
+        let key = [5u8; 32];
+        let cipher = Cipher::new(&key).unwrap();
+        let raw = Arc::new(MemoryStore::new());
+        let sealed = |k: &[u8], v: &[u8]| Write::Put(k.to_vec(), cipher.seal(k, v).unwrap());
+        let change = |doc: &str, seq: u64| [b"c/", doc.as_bytes(), b"\0", &seq.to_be_bytes()[..]].concat();
+        raw.apply(vec![
+            sealed(KEY_CHECK, KEY_CHECK_PLAIN),
+            sealed(b"g/worker", b"w-1"),
+            Write::Put(b"d/p1".to_vec(), vec![]),
+            sealed(b"s/p1", b"snapshot-1"),
+            sealed(&change("p1", 4), b"c4"),
+            sealed(&change("p1", 5), b"c5"),
+            sealed(b"m/p1\0next_seq", &4u64.to_be_bytes()),
+            sealed(b"m/p1\0summary", b"{\"a\":1}"),
+            sealed(b"m/p1\0sync", b"{}"),
+            Write::Put(b"d/p2".to_vec(), vec![]),
+            sealed(b"s/p2", b"snapshot-2"),
+            sealed(b"m/p2\0next_seq", &9u64.to_be_bytes()),
+        ])
+        .unwrap();
+
+        let s = SealedStore::open(Box::new(raw.clone()), &key).unwrap();
+        assert_eq!(s.doc_ids().unwrap(), ["p1", "p2"]);
+        let p1 = s.load_doc("p1").unwrap().unwrap();
+        assert_eq!(p1.snapshot.as_deref(), Some(&b"snapshot-1"[..]));
+        assert_eq!(p1.changes, [b"c4".to_vec(), b"c5".to_vec()]);
+        assert_eq!(p1.next_seq, 6);
+        assert_eq!(s.load_doc("p2").unwrap().unwrap().next_seq, 9);
+        assert_eq!(s.doc_meta("p1", "summary").unwrap().as_deref(), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(s.doc_meta_all("sync").unwrap(), [("p1".to_string(), b"{}".to_vec())]);
+        assert_eq!(s.meta("worker").unwrap().as_deref(), Some(&b"w-1"[..]));
+        for old in [&b"d/"[..], b"s/", b"c/"] {
+            assert!(raw.scan_prefix(old).unwrap().is_empty(), "{old:?} keys remain");
+        }
+        assert!(raw.keys_with_prefix(b"m/").unwrap().iter().all(|k| !k.contains(&0)));
+        // Opening again changes nothing.
+        drop(s);
+        let before = raw.scan_prefix(b"").unwrap();
+        drop(SealedStore::open(Box::new(raw.clone()), &key).unwrap());
+        assert_eq!(raw.scan_prefix(b"").unwrap(), before);
     }
 }
