@@ -25,6 +25,19 @@ if (!dir) {
 }
 fs.mkdirSync(dir, { recursive: true })
 
+// Under the bench's full load a document can wait longer than automerge-repo's 60 s
+// whenReady timeout, whose rejection nothing catches; Node would then end the process (as it
+// would end the stock sync-server). Log it and keep serving instead, so that the phase can
+// finish or reach the bench's own timeout, and say how often it happened.
+let unhandled = 0
+process.on("unhandledRejection", e => {
+  unhandled += 1
+  if (unhandled <= 3) console.error(`automerge-repo server: unhandled rejection: ${e?.message ?? e}`)
+})
+process.on("exit", () => {
+  if (unhandled > 0) console.error(`automerge-repo server: ${unhandled} unhandled rejections in all`)
+})
+
 const socket = new WebSocketServer({ noServer: true })
 const repo = new Repo({
   network: [new NodeWSServerAdapter(socket)],
