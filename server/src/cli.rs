@@ -116,6 +116,15 @@ pub enum Command {
         /// Give up on a phase after this many seconds.
         #[arg(long, default_value_t = 600)]
         phase_timeout: u64,
+        /// Also run the same phases, phones, documents and links against automerge-repo's sync
+        /// server and print both and the ratios (needs Node 20+ and npm; runs `npm ci` in
+        /// --automerge-repo-dir if its node_modules is missing).
+        #[arg(long)]
+        compare_automerge_repo: bool,
+        /// Where the Node side of the comparison is (default: bench/automerge-repo in the
+        /// source tree this executable was built from).
+        #[arg(long, requires = "compare_automerge_repo")]
+        automerge_repo_dir: Option<PathBuf>,
     },
     /// Administer the data directory directly (while no server runs on it).
     Admin {
@@ -238,9 +247,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Demo { data, listen } => demo(data, listen).await,
-        Command::Bench { workers, people, weeks, seed, scenario, server, admin_token, link, json, phase_timeout } => {
+        Command::Bench { workers, people, weeks, seed, scenario, server, admin_token, link, json, phase_timeout, compare_automerge_repo, automerge_repo_dir } => {
             let phase_timeout = std::time::Duration::from_secs(phase_timeout);
-            let args = crate::bench::BenchArgs { workers, people, weeks, seed, scenario, server, admin_token, link, json, phase_timeout };
+            let compare_automerge_repo = compare_automerge_repo.then(|| automerge_repo_dir.unwrap_or_else(crate::bench::default_automerge_repo_dir));
+            let args =
+                crate::bench::BenchArgs { workers, people, weeks, seed, scenario, server, admin_token, link, json, phase_timeout, compare_automerge_repo };
             // On Ctrl-C or SIGTERM the bench is dropped, which stops the server child and the
             // proxies and removes the temporary stores.
             tokio::select! {

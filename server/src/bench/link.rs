@@ -7,8 +7,14 @@
 //! round trips overlap exactly as much as the protocol lets them. The TCP handshake, which
 //! loopback completes at once, is charged too: a connection's first bytes up are held one round
 //! trip, as if the phone had waited for SYN-ACK.
+//!
+//! Every proxy also counts the bytes it carries each way, telling the HTTP upgrade from the
+//! websocket frames after it, and the turns of the conversation (frame bytes down after frame
+//! bytes up): the automerge-repo side-by-side measures its phones here, since its client has
+//! no counters of its own. On lan that comparison uses a pass-through proxy ([`LinkProxy::passthrough`]).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -78,18 +84,125 @@ struct Busy {
     down: Mutex<Option<Instant>>,
 }
 
+/// What a proxy has carried so far, over all its connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Bytes after each connection's HTTP upgrade (websocket frames, headers included), each way.
+    pub up: u64,
+    pub down: u64,
+    /// The HTTP upgrade request and response.
+    pub upgrade_up: u64,
+    pub upgrade_down: u64,
+    /// Times frame bytes came down after frame bytes had gone up: the round trips the
+    /// conversation took, as seen on the wire (pings included).
+    pub turns: u64,
+}
+
+impl Counts {
+    /// What was carried between `before` and `self`.
+    pub fn since(&self, before: &Counts) -> Counts {
+        Counts {
+            up: self.up - before.up,
+            down: self.down - before.down,
+            upgrade_up: self.upgrade_up - before.upgrade_up,
+            upgrade_down: self.upgrade_down - before.upgrade_down,
+            turns: self.turns - before.turns,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    up: AtomicU64,
+    down: AtomicU64,
+    upgrade_up: AtomicU64,
+    upgrade_down: AtomicU64,
+    turns: AtomicU64,
+    /// The last frame bytes went up.
+    last_up: AtomicBool,
+}
+
+impl Tally {
+    fn frames(&self, up: bool, n: u64) {
+        if up {
+            self.up.fetch_add(n, Relaxed);
+            self.last_up.store(true, Relaxed);
+        } else {
+            self.down.fetch_add(n, Relaxed);
+            if self.last_up.swap(false, Relaxed) {
+                self.turns.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    fn upgrade(&self, up: bool, n: u64) {
+        (if up { &self.upgrade_up } else { &self.upgrade_down }).fetch_add(n, Relaxed);
+    }
+}
+
+/// Where a direction of one connection is in its HTTP upgrade: bytes up to and including the
+/// blank line ending the head are upgrade bytes, the rest frames.
+#[derive(Default)]
+struct Head {
+    done: bool,
+    /// How much of "\r\n\r\n" the last bytes matched.
+    matched: usize,
+}
+
+impl Head {
+    /// How many of `data`'s first bytes still belong to the HTTP head.
+    fn take(&mut self, data: &[u8]) -> usize {
+        if self.done {
+            return 0;
+        }
+        const END: &[u8] = b"\r\n\r\n";
+        for (i, b) in data.iter().enumerate() {
+            self.matched = if *b == END[self.matched] { self.matched + 1 } else { usize::from(*b == b'\r') };
+            if self.matched == END.len() {
+                self.done = true;
+                return i + 1;
+            }
+        }
+        data.len()
+    }
+}
+
 /// One phone's emulated link to `upstream`. Dropping it closes the listener and every
 /// connection through it.
 pub struct LinkProxy {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    tally: Arc<Tally>,
 }
 
 impl LinkProxy {
     pub async fn start(upstream: SocketAddr, link: Link) -> std::io::Result<LinkProxy> {
+        Self::open(upstream, Some(link)).await
+    }
+
+    /// A proxy that only counts: loopback as it is, for measuring a client that cannot count.
+    pub async fn passthrough(upstream: SocketAddr) -> std::io::Result<LinkProxy> {
+        Self::open(upstream, None).await
+    }
+
+    /// What it has carried so far.
+    pub fn counts(&self) -> Counts {
+        let t = &self.tally;
+        Counts {
+            up: t.up.load(Relaxed),
+            down: t.down.load(Relaxed),
+            upgrade_up: t.upgrade_up.load(Relaxed),
+            upgrade_down: t.upgrade_down.load(Relaxed),
+            turns: t.turns.load(Relaxed),
+        }
+    }
+
+    async fn open(upstream: SocketAddr, link: Option<Link>) -> std::io::Result<LinkProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let busy = Arc::new(Busy::default());
+        let tally = Arc::new(Tally::default());
+        let counting = tally.clone();
         let task = tokio::spawn(async move {
             // Connections live in this set, so aborting the proxy ends them too.
             let mut conns = JoinSet::new();
@@ -97,13 +210,13 @@ impl LinkProxy {
                 tokio::select! {
                     accepted = listener.accept() => {
                         let Ok((client, _)) = accepted else { return };
-                        conns.spawn(connection(client, upstream, link, busy.clone()));
+                        conns.spawn(connection(client, upstream, link, busy.clone(), counting.clone()));
                     }
                     Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 }
             }
         });
-        Ok(LinkProxy { addr, task })
+        Ok(LinkProxy { addr, task, tally })
     }
 }
 
@@ -113,7 +226,7 @@ impl Drop for LinkProxy {
     }
 }
 
-async fn connection(client: TcpStream, upstream: SocketAddr, link: Link, busy: Arc<Busy>) {
+async fn connection(client: TcpStream, upstream: SocketAddr, link: Option<Link>, busy: Arc<Busy>, tally: Arc<Tally>) {
     let accepted = Instant::now();
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
@@ -123,8 +236,9 @@ async fn connection(client: TcpStream, upstream: SocketAddr, link: Link, busy: A
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
     let busy2 = busy.clone();
-    let up = pipe(cr, sw, link, accepted + link.rtt(), move |t| slot(&busy.up, t));
-    let down = pipe(sr, cw, link, accepted, move |t| slot(&busy2.down, t));
+    let handshake = link.map_or(Duration::ZERO, |l| l.rtt());
+    let up = pipe(cr, sw, link, accepted + handshake, move |t| slot(&busy.up, t), Direction { up: true, tally: tally.clone() });
+    let down = pipe(sr, cw, link, accepted, move |t| slot(&busy2.down, t), Direction { up: false, tally });
     tokio::join!(up, down);
 }
 
@@ -138,14 +252,22 @@ fn slot(free: &Mutex<Option<Instant>>, (now, d): (Instant, Duration)) -> Instant
     end
 }
 
+/// Which way a pipe carries, for counting.
+struct Direction {
+    up: bool,
+    tally: Arc<Tally>,
+}
+
 /// Carry one direction: read eagerly, stamp each segment with its arrival time, deliver in
-/// order at that time. The sender's close is passed on after the last delivery.
+/// order at that time (at once without a link). The sender's close is passed on after the
+/// last delivery.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    link: Link,
+    link: Option<Link>,
     not_before: Instant,
     reserve: impl Fn((Instant, Duration)) -> Instant + Send,
+    dir: Direction,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let writer = async move {
@@ -159,10 +281,24 @@ async fn pipe(
     };
     let reader = async move {
         let mut buf = vec![0u8; 64 * 1024];
+        let mut head = Head::default();
         loop {
             let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
+            };
+            let upgrade = head.take(&buf[..n]);
+            if upgrade > 0 {
+                dir.tally.upgrade(dir.up, upgrade as u64);
+            }
+            if n > upgrade {
+                dir.tally.frames(dir.up, (n - upgrade) as u64);
+            }
+            let Some(link) = link else {
+                if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                    return;
+                }
+                continue;
             };
             let now = Instant::now().max(not_before);
             for seg in buf[..n].chunks(SEGMENT) {
@@ -209,5 +345,41 @@ mod tests {
         assert!(took >= Duration::from_millis(300), "{took:?}");
         assert!(took < Duration::from_millis(450), "{took:?}");
         assert!(got.iter().all(|b| *b == 7));
+    }
+
+    #[test]
+    fn the_http_head_ends_at_the_blank_line_across_reads() {
+        let mut h = Head::default();
+        assert_eq!(h.take(b"GET / HTTP/1.1\r\nHost: x\r"), 24);
+        assert_eq!(h.take(b"\n\r\nframe"), 3);
+        assert_eq!(h.take(b"more"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_passthrough_counts_upgrade_frames_and_turns() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.unwrap();
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                s.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let proxy = LinkProxy::passthrough(upstream).await.unwrap();
+        let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+        let head = b"GET / HTTP/1.1\r\n\r\n";
+        for msg in [&head[..], b"hello", b"again"] {
+            c.write_all(msg).await.unwrap();
+            let mut got = vec![0u8; msg.len()];
+            c.read_exact(&mut got).await.unwrap();
+        }
+        // The echoed head is the "response" head; each echoed frame is one turn.
+        let n = proxy.counts();
+        assert_eq!((n.upgrade_up, n.upgrade_down, n.up, n.down, n.turns), (18, 18, 10, 10, 2), "{n:?}");
     }
 }

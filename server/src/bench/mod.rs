@@ -19,6 +19,7 @@
 //! later changes). In P1 both phones then push that person; the server keeps each change once.
 //! Erasures and `sync` events are not replayed (the server must be fresh for P1).
 
+mod amrepo;
 pub mod child;
 pub mod link;
 mod output;
@@ -35,6 +36,7 @@ use peersync_core::{Device, ManualClock, NewVisit};
 
 use child::ServerChild;
 use link::{LinkProxy, Profile};
+pub use amrepo::default_dir as default_automerge_repo_dir;
 pub use output::PhaseLine;
 
 /// What `peersync bench` was asked to do.
@@ -50,6 +52,8 @@ pub struct BenchArgs {
     pub link: Profile,
     pub json: bool,
     pub phase_timeout: Duration,
+    /// Also run the phases against automerge-repo, with the Node side in this directory.
+    pub compare_automerge_repo: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +70,8 @@ pub enum BenchError {
     Sync { phase: &'static str, worker: String, source: peersync_core::sync::SyncError },
     #[error("{phase} did not finish within {0:?}", .timeout)]
     Timeout { phase: &'static str, timeout: Duration },
+    #[error("automerge-repo comparison: {0}")]
+    Amrepo(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -101,6 +107,11 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             crate::simulate::simulate(&crate::simulate::Params { workers: args.workers, people: args.people, weeks: args.weeks, seed: args.seed })
         }
     };
+    // Before the long part: a missing Node or npm should not cost a whole peersync run.
+    let amrepo_version = match &args.compare_automerge_repo {
+        Some(dir) => Some(amrepo::ensure_installed(dir).await?),
+        None => None,
+    };
     let work = tempfile::tempdir()?;
 
     // The server: a child process on a fresh directory, or the one given.
@@ -135,12 +146,19 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let recorded = prepare::record_offline(&events, &phones).await?;
     eprintln!("bench: {} phones recorded {recorded} events offline in {:.1} s", phones.len(), started.elapsed().as_secs_f64());
 
+    // What the automerge-repo phones start from: the same documents.
+    let mut am_phones = match &args.compare_automerge_repo {
+        Some(_) => Some(amrepo::export_docs(&phones, &work.path().join("amrepo/docs")).await?),
+        None => None,
+    };
     let out = output::Printer { json: args.json, link: args.link };
     let d_p1 = held_bytes(&phones).await?;
     out.header(phones.len(), &events, d_p1);
 
+    let mut lines = Vec::new();
     let p1 = phase("P1", &phones, pid, args.phase_timeout).await?;
-    out.line(output::summarise("P1", "first upload", &p1, d_p1, args.link, |r| r.docs_sent));
+    lines.push(output::summarise("P1", "first upload", &p1, d_p1, args.link, |r| r.docs_sent));
+    out.line(&lines[0]);
     // People two workers share were pushed by both phones at once in P1, so one phone may
     // have finished before its teammate's changes arrived. One untimed round brings everyone
     // up to date, so that P2 measures the idle case it is meant to.
@@ -148,7 +166,8 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let late: u64 = settle.runs.iter().map(|r| r.report.docs_received).sum();
     eprintln!("bench: after P1, {late} documents reached a phone from its teammate's P1 push (untimed)");
     let p2 = phase("P2", &phones, pid, args.phase_timeout).await?;
-    out.line(output::summarise("P2", "idle re-sync", &p2, d_p1, args.link, |r| r.docs_sent + r.docs_received));
+    lines.push(output::summarise("P2", "idle re-sync", &p2, d_p1, args.link, |r| r.docs_sent + r.docs_received));
+    out.line(&lines[1]);
 
     let mut fresh = Vec::new();
     for (worker, _) in &workers {
@@ -159,15 +178,40 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     }
     let p3 = phase("P3", &fresh, pid, args.phase_timeout).await?;
     let d_p3 = held_bytes(&fresh).await?;
-    out.line(output::summarise("P3", "restore on a fresh phone", &p3, d_p3, args.link, |r| r.docs_received));
+    lines.push(output::summarise("P3", "restore on a fresh phone", &p3, d_p3, args.link, |r| r.docs_received));
+    out.line(&lines[2]);
 
-    for p in &phones {
-        add_five_visits(p).await?;
+    let d_am_p3 = match &am_phones {
+        Some(am) => amrepo::restored_bytes(&phones, am).await?,
+        None => 0,
+    };
+    for (i, p) in phones.iter().enumerate() {
+        // With the comparison, five people both systems' phones hold (see `AmPhone::holds`).
+        let touched = add_five_visits(p, |person| am_phones.as_ref().is_none_or(|am| am[i].holds(person))).await?;
+        if let Some(am) = am_phones.as_mut() {
+            amrepo::export_changes(p, &touched, &mut am[i], &work.path().join("amrepo/changes")).await?;
+        }
     }
     let p4 = phase("P4", &phones, pid, args.phase_timeout).await?;
-    out.line(output::summarise("P4", "incremental (one visit to five people)", &p4, d_p1, args.link, |r| r.docs_sent));
+    lines.push(output::summarise("P4", "incremental (one visit to five people)", &p4, d_p1, args.link, |r| r.docs_sent));
+    out.line(&lines[3]);
+    // The peersync side is done: stop its server so that it takes no memory or CPU from the
+    // automerge-repo run.
     drop(proxies);
     drop(server);
+    drop(fresh);
+
+    if let (Some(dir), Some(am), Some(version)) = (&args.compare_automerge_repo, am_phones, amrepo_version) {
+        let reference = amrepo::Reference { d_p1, d_p3: d_am_p3 };
+        let am_lines = amrepo::run(dir, &work.path().join("amrepo"), &am, args.link, args.phase_timeout, reference).await?;
+        out.comparison_header(&version);
+        for l in &am_lines {
+            out.line(l);
+        }
+        for (ours, theirs) in lines.iter().zip(&am_lines) {
+            out.ratio(&output::ratio(ours, theirs));
+        }
+    }
     Ok(())
 }
 
@@ -253,12 +297,13 @@ pub(crate) async fn phase(name: &'static str, phones: &[Phone], pid: Option<u32>
     Ok(output::PhaseRun { wall, runs, rss, rss_since_start: !rss_reset, server_cpu })
 }
 
-/// P4's change on one phone: one visit to each of five of its people.
-async fn add_five_visits(p: &Phone) -> Result<(), BenchError> {
+/// P4's change on one phone: one visit to each of five of its people; returns their ids.
+async fn add_five_visits(p: &Phone, eligible: impl Fn(&str) -> bool) -> Result<Vec<String>, BenchError> {
     let err = |source| BenchError::Phone { worker: p.worker.clone(), source };
     let now = chrono::Utc::now();
     p.clock.set(now);
-    for (i, person) in p.device.people().await.map_err(err)?.into_iter().take(5).enumerate() {
+    let mut touched = Vec::new();
+    for (i, person) in p.device.people().await.map_err(err)?.into_iter().filter(|p| eligible(&p.id)).take(5).enumerate() {
         let visit = NewVisit {
             id: Some(format!("bench-{}-{i}", p.worker)),
             started_at: now - chrono::Duration::minutes(45),
@@ -272,6 +317,7 @@ async fn add_five_visits(p: &Phone) -> Result<(), BenchError> {
             follow_up: None,
         };
         p.device.record_visit(&person.id, visit).await.map_err(err)?;
+        touched.push(person.id);
     }
-    Ok(())
+    Ok(touched)
 }

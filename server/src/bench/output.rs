@@ -28,6 +28,9 @@ pub struct PhaseRun {
 /// One phase, as printed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PhaseLine {
+    /// Which sync server: "peersync", or "automerge-repo" in the side-by-side.
+    #[serde(default = "peersync")]
+    pub system: String,
     pub phase: String,
     pub what: String,
     pub link: String,
@@ -69,9 +72,16 @@ pub struct PhaseLine {
 /// A phone's physical limit on `link`: connection set-up and one round trip, plus its bytes
 /// over the bandwidth (the larger direction: the link carries both at once).
 pub fn link_limit(r: &SyncReport, link: super::link::Link) -> Duration {
-    let up = r.bytes_up + r.upgrade_bytes_up;
-    let down = r.bytes_down + r.upgrade_bytes_down;
+    link_limit_bytes(r.bytes_up + r.upgrade_bytes_up, r.bytes_down + r.upgrade_bytes_down, link)
+}
+
+/// The same limit from a phone's bytes each way, upgrade included.
+pub fn link_limit_bytes(up: u64, down: u64, link: super::link::Link) -> Duration {
     link.rtt() * (SETUP_ROUND_TRIPS + 1) + link.serialise(up.max(down))
+}
+
+fn peersync() -> String {
+    "peersync".into()
 }
 
 pub fn summarise(phase: &str, what: &str, run: &PhaseRun, d: u64, profile: Profile, docs: impl Fn(&SyncReport) -> u64) -> PhaseLine {
@@ -82,6 +92,7 @@ pub fn summarise(phase: &str, what: &str, run: &PhaseRun, d: u64, profile: Profi
     let ratio =
         profile.link().and_then(|link| run.runs.iter().map(|p| p.wall.as_secs_f64() / link_limit(&p.report, link).as_secs_f64()).max_by(f64::total_cmp));
     PhaseLine {
+        system: peersync(),
         phase: phase.into(),
         what: what.into(),
         link: profile.name().into(),
@@ -123,9 +134,9 @@ impl Printer {
         }
     }
 
-    pub fn line(&self, l: PhaseLine) {
+    pub fn line(&self, l: &PhaseLine) {
         if self.json {
-            match serde_json::to_string(&l) {
+            match serde_json::to_string(l) {
                 Ok(s) => println!("{s}"),
                 Err(e) => eprintln!("cannot print the phase as JSON: {e}"),
             }
@@ -137,9 +148,64 @@ impl Printer {
         };
         let cpu = l.server_cpu_ms.map(|ms| format!("  server CPU {ms} ms")).unwrap_or_default();
         let limit = l.wall_over_link_limit.map(|r| format!("  wall/limit {r:.2}")).unwrap_or_default();
+        let who = if l.system == "peersync" { String::new() } else { format!("{} ", l.system) };
         println!(
-            "{} {:<40} docs {:>5}  wall {:>6} ms  up {:>10} B  down {:>10} B  round trips max {} (total {})  server peak RSS {rss}{cpu}  bytes/D {:.2}{limit}",
+            "{who}{} {:<40} docs {:>5}  wall {:>6} ms  up {:>10} B  down {:>10} B  round trips max {} (total {})  server peak RSS {rss}{cpu}  bytes/D {:.2}{limit}",
             l.phase, l.what, l.documents, l.wall_ms, l.bytes_up, l.bytes_down, l.round_trips_max, l.round_trips_total, l.bytes_over_d
+        );
+    }
+}
+
+/// automerge-repo's figures over peersync's for one phase (`None` where peersync's is 0 or a
+/// figure is unknown).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ratio {
+    pub ratio: String,
+    pub phase: String,
+    pub link: String,
+    pub wall: Option<f64>,
+    pub bytes_up: Option<f64>,
+    pub bytes_down: Option<f64>,
+    pub server_peak_rss: Option<f64>,
+}
+
+pub fn ratio(peersync: &PhaseLine, other: &PhaseLine) -> Ratio {
+    let r = |a: u64, b: u64| (b > 0).then(|| a as f64 / b as f64);
+    Ratio {
+        ratio: format!("{}/peersync", other.system),
+        phase: peersync.phase.clone(),
+        link: peersync.link.clone(),
+        wall: r(other.wall_ms, peersync.wall_ms),
+        bytes_up: r(other.bytes_up, peersync.bytes_up),
+        bytes_down: r(other.bytes_down, peersync.bytes_down),
+        server_peak_rss: other.server_peak_rss_bytes.zip(peersync.server_peak_rss_bytes).and_then(|(a, b)| r(a, b)),
+    }
+}
+
+impl Printer {
+    pub fn comparison_header(&self, version: &str) {
+        if !self.json {
+            println!("automerge-repo {version} (same phones, documents and links; bytes and round trips counted at each phone's proxy):");
+        }
+    }
+
+    pub fn ratio(&self, r: &Ratio) {
+        if self.json {
+            match serde_json::to_string(r) {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("cannot print the ratio as JSON: {e}"),
+            }
+            return;
+        }
+        let x = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.1}x"));
+        println!(
+            "{} {}  wall {}  bytes up {}  bytes down {}  server peak RSS {}",
+            r.ratio,
+            r.phase,
+            x(r.wall),
+            x(r.bytes_up),
+            x(r.bytes_down),
+            x(r.server_peak_rss)
         );
     }
 }
