@@ -306,7 +306,10 @@ impl Device {
         validate_id("person", person)?;
         let inner = self.inner.clone();
         let id = person.to_string();
-        let arrived = self.changed(person, blocking(move || inner.import(&id, &data)).await)?;
+        let arrived = blocking(move || inner.import(&id, &data)).await?;
+        if arrived {
+            self.inner.listeners.records_changed(&[person.to_string()]);
+        }
         Ok(arrived)
     }
 
@@ -324,6 +327,7 @@ impl Device {
     /// Enroll this phone with a one-time code from a coordinator: the phone makes its key pair,
     /// keeps the private key in the sealed store and registers the public key.
     pub async fn enroll(&self, options: &crate::sync::SyncOptions, code: &str, device_name: &str) -> Result<crate::sync::Enrollment, crate::sync::SyncError> {
+        self.check_not_wiped()?;
         crate::sync::enroll(&self.inner, options, code, device_name).await
     }
 
@@ -331,6 +335,7 @@ impl Device {
     /// off (phones offline for weeks drift).
     async fn connect(&self, options: &crate::sync::SyncOptions) -> Result<crate::sync::WsConn, crate::sync::SyncError> {
         use crate::sync::SyncError;
+        self.check_not_wiped()?;
         for attempt in 0..2 {
             let inner = self.inner.clone();
             let header = blocking(move || inner.auth_header()).await?.ok_or(SyncError::NotEnrolled)?;
@@ -401,13 +406,20 @@ impl Device {
     /// The `Authorization` header value that proves this device on a new connection to the
     /// server (for apps that open the sync socket through their own transport).
     pub async fn connection_token(&self) -> Result<Option<String>, CoreError> {
+        self.check_not_wiped()?;
         let inner = self.inner.clone();
         blocking(move || inner.auth_header()).await
     }
 
-    /// Whether a coordinator revoked this device and its records were deleted.
+    /// Whether a coordinator revoked this device and its records were deleted (in this
+    /// process; the store left behind is empty and unenrolled).
     pub fn is_wiped(&self) -> bool {
         self.inner.lock().wiped
+    }
+
+    fn check_not_wiped(&self) -> Result<(), CoreError> {
+        let st = self.inner.lock();
+        self.inner.check_not_wiped(&st)
     }
 
     /// Sync over an already open connection (tests use an in-memory one).

@@ -85,7 +85,10 @@ pub enum CoreError {
     RecordExists(String),
     #[error("person {0:?} has withdrawn consent to a record being kept: nothing more can be recorded")]
     NoConsentToRecord(String),
-    #[error("this device was revoked by a coordinator and its records were deleted; enroll it again to continue")]
+    #[error(
+        "this device was revoked by a coordinator and its records were deleted; close it, delete its \
+         store and store key, and enroll a fresh store with a new code"
+    )]
     Wiped,
     #[error("this device has no worker identity yet: enroll it (or call set_worker) before recording")]
     NoWorker,

@@ -26,7 +26,9 @@ struct ForeignClock(Arc<dyn Clock>);
 
 impl core::Clock for ForeignClock {
     fn now(&self) -> DateTime<Utc> {
-        self.0.now().into()
+        // A clock outside the representable range is a bug in the app's clock; the phone's
+        // own time is the safest stand-in.
+        crate::types::utc("clock", self.0.now()).unwrap_or_else(|_| Utc::now())
     }
 }
 
@@ -144,14 +146,25 @@ impl Device {
     }
 
     /// Sync once: send what the server lacks, receive what this phone lacks. `listener`, if
-    /// given, hears this sync's progress (subscribers hear it too).
+    /// given, hears this sync's progress and state, all of it before this call returns
+    /// (subscribers hear it too, on their own threads, possibly a moment later).
     pub async fn sync(
         &self,
         config: SyncConfig,
         listener: Option<Arc<dyn DeviceListener>>,
     ) -> Result<SyncReport, PeersyncError> {
         let d = self.core.clone();
-        run(async move { Ok(d.sync(&config.options(listener)).await?.into()) }).await
+        let bridge = listener.map(|l| Arc::new(Bridge::new(l)));
+        run(async move {
+            let result = d.sync(&config.options(bridge.clone())).await;
+            // When `sync` returns, its listener has heard everything about it, the final state
+            // included. A listener stuck for longer than this does not hold the caller.
+            if let Some(b) = bridge {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), b.flushed()).await;
+            }
+            Ok(result?.into())
+        })
+        .await
     }
 
     /// Sync, then stay connected: teammates' changes arrive as they sync, and what is recorded
@@ -165,7 +178,7 @@ impl Device {
     /// Hear every change of records on this device and every sync's progress and state, until
     /// the returned subscription is cancelled.
     pub fn subscribe(&self, listener: Arc<dyn DeviceListener>) -> Arc<Subscription> {
-        Arc::new(Subscription { inner: self.core.subscribe(Arc::new(Bridge(listener))) })
+        Arc::new(Subscription { inner: self.core.subscribe(Arc::new(Bridge::new(listener))) })
     }
 
     /// Whether a coordinator revoked this device and its records were deleted. The app should
@@ -188,9 +201,16 @@ impl Device {
     }
 
     /// Merge a document exported by another phone. Returns whether anything new arrived.
+    /// Bytes that are not an automerge document give `Invalid`.
     pub async fn import_document(&self, person_id: String, data: Vec<u8>) -> Result<bool, PeersyncError> {
         let d = self.core.clone();
-        run(async move { Ok(d.import_document(&person_id, data).await?) }).await
+        run(async move {
+            d.import_document(&person_id, data).await.map_err(|e| match e {
+                core::CoreError::Document { .. } => PeersyncError::Invalid(e.to_string()),
+                e => e.into(),
+            })
+        })
+        .await
     }
 }
 

@@ -39,6 +39,9 @@ pub enum PeersyncError {
     /// The phone's clock is too far from the server's.
     #[error("{0}")]
     ClockSkew(String),
+    /// The server sent something this version of the app cannot read: update the app.
+    #[error("{0}")]
+    Incompatible(String),
     /// The server refused the connection, the enrollment code, or ended the sync.
     #[error("{0}")]
     Refused(String),
@@ -75,7 +78,7 @@ impl From<SyncError> for PeersyncError {
             SyncError::NotEnrolled => Self::NotEnrolled(message),
             SyncError::Wiped { .. } => Self::Wiped(message),
             SyncError::Rejected { .. } | SyncError::Enrollment { .. } | SyncError::Server { .. } => Self::Refused(message),
-            SyncError::Protocol(_) => Self::Network(message),
+            SyncError::Protocol(_) => Self::Incompatible(message),
         }
     }
 }

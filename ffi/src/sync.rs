@@ -2,7 +2,7 @@
 //! implements to follow progress, the connection's state and changed records.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use peersync_core::sync as core;
@@ -22,7 +22,7 @@ pub struct SyncConfig {
 }
 
 impl SyncConfig {
-    pub(crate) fn options(&self, listener: Option<Arc<dyn DeviceListener>>) -> core::SyncOptions {
+    pub(crate) fn options(&self, listener: Option<Arc<Bridge>>) -> core::SyncOptions {
         let mut o = core::SyncOptions::new(self.server_url.clone());
         if let Some(pem) = &self.ca_pem {
             o = o.trust_ca(pem.clone().into_bytes());
@@ -31,7 +31,7 @@ impl SyncConfig {
             o.frame_timeout = Duration::from_secs(u64::from(s.max(1)));
         }
         if let Some(l) = listener {
-            o = o.observer(Arc::new(Bridge(l)));
+            o = o.observer(l);
         }
         o
     }
@@ -156,28 +156,72 @@ pub trait DeviceListener: Send + Sync {
     fn on_records_changed(&self, person_ids: Vec<String>);
 }
 
-/// Adapts an app's listener to the core's observer. A listener that throws must not stop a
-/// sync or a write that already happened, so its failures are contained here.
-pub(crate) struct Bridge(pub(crate) Arc<dyn DeviceListener>);
+enum Event {
+    Progress(SyncProgress),
+    State(SyncState),
+    Changed(Vec<String>),
+    /// Everything before this has been delivered.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Adapts an app's listener to the core's observer. Events go, in order, to one thread of the
+/// listener's own: an app that waits on a device call inside a callback (Kotlin `runBlocking`)
+/// then blocks only that thread, never the library's runtime or a sync in progress. A listener
+/// that throws must not stop a sync or a write that already happened, so its failures are
+/// contained here.
+pub(crate) struct Bridge {
+    events: Mutex<std::sync::mpsc::Sender<Event>>,
+}
 
 impl Bridge {
-    fn call(&self, f: impl FnOnce(&dyn DeviceListener)) {
-        if std::panic::catch_unwind(AssertUnwindSafe(|| f(self.0.as_ref()))).is_err() {
-            tracing::warn!("an app listener failed; the sync goes on");
+    pub(crate) fn new(listener: Arc<dyn DeviceListener>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Event>();
+        // The thread ends when the bridge (the subscription or sync holding it) is gone.
+        let spawned = std::thread::Builder::new().name("peersync-listener".into()).spawn(move || {
+            for event in rx {
+                let l = listener.as_ref();
+                let call = || match event {
+                    Event::Progress(p) => l.on_progress(p),
+                    Event::State(s) => l.on_state(s),
+                    Event::Changed(people) => l.on_records_changed(people),
+                    Event::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                };
+                if std::panic::catch_unwind(AssertUnwindSafe(call)).is_err() {
+                    tracing::warn!("an app listener failed; the sync goes on");
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a listener thread ({e}); the listener will not be called");
         }
+        Self { events: Mutex::new(tx) }
+    }
+
+    /// Resolves once every event sent before has reached the listener (or its thread is gone).
+    pub(crate) fn flushed(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Event::Flush(tx));
+        rx
+    }
+
+    fn send(&self, event: Event) {
+        // A send fails only if the listener thread could not start; nothing else to do then.
+        let _ = self.events.lock().unwrap_or_else(|e| e.into_inner()).send(event);
     }
 }
 
 impl core::SyncObserver for Bridge {
     fn progress(&self, progress: &core::SyncProgress) {
-        self.call(|l| l.on_progress(progress.into()));
+        self.send(Event::Progress(progress.into()));
     }
 
     fn records_changed(&self, people: &[String]) {
-        self.call(|l| l.on_records_changed(people.to_vec()));
+        self.send(Event::Changed(people.to_vec()));
     }
 
     fn state(&self, state: &core::SyncState) {
-        self.call(|l| l.on_state(state.into()));
+        self.send(Event::State(state.into()));
     }
 }

@@ -14,8 +14,21 @@ fn instant(t: DateTime<Utc>) -> SystemTime {
     t.into()
 }
 
-fn utc(t: SystemTime) -> DateTime<Utc> {
-    t.into()
+/// An instant from the app, refused (not a panic) outside the range dates can hold.
+pub(crate) fn utc(field: &str, t: SystemTime) -> Result<DateTime<Utc>, PeersyncError> {
+    let out_of_range = || PeersyncError::Invalid(format!("invalid `{field}`: the instant is out of range"));
+    let (secs, nanos) = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => (i64::try_from(d.as_secs()).map_err(|_| out_of_range())?, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            let secs = i64::try_from(d.as_secs()).map_err(|_| out_of_range())?;
+            match d.subsec_nanos() {
+                0 => (-secs, 0),
+                n => (-secs - 1, 1_000_000_000 - n),
+            }
+        }
+    };
+    DateTime::from_timestamp(secs, nanos).ok_or_else(out_of_range)
 }
 
 fn iso(d: NaiveDate) -> String {
@@ -215,7 +228,7 @@ impl TryFrom<NewVisit> for core::NewVisit {
     fn try_from(v: NewVisit) -> Result<Self, PeersyncError> {
         Ok(Self {
             id: v.id,
-            started_at: utc(v.started_at),
+            started_at: utc("started_at", v.started_at)?,
             duration_min: v.duration_min,
             mode: v.mode,
             setting: v.setting,
@@ -259,7 +272,7 @@ impl TryFrom<NewCheckin> for core::NewCheckin {
             .collect::<Result<_, _>>()?;
         Ok(Self {
             id: c.id,
-            taken_at: c.taken_at.map(utc),
+            taken_at: c.taken_at.map(|t| utc("taken_at", t)).transpose()?,
             wellbeing,
             distress: score("distress", c.distress)?,
             coping: score("coping", c.coping)?,
@@ -310,7 +323,7 @@ impl TryFrom<VisitEdit> for core::VisitEdit {
             (None, false) => None,
         };
         Ok(Self {
-            started_at: e.started_at.map(utc),
+            started_at: e.started_at.map(|t| utc("started_at", t)).transpose()?,
             duration_min: e.duration_min,
             mode: e.mode,
             setting: e.setting,

@@ -116,8 +116,9 @@ async fn revoked_device_is_refused_and_wipes() {
     assert!(a.is_wiped());
     assert!(matches!(a.person("p-1").await, Err(CoreError::Wiped)));
     assert!(matches!(a.people().await, Err(CoreError::Wiped)));
-    // It cannot sync again: its key went with the wipe.
-    assert!(matches!(a.sync(&server.options()).await, Err(SyncError::NotEnrolled)));
+    // It cannot sync or enroll again in this process: it says it was wiped.
+    assert!(matches!(a.sync(&server.options()).await, Err(SyncError::Local(CoreError::Wiped))));
+    assert!(matches!(a.enroll(&server.options(), &server.code("w-001"), "again").await, Err(SyncError::Local(CoreError::Wiped))));
     // The offline visit never reached the server.
     let (b, _) = server.phone(dir.path(), "w-002").await;
     sync(&b, &server).await;

@@ -248,7 +248,13 @@ impl SealedStore {
     /// the current keys in one atomic batch, so a crash leaves either layout whole.
     fn upgrade_layout(&self) -> Result<(), StoreError> {
         let markers = self.backend.keys_with_prefix(b"d/")?;
-        if markers.is_empty() {
+        // A first-layout store may hold only metadata (sync bookkeeping of purged documents):
+        // any of its key shapes means it must be converted.
+        let first_layout = !markers.is_empty()
+            || !self.backend.keys_with_prefix(b"s/")?.is_empty()
+            || !self.backend.keys_with_prefix(b"c/")?.is_empty()
+            || self.backend.keys_with_prefix(b"m/")?.iter().any(|k| k.contains(&0));
+        if !first_layout {
             return Ok(());
         }
         let mut out = Vec::new();
@@ -335,6 +341,8 @@ mod tests {
             Write::Put(b"d/p2".to_vec(), vec![]),
             sealed(b"s/p2", b"snapshot-2"),
             sealed(b"m/p2\0next_seq", &9u64.to_be_bytes()),
+            // Bookkeeping left by a purged document: metadata only, no marker.
+            sealed(b"m/gone\0sync", b"{\"pending\":0}"),
         ])
         .unwrap();
 
@@ -346,7 +354,10 @@ mod tests {
         assert_eq!(p1.next_seq, 6);
         assert_eq!(s.load_doc("p2").unwrap().unwrap().next_seq, 9);
         assert_eq!(s.doc_meta("p1", "summary").unwrap().as_deref(), Some(&b"{\"a\":1}"[..]));
-        assert_eq!(s.doc_meta_all("sync").unwrap(), [("p1".to_string(), b"{}".to_vec())]);
+        assert_eq!(
+            s.doc_meta_all("sync").unwrap(),
+            [("gone".to_string(), b"{\"pending\":0}".to_vec()), ("p1".to_string(), b"{}".to_vec())]
+        );
         assert_eq!(s.meta("worker").unwrap().as_deref(), Some(&b"w-1"[..]));
         for old in [&b"d/"[..], b"s/", b"c/"] {
             assert!(raw.scan_prefix(old).unwrap().is_empty(), "{old:?} keys remain");
@@ -357,5 +368,21 @@ mod tests {
         let before = raw.scan_prefix(b"").unwrap();
         drop(SealedStore::open(Box::new(raw.clone()), &key).unwrap());
         assert_eq!(raw.scan_prefix(b"").unwrap(), before);
+    }
+
+    /// A first-layout store holding only metadata (no document markers) is converted too.
+    #[test]
+    fn a_first_layout_store_of_metadata_only_is_converted() {
+        let key = [6u8; 32];
+        let cipher = Cipher::new(&key).unwrap();
+        let raw = Arc::new(MemoryStore::new());
+        raw.apply(vec![
+            Write::Put(KEY_CHECK.to_vec(), cipher.seal(KEY_CHECK, KEY_CHECK_PLAIN).unwrap()),
+            Write::Put(b"m/gone\0sync".to_vec(), cipher.seal(b"m/gone\0sync", b"{}").unwrap()),
+        ])
+        .unwrap();
+        let s = SealedStore::open(Box::new(raw.clone()), &key).unwrap();
+        assert_eq!(s.doc_meta_all("sync").unwrap(), [("gone".to_string(), b"{}".to_vec())]);
+        assert!(s.doc_ids().unwrap().is_empty());
     }
 }

@@ -33,6 +33,8 @@ impl Inner {
 
     /// This install's device id, made on first use.
     pub(crate) fn device_id(&self) -> Result<String, CoreError> {
+        // Under the state lock: two first calls at once must not each make and store an id.
+        let _one_at_a_time = self.lock();
         if let Some(b) = self.store.meta(META_DEVICE_ID)? {
             return String::from_utf8(b).map_err(|e| CoreError::document("device_id", e));
         }

@@ -29,6 +29,15 @@ class Recorder : DeviceListener {
     override fun onRecordsChanged(personIds: List<String>) { changed.addAll(personIds) }
 }
 
+/** Subscribers hear events on their own thread: wait (bounded) until `ok` holds. */
+fun eventually(what: String, ok: () -> Boolean) {
+    val deadline = System.currentTimeMillis() + 10_000
+    while (!ok()) {
+        check(System.currentTimeMillis() < deadline) { "not within 10 s: $what" }
+        Thread.sleep(50)
+    }
+}
+
 /** Run `block`; it must throw a PeersyncException of type E. Returns its message. */
 inline fun <reified E : PeersyncException> fails(block: () -> Unit): String {
     try {
@@ -76,6 +85,17 @@ suspend fun mainPhase(env: Map<String, String>) {
         qualityOfLife = 3, housing = "temporary", employment = "unemployed", hospitalNights28d = 2u))
     check(checkin.by == me && checkin.wellbeing == listOf(3, 3, 4, 4, 3, 2, 3)) { "$checkin" }
 
+    // A listener may call the device, even blocking on it, from inside its callbacks.
+    val reentrant = AtomicInteger()
+    val reentrantSubscription = device.subscribe(object : DeviceListener {
+        override fun onProgress(progress: SyncProgress) {}
+        override fun onState(state: SyncState) { runBlocking { device.pendingChanges() } }
+        override fun onRecordsChanged(personIds: List<String>) {
+            runBlocking { device.people() }
+            reentrant.incrementAndGet()
+        }
+    })
+
     // Several threads of the app call one device at once: every write lands, nothing is torn.
     val threads = 8
     val perThread = 25
@@ -109,7 +129,9 @@ suspend fun mainPhase(env: Map<String, String>) {
     check(record.visits.size == threads * perThread) { "visits ${record.visits.size}" }
     check(record.visits.map { it.id }.toSet().size == threads * perThread) { "duplicate visit ids" }
     check(device.people().single { it.id == "kt-p1" }.visits == (threads * perThread).toUInt()) { "caseload count" }
-    check(subscriber.changed.count { it == "kt-p1" } >= threads * perThread) { "changes heard: ${subscriber.changed.size}" }
+    eventually("a change notice per durable write (${subscriber.changed.size} so far)") {
+        subscriber.changed.count { it == "kt-p1" } == 2 + threads * perThread
+    }
 
     // Typed errors for invalid input; nothing written.
     val msg = fails<PeersyncException.Invalid> { runBlocking { device.recordVisit("kt-p1", visit("bad", mode = "carrier-pigeon")) } }
@@ -120,6 +142,9 @@ suspend fun mainPhase(env: Map<String, String>) {
             socialSupport = 1, selfEfficacy = 1, qualityOfLife = 1, housing = "stable", employment = "unemployed", hospitalNights28d = 0u)) }
     }
     fails<PeersyncException.NotFound> { runBlocking { device.person("nobody") } }
+    fails<PeersyncException.Invalid> { runBlocking { device.recordVisit("kt-p1", visit("bad4").copy(startedAt = Instant.MAX)) } }
+    eventually("the re-entrant listener was called for every visit (${reentrant.get()})") { reentrant.get() >= threads * perThread }
+    reentrantSubscription.cancel()
     check(device.person("kt-p1").visits.size == threads * perThread) { "an invalid write changed the record" }
 
     val edited = device.editVisit("kt-p1", "kt-v0-0", VisitEdit(notes = "amended in kotlin", followUp = "2026-12-24"))
@@ -137,7 +162,9 @@ suspend fun mainPhase(env: Map<String, String>) {
     val last = listener.states.last()
     check(last is SyncState.Finished && last.report == report) { "states ${listener.states}" }
     check(listener.changed.contains(env.getValue("PEERSYNC_OTHER"))) { "changed ${listener.changed}" }
-    check(subscriber.states.last() is SyncState.Finished) { "subscriber states ${subscriber.states}" }
+    eventually("the subscriber hears the sync finish: ${subscriber.states}") {
+        subscriber.states.lastOrNull() is SyncState.Finished
+    }
 
     val other = device.person(env.getValue("PEERSYNC_OTHER"))
     check(other.visits.any { it.notes == env.getValue("PEERSYNC_OTHER_NOTES") }) { "other's visits ${other.visits}" }
@@ -148,8 +175,10 @@ suspend fun mainPhase(env: Map<String, String>) {
     syncs.forEach { it.join(60_000) }
 
     subscription.cancel()
+    delay(300) // anything queued before the cancel is delivered
     val heard = subscriber.changed.size
     device.recordVisit("kt-p1", visit("kt-after-cancel"))
+    delay(300)
     check(subscriber.changed.size == heard) { "a cancelled subscription still heard changes" }
     device.sync(config, null)
 
@@ -174,7 +203,12 @@ suspend fun wipedPhase(env: Map<String, String>) {
     fails<PeersyncException.Wiped> { runBlocking { device.sync(config, listener) } }
     check(listener.states.last() is SyncState.Wiped) { "states ${listener.states}" }
     // Screens showing these people hear that their records are gone.
-    check(subscriber.changed.containsAll(listOf("kt-p1", env.getValue("PEERSYNC_OTHER")))) { "wipe not heard: ${subscriber.changed}" }
+    eventually("the wipe is heard: ${subscriber.changed}") {
+        subscriber.changed.containsAll(listOf("kt-p1", env.getValue("PEERSYNC_OTHER")))
+    }
+    // Nor can it sync or enroll again: it says it was wiped.
+    fails<PeersyncException.Wiped> { runBlocking { device.sync(config, null) } }
+    fails<PeersyncException.Wiped> { runBlocking { device.enroll(config, "ANYCODE", "again") } }
     subscription.cancel()
     check(device.isWiped()) { "not wiped" }
     fails<PeersyncException.Wiped> { runBlocking { device.people() } }

@@ -55,6 +55,15 @@ def visit(n, mode="in_person", follow_up=None):
     )
 
 
+async def eventually(what, predicate, seconds=10):
+    """Subscribers hear events on their own thread: wait (bounded) until `predicate` holds."""
+    for _ in range(seconds * 20):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
 async def raises(kind, coro):
     """Await `coro`; it must fail with PeersyncError.<kind>. Returns the message."""
     try:
@@ -108,6 +117,9 @@ async def main_phase(env):
     consent = await device.set_consent("py-p1", ps.ConsentChange(research=True))
     assert consent.research and consent.record, consent
     # One notice per durable write: register, three visits, check-in, edit, consent.
+    await eventually(f"7 change notices for py-p1, got {subscriber.changed}",
+                     lambda: subscriber.changed.count("py-p1") == 7)
+    await asyncio.sleep(0.2)
     assert subscriber.changed.count("py-p1") == 7, subscriber.changed
 
     pending = await device.pending_changes()
@@ -136,7 +148,8 @@ async def main_phase(env):
     assert listener.states[0].is_CONNECTING() and listener.states[-1].is_FINISHED(), listener.states
     assert listener.states[-1].report == report
     assert env["PEERSYNC_OTHER"] in listener.changed, listener.changed
-    assert subscriber.states[-1].is_FINISHED(), subscriber.states
+    await eventually(f"the subscriber hears the sync finish: {subscriber.states}",
+                     lambda: subscriber.states and subscriber.states[-1].is_FINISHED())
 
     # Another device's record arrived, with its visit.
     other = await device.person(env["PEERSYNC_OTHER"])
@@ -149,9 +162,11 @@ async def main_phase(env):
 
     # A cancelled subscription hears nothing more.
     subscription.cancel()
+    await asyncio.sleep(0.3)  # anything queued before the cancel is delivered
     heard = len(subscriber.changed)
     await device.record_visit("py-p1", visit(4))
-    assert len(subscriber.changed) == heard
+    await asyncio.sleep(0.3)
+    assert len(subscriber.changed) == heard, subscriber.changed[heard:]
     await device.sync(config, None)
 
     # Live sync starts and stops cleanly.
