@@ -83,6 +83,12 @@ impl TestServer {
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
         }
+        // Connection tasks still winding down hold the state, and with it the store's file
+        // lock: wait (bounded) until they let go, so the same data can be opened again at once.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Arc::strong_count(&self.state) > 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     pub fn options(&self) -> SyncOptions {
