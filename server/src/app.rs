@@ -26,8 +26,10 @@ use crate::session::{self, Conn, Incoming};
 use crate::store::{KvServerStore, ServerStore};
 use crate::throttle::Throttle;
 
-/// Documents kept in memory at most; the rest are loaded on demand.
+/// Documents whose stored bytes the hub's cache keeps at most.
 pub const DEFAULT_CACHE_DOCS: usize = 2_000;
+/// Megabytes the hub's cache keeps at most.
+pub const DEFAULT_CACHE_MB: usize = 32;
 /// The server's sled page cache.
 const SLED_CACHE_BYTES: u64 = 64 << 20;
 /// Coordinator sessions end after this long.
@@ -58,13 +60,14 @@ pub struct AppState {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub cache_docs: usize,
+    pub cache_mb: usize,
     pub admin_token: Option<String>,
     pub tls: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { cache_docs: DEFAULT_CACHE_DOCS, admin_token: None, tls: false }
+        Self { cache_docs: DEFAULT_CACHE_DOCS, cache_mb: DEFAULT_CACHE_MB, admin_token: None, tls: false }
     }
 }
 
@@ -73,7 +76,7 @@ impl AppState {
         let dir = Arc::new(Directory::new(kv.clone()));
         let store: Arc<dyn ServerStore> = Arc::new(KvServerStore::with_keyring(kv.clone(), keyring));
         Self {
-            hub: DocHub::new(store, opts.cache_docs),
+            hub: DocHub::new(store, opts.cache_docs, opts.cache_mb << 20),
             auth: Arc::new(SignedDevice::new(dir.clone())),
             access: Arc::new(Assignments { dir: dir.clone() }),
             audit: AuditLog::new(kv),
