@@ -32,6 +32,9 @@ pub const DEFAULT_CACHE_DOCS: usize = 2_000;
 pub const DEFAULT_CACHE_MB: usize = 32;
 /// The server's sled page cache.
 const SLED_CACHE_BYTES: u64 = 64 << 20;
+/// Download batches produced at once on blocking threads (each reads the store and sends
+/// stored bytes as they are: cheap, so a few keep two cores busy).
+const DOWNLOAD_BATCHES_AT_ONCE: usize = 4;
 /// Coordinator sessions end after this long.
 pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 
@@ -55,6 +58,13 @@ pub struct AppState {
     pub code_throttle: Throttle,
     /// Whether the server speaks TLS (session cookies are then `Secure`).
     pub tls: bool,
+    /// Sessions take this before handing a push or sync round to a blocking thread. The hub
+    /// serialises writers anyway; waiting here instead of on its lock keeps one thread, not
+    /// one per connected phone, holding a batch's loaded documents (with glibc's malloc every
+    /// such thread can get an arena of its own that keeps what it freed).
+    pub write_gate: tokio::sync::Mutex<()>,
+    /// Download batches produced at once, across sessions (see `session::send_download`).
+    pub download_gate: tokio::sync::Semaphore,
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +98,8 @@ impl AppState {
             login_throttle: Throttle::new(5, Duration::from_secs(15 * 60)),
             code_throttle: Throttle::new(10, Duration::from_secs(10 * 60)),
             tls: opts.tls,
+            write_gate: tokio::sync::Mutex::new(()),
+            download_gate: tokio::sync::Semaphore::new(DOWNLOAD_BATCHES_AT_ONCE),
         }
     }
 
