@@ -328,19 +328,22 @@ impl<C: Conn> Session<C> {
     async fn record_device(&mut self, error: Option<String>) {
         self.state.metrics.observe_sync(self.started.elapsed());
         let written = std::mem::take(&mut self.written);
-        if !written.is_empty() {
-            let n = written.len();
-            self.state.audit_device(&self.who, "write", written, true, format!("{n} person documents stored"));
-        }
         let read = std::mem::take(&mut self.read);
-        if !read.is_empty() {
-            let n = read.len();
-            self.state.audit_device(&self.who, "read", read, true, format!("{n} person documents sent"));
-        }
         let pending = self.docs_in.saturating_sub(self.docs_stored);
         let (state, who) = (self.state.clone(), self.who.clone());
         let (cursor, docs_in, docs_out) = (self.cursor.seq, self.docs_in, self.docs_out);
         let r = tokio::task::spawn_blocking(move || {
+            // The exchange's audit entries go in deferred: the device record's durable write
+            // below (same store) makes them durable with it, one flush instead of three.
+            let actor = format!("device:{} (worker {})", who.device, who.worker);
+            for (action, people, what) in [("write", written, "stored"), ("read", read, "sent")] {
+                if !people.is_empty() {
+                    let n = people.len();
+                    if let Err(e) = state.audit.record_deferred(&who.org, &actor, action, people, true, format!("{n} person documents {what}")) {
+                        tracing::error!(error = %e, "audit log write failed");
+                    }
+                }
+            }
             let store = state.hub.store();
             // Keep the last error visible until a later one replaces it.
             let previous = store.devices(&who.org)?.into_iter().find(|(d, _)| *d == who.device).map(|(_, i)| i).unwrap_or_default();
