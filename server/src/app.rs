@@ -107,7 +107,7 @@ impl AppState {
     pub fn open(data_dir: &Path, shutdown: watch::Receiver<bool>, opts: Options) -> Result<Self, peersync_core::StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| peersync_core::StoreError::Io(format!("cannot create {}: {e}", data_dir.display())))?;
-        let kv = SledStore::open_with_cache(&data_dir.join("store"), SLED_CACHE_BYTES).map_err(|e| {
+        let kv = SledStore::open_for_server(&data_dir.join("store"), SLED_CACHE_BYTES).map_err(|e| {
             peersync_core::StoreError::Io(format!("{e} (is another peersync process using {}?)", data_dir.display()))
         })?;
         let keyring = Keyring::open(&data_dir.join("keys"))?;
