@@ -1,7 +1,7 @@
 //! The document hub: applies pushes, computes what a device lacks, and runs automerge's sync
 //! protocol for the fallback. The store holds the truth.
 //!
-//! Memory: a loaded automerge document takes some 25–40 times its saved size, so the hub keeps
+//! Memory: a loaded automerge document takes tens of times its saved size, so the hub keeps
 //! no loaded documents between requests. A push (or sync round) loads the documents it touches,
 //! applies the changes, stores the batch and drops them. Between requests a bounded cache keeps,
 //! for recently written documents, what the store holds — the saved bytes, the heads and the
