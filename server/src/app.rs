@@ -26,10 +26,15 @@ use crate::session::{self, Conn, Incoming};
 use crate::store::{KvServerStore, ServerStore};
 use crate::throttle::Throttle;
 
-/// Documents kept in memory at most; the rest are loaded on demand.
+/// Documents whose stored bytes the hub's cache keeps at most.
 pub const DEFAULT_CACHE_DOCS: usize = 2_000;
+/// Megabytes the hub's cache keeps at most.
+pub const DEFAULT_CACHE_MB: usize = 32;
 /// The server's sled page cache.
 const SLED_CACHE_BYTES: u64 = 64 << 20;
+/// Download batches produced at once on blocking threads (each reads the store and sends
+/// stored bytes as they are: cheap, so a few keep two cores busy).
+const DOWNLOAD_BATCHES_AT_ONCE: usize = 4;
 /// Coordinator sessions end after this long.
 pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 
@@ -53,18 +58,26 @@ pub struct AppState {
     pub code_throttle: Throttle,
     /// Whether the server speaks TLS (session cookies are then `Secure`).
     pub tls: bool,
+    /// Sessions take this before handing a push or sync round to a blocking thread. The hub
+    /// serialises writers anyway; waiting here instead of on its lock keeps one thread, not
+    /// one per connected phone, holding a batch's loaded documents (with glibc's malloc every
+    /// such thread can get an arena of its own that keeps what it freed).
+    pub write_gate: tokio::sync::Mutex<()>,
+    /// Download batches produced at once, across sessions (see `session::send_download`).
+    pub download_gate: tokio::sync::Semaphore,
 }
 
 #[derive(Debug, Clone)]
 pub struct Options {
     pub cache_docs: usize,
+    pub cache_mb: usize,
     pub admin_token: Option<String>,
     pub tls: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { cache_docs: DEFAULT_CACHE_DOCS, admin_token: None, tls: false }
+        Self { cache_docs: DEFAULT_CACHE_DOCS, cache_mb: DEFAULT_CACHE_MB, admin_token: None, tls: false }
     }
 }
 
@@ -73,7 +86,7 @@ impl AppState {
         let dir = Arc::new(Directory::new(kv.clone()));
         let store: Arc<dyn ServerStore> = Arc::new(KvServerStore::with_keyring(kv.clone(), keyring));
         Self {
-            hub: DocHub::new(store, opts.cache_docs),
+            hub: DocHub::new(store, opts.cache_docs, opts.cache_mb << 20),
             auth: Arc::new(SignedDevice::new(dir.clone())),
             access: Arc::new(Assignments { dir: dir.clone() }),
             audit: AuditLog::new(kv),
@@ -85,6 +98,8 @@ impl AppState {
             login_throttle: Throttle::new(5, Duration::from_secs(15 * 60)),
             code_throttle: Throttle::new(10, Duration::from_secs(10 * 60)),
             tls: opts.tls,
+            write_gate: tokio::sync::Mutex::new(()),
+            download_gate: tokio::sync::Semaphore::new(DOWNLOAD_BATCHES_AT_ONCE),
         }
     }
 
@@ -92,7 +107,7 @@ impl AppState {
     pub fn open(data_dir: &Path, shutdown: watch::Receiver<bool>, opts: Options) -> Result<Self, peersync_core::StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| peersync_core::StoreError::Io(format!("cannot create {}: {e}", data_dir.display())))?;
-        let kv = SledStore::open_with_cache(&data_dir.join("store"), SLED_CACHE_BYTES).map_err(|e| {
+        let kv = SledStore::open_for_server(&data_dir.join("store"), SLED_CACHE_BYTES).map_err(|e| {
             peersync_core::StoreError::Io(format!("{e} (is another peersync process using {}?)", data_dir.display()))
         })?;
         let keyring = Keyring::open(&data_dir.join("keys"))?;

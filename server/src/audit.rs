@@ -42,14 +42,25 @@ impl<S: LocalStore> AuditLog<S> {
         Self { kv, rng: SystemRandom::new() }
     }
 
+    /// Record an entry; durable when this returns.
     pub fn record(&self, org: &str, actor: &str, action: &str, people: Vec<String>, ok: bool, detail: impl Into<String>) -> Result<(), StoreError> {
+        self.kv.apply(vec![self.entry(org, actor, action, people, ok, detail)])
+    }
+
+    /// Record an entry that the caller's next durable write to the same store makes durable
+    /// (it must follow before the caller reports the action done).
+    pub fn record_deferred(&self, org: &str, actor: &str, action: &str, people: Vec<String>, ok: bool, detail: impl Into<String>) -> Result<(), StoreError> {
+        self.kv.apply_deferred(vec![self.entry(org, actor, action, people, ok, detail)])
+    }
+
+    fn entry(&self, org: &str, actor: &str, action: &str, people: Vec<String>, ok: bool, detail: impl Into<String>) -> Write {
         let e = AuditEntry { at: Utc::now(), actor: actor.into(), action: action.into(), people, ok, detail: detail.into() };
         let mut k = prefix(org);
         k.extend_from_slice(&(e.at.timestamp_micros() as u64).to_be_bytes());
         let mut r = [0u8; 4];
         let _ = self.rng.fill(&mut r);
         k.extend_from_slice(&r);
-        self.kv.apply(vec![Write::Put(k, serde_json::to_vec(&e).expect("serializes"))])
+        Write::Put(k, serde_json::to_vec(&e).expect("serializes"))
     }
 
     /// Entries from `from` on, oldest first, at most `limit`.

@@ -25,9 +25,13 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080", env = "PEERSYNC_LISTEN")]
         listen: SocketAddr,
-        /// Person documents kept in memory at most; others are loaded on demand.
+        /// Person documents whose stored bytes are kept in memory at most; others are read
+        /// from the store on demand.
         #[arg(long, default_value_t = crate::app::DEFAULT_CACHE_DOCS, env = "PEERSYNC_CACHE_DOCS")]
         cache_docs: usize,
+        /// Megabytes of stored document bytes kept in memory at most.
+        #[arg(long, default_value_t = crate::app::DEFAULT_CACHE_MB, env = "PEERSYNC_CACHE_MB")]
+        cache_mb: usize,
         /// Token for the admin HTTP API (Authorization: Bearer …); without it the API is off.
         #[arg(long, env = "PEERSYNC_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
@@ -207,7 +211,7 @@ pub enum CliError {
 /// Run the command line; returns when the command is done.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve { data, listen, cache_docs, admin_token, tls_cert, tls_key, allow_plain_http, stop_on_stdin_eof } => {
+        Command::Serve { data, listen, cache_docs, cache_mb, admin_token, tls_cert, tls_key, allow_plain_http, stop_on_stdin_eof } => {
             let tls = match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(crate::tls::acceptor(&c, &k).map_err(|e| CliError::Usage(e.to_string()))?),
                 _ => None,
@@ -218,7 +222,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 )));
             }
             let (tx, rx) = tokio::sync::watch::channel(false);
-            let opts = Options { cache_docs, admin_token, tls: tls.is_some() };
+            let opts = Options { cache_docs, cache_mb, admin_token, tls: tls.is_some() };
             let state = Arc::new(AppState::open(&data, rx, opts)?);
             let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CliError::Listen { addr: listen, source })?;
             let addr = listener.local_addr().map_err(CliError::Serve)?;

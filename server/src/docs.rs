@@ -1,9 +1,20 @@
 //! The document hub: applies pushes, computes what a device lacks, and runs automerge's sync
-//! protocol for the fallback. Documents are loaded on demand into a bounded cache; the store
-//! holds the truth.
+//! protocol for the fallback. The store holds the truth.
+//!
+//! Memory: a loaded automerge document takes tens of times its saved size, so the hub keeps
+//! no loaded documents between requests. A push (or sync round) loads the documents it touches,
+//! applies the changes, stores the batch and drops them. Between requests a bounded cache keeps,
+//! for recently written documents, what the store holds — the saved bytes, the heads and the
+//! number of increments — so that a push loads without reading the store and a download can
+//! tell from the heads alone that a device already has everything it pushed.
+//!
+//! Cache rules: an entry always equals what the store durably holds. Entries are put in only by
+//! writers holding the writers' lock, after the append that wrote them is durable (or, for a
+//! document loaded but left unchanged, straight from the store under that lock). Readers use an
+//! entry when there is one and otherwise read the store without caching what they read, so an
+//! older copy can never take the place of a newer one.
 
-use std::collections::HashMap;
-use std::num::NonZeroUsize;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use automerge::sync::{Message as SyncMessage, State as SyncState, SyncDoc};
@@ -16,15 +27,108 @@ use tokio::sync::broadcast;
 use crate::auth::{Access, DeviceIdentity};
 use crate::store::{Append, DocWrite, ServerStore, StoredDoc};
 
-/// Increments a stored document may collect before it is folded into a snapshot.
+/// Increments a stored document may collect; the write that would exceed this stores a
+/// snapshot of the whole document instead.
 const COMPACT_AFTER: usize = 16;
 
+/// What the store holds of a document, as the cache keeps it.
 struct CachedDoc {
-    doc: Automerge,
+    /// The stored data (snapshot, then increments): input to automerge's `load_incremental`.
+    data: Vec<u8>,
+    heads: Vec<ChangeHash>,
     /// Increments stored after the snapshot.
     increments: usize,
-    /// Whether the store holds anything for it yet.
+}
+
+type CacheKey = (String, String);
+
+/// Bytes an entry costs, bookkeeping included.
+fn weight(key: &CacheKey, e: &CachedDoc) -> usize {
+    e.data.len() + e.heads.len() * 32 + key.0.len() + key.1.len() + 128
+}
+
+/// A least-recently-used cache bounded in entries and in bytes.
+struct DocCache {
+    lru: LruCache<CacheKey, Arc<CachedDoc>>,
+    bytes: usize,
+    max_docs: usize,
+    max_bytes: usize,
+}
+
+impl DocCache {
+    fn get(&mut self, key: &CacheKey) -> Option<Arc<CachedDoc>> {
+        self.lru.get(key).cloned()
+    }
+
+    fn put(&mut self, key: CacheKey, entry: CachedDoc) {
+        self.pop(&key);
+        let w = weight(&key, &entry);
+        if w > self.max_bytes {
+            return;
+        }
+        self.bytes += w;
+        self.lru.put(key, Arc::new(entry));
+        while self.lru.len() > self.max_docs || self.bytes > self.max_bytes {
+            match self.lru.pop_lru() {
+                Some((k, e)) => self.bytes -= weight(&k, &e),
+                None => break,
+            }
+        }
+    }
+
+    fn pop(&mut self, key: &CacheKey) {
+        if let Some(e) = self.lru.pop(key) {
+            self.bytes -= weight(key, &e);
+        }
+    }
+}
+
+/// A document being written by one batch: loaded from the cache or the store, dropped with the
+/// batch.
+struct Working {
+    doc: Automerge,
+    /// Whether the store held anything of it before this batch.
     stored: bool,
+    /// What the store holds once this batch's appends for it are durable.
+    data: Vec<u8>,
+    increments: usize,
+    /// An append for it is part of this batch.
+    written: bool,
+}
+
+impl Working {
+    /// Back to exactly what `data` holds (after data that failed to load, or changes left
+    /// waiting in automerge's queue for dependencies the server lacks).
+    fn reset(&mut self, org: &str, doc: &str) -> Result<(), StoreError> {
+        self.doc = load(org, doc, &self.data)?;
+        Ok(())
+    }
+
+    /// Record that the document changed from `before`: the write that stores it.
+    fn write(&mut self, before: &[ChangeHash]) -> DocWrite {
+        self.written = true;
+        if self.stored && self.increments < COMPACT_AFTER {
+            let inc = self.doc.save_after(before);
+            self.data.extend_from_slice(&inc);
+            self.increments += 1;
+            DocWrite::Increment(inc)
+        } else {
+            // New to the store, or enough increments: the whole document, replacing them.
+            let snapshot = self.doc.save();
+            self.data.clone_from(&snapshot);
+            self.increments = 0;
+            DocWrite::Snapshot(snapshot)
+        }
+    }
+}
+
+/// Documents loaded by one batch, by id.
+type Batch = HashMap<String, Working>;
+
+fn load(org: &str, doc: &str, data: &[u8]) -> Result<Automerge, StoreError> {
+    let mut am = Automerge::new();
+    am.load_incremental(data).map_err(|e| StoreError::Corrupt { key: format!("{org}/{doc}"), reason: e.to_string() })?;
+    Ok(am)
 }
 
 /// A change in an organisation's log, announced to live sessions.
@@ -37,7 +141,7 @@ pub struct Announcement {
 pub struct DocHub {
     store: Arc<dyn ServerStore>,
     // std Mutexes: held for short synchronous work on blocking threads, never across an await.
-    cache: Mutex<LruCache<(String, String), Arc<Mutex<CachedDoc>>>>,
+    cache: Mutex<DocCache>,
     /// Serialises writers so that each increment is computed against what the store holds.
     write_lock: Mutex<()>,
     announce: broadcast::Sender<Announcement>,
@@ -61,17 +165,24 @@ fn refused(code: ErrorCode, message: impl Into<String>) -> AckStatus {
 /// What the server learnt from a document it is about to store.
 struct Applied {
     doc: String,
-    /// The cached copy that holds the change, carried to the commit (not looked up again).
-    entry: Arc<Mutex<CachedDoc>>,
     /// The store held nothing of it before: its creator's worker and teammates get it.
     created: bool,
     teammates: Vec<String>,
     consent: Option<peersync_core::Consent>,
 }
 
-fn applied(doc: &str, entry: &Arc<Mutex<CachedDoc>>, e: &CachedDoc) -> Applied {
-    let (teammates, consent) = peersync_core::document::profile_and_consent(&e.doc);
-    Applied { doc: doc.to_string(), entry: entry.clone(), created: !e.stored, teammates, consent }
+fn applied(doc: &str, w: &Working) -> Applied {
+    let (teammates, consent) = peersync_core::document::profile_and_consent(&w.doc);
+    Applied { doc: doc.to_string(), created: !w.stored, teammates, consent }
+}
+
+/// A download in progress (see [`DocHub::start_download`]).
+pub struct Download {
+    entries: std::vec::IntoIter<(u64, String)>,
+    since: Cursor,
+    /// Where the device stands once it has stored the batches produced so far.
+    cursor: Cursor,
+    finished: bool,
 }
 
 /// One batch of a download.
@@ -83,11 +194,12 @@ pub struct DocsBatch {
 }
 
 impl DocHub {
-    pub fn new(store: Arc<dyn ServerStore>, cache_docs: usize) -> Self {
+    /// A hub whose cache keeps at most `cache_docs` documents and `cache_bytes` bytes.
+    pub fn new(store: Arc<dyn ServerStore>, cache_docs: usize, cache_bytes: usize) -> Self {
         let (announce, _) = broadcast::channel(1024);
         Self {
             store,
-            cache: Mutex::new(LruCache::new(NonZeroUsize::new(cache_docs.max(1)).expect("max(1)"))),
+            cache: Mutex::new(DocCache { lru: LruCache::unbounded(), bytes: 0, max_docs: cache_docs, max_bytes: cache_bytes }),
             write_lock: Mutex::new(()),
             announce,
         }
@@ -102,35 +214,59 @@ impl DocHub {
     }
 
     pub fn cached_docs(&self) -> usize {
-        lock(&self.cache).len()
+        lock(&self.cache).lru.len()
     }
 
-    fn cached(&self, org: &str, doc: &str) -> Result<Arc<Mutex<CachedDoc>>, StoreError> {
-        let key = (org.to_string(), doc.to_string());
-        if let Some(d) = lock(&self.cache).get(&key) {
-            return Ok(d.clone());
-        }
-        let entry = match self.store.load_doc(org, doc)? {
-            Some(stored) => {
-                let mut am = Automerge::new();
-                am.load_incremental(&stored.concat())
-                    .map_err(|e| StoreError::Corrupt { key: format!("{org}/{doc}"), reason: e.to_string() })?;
-                CachedDoc { doc: am, increments: stored.increments.len(), stored: true }
-            }
-            None => CachedDoc { doc: Automerge::new(), increments: 0, stored: false },
-        };
-        let entry = Arc::new(Mutex::new(entry));
-        // Another thread may have loaded (and since changed) it meanwhile: theirs wins.
-        let mut cache = lock(&self.cache);
-        if let Some(existing) = cache.get(&key) {
-            return Ok(existing.clone());
-        }
-        cache.put(key, entry.clone());
-        Ok(entry)
+    /// Bytes the cache holds (its entries' weight).
+    pub fn cached_bytes(&self) -> usize {
+        lock(&self.cache).bytes
+    }
+
+    fn cache_get(&self, org: &str, doc: &str) -> Option<Arc<CachedDoc>> {
+        lock(&self.cache).get(&(org.to_string(), doc.to_string()))
     }
 
     fn evict(&self, org: &str, doc: &str) {
         lock(&self.cache).pop(&(org.to_string(), doc.to_string()));
+    }
+
+    /// `doc` in `batch`, loaded (from the cache, else the store) if the batch has not yet.
+    /// Writers only: the caller holds the writers' lock.
+    fn working<'b>(&self, org: &str, doc: &str, batch: &'b mut Batch) -> Result<&'b mut Working, StoreError> {
+        if !batch.contains_key(doc) {
+            let (data, increments, stored) = match self.cache_get(org, doc) {
+                Some(c) => (c.data.clone(), c.increments, true),
+                None => match self.store.load_doc(org, doc)? {
+                    Some(s) => (s.concat(), s.increments.len(), true),
+                    None => (Vec::new(), 0, false),
+                },
+            };
+            let am = load(org, doc, &data)?;
+            batch.insert(doc.to_string(), Working { doc: am, stored, data, increments, written: false });
+        }
+        Ok(batch.get_mut(doc).expect("inserted above"))
+    }
+
+    /// After the batch's appends are durable: the cache takes what the store now holds of
+    /// every document the batch loaded. The caller holds the writers' lock.
+    fn cache_batch(&self, org: &str, batch: Batch) {
+        let mut cache = lock(&self.cache);
+        for (doc, w) in batch {
+            if w.stored || w.written {
+                let heads = w.doc.get_heads();
+                cache.put((org.to_string(), doc), CachedDoc { data: w.data, heads, increments: w.increments });
+            }
+        }
+    }
+
+    /// The document as stored, loaded; `None` if the store holds nothing of it. For readers:
+    /// what it reads from the store is not cached.
+    fn loaded(&self, org: &str, doc: &str) -> Result<Option<Automerge>, StoreError> {
+        let data = match self.cache_get(org, doc) {
+            Some(c) => return load(org, doc, &c.data).map(Some),
+            None => self.store.load_doc(org, doc)?,
+        };
+        data.map(|s| load(org, doc, &s.concat())).transpose()
     }
 
     /// Apply a batch of pushes; returns once the accepted ones are durable. Documents the
@@ -142,28 +278,18 @@ impl DocHub {
         pushes: Vec<DocPush>,
         pushed: &mut Pushed,
     ) -> Result<Vec<DocAck>, StoreError> {
-        let org = who.org.as_str();
         let _w = lock(&self.write_lock);
         let mut acks = Vec::with_capacity(pushes.len());
         let mut appends = Vec::new();
-        let mut touched = Vec::new();
+        let mut batch = Batch::new();
         for p in pushes {
-            let status = self.apply_one(who, access, &p, &mut appends, &mut touched);
-            let status = match status {
-                Ok(s) => s,
-                Err(e) => {
-                    for d in &touched {
-                        self.evict(org, d);
-                    }
-                    return Err(e);
-                }
-            };
+            let status = self.apply_one(who, access, &p, &mut appends, &mut batch)?;
             if status == AckStatus::Stored {
                 pushed.insert(p.doc.clone(), p.heads.iter().map(to_hash).collect());
             }
             acks.push(DocAck { doc: p.doc, status });
         }
-        self.commit(who, access, appends, &touched)?;
+        self.commit(who, access, appends, batch)?;
         Ok(acks)
     }
 
@@ -173,7 +299,7 @@ impl DocHub {
         access: &dyn Access,
         p: &DocPush,
         appends: &mut Vec<(Append, Applied)>,
-        touched: &mut Vec<String>,
+        batch: &mut Batch,
     ) -> Result<AckStatus, StoreError> {
         if let Err(e) = peersync_core::model::validate_id("doc", &p.doc) {
             return Ok(refused(ErrorCode::InvalidDocument, e.to_string()));
@@ -181,48 +307,41 @@ impl DocHub {
         if p.data.len() > MAX_DOC_BYTES {
             return Ok(refused(ErrorCode::TooLarge, format!("document data of {} bytes exceeds {MAX_DOC_BYTES}", p.data.len())));
         }
-        let entry = self.cached(&who.org, &p.doc)?;
-        let mut e = lock(&entry);
-        if let Some(refusal) = access.check_write(who, &p.doc, e.stored)? {
+        let org = who.org.as_str();
+        let w = self.working(org, &p.doc, batch)?;
+        if let Some(refusal) = access.check_write(who, &p.doc, w.stored)? {
             return Ok(refusal);
         }
-        let before = e.doc.get_heads();
-        if let Err(err) = e.doc.load_incremental(&p.data) {
-            drop(e);
-            self.evict(&who.org, &p.doc);
+        let before = w.doc.get_heads();
+        if let Err(err) = w.doc.load_incremental(&p.data) {
+            w.reset(org, &p.doc)?;
             return Ok(refused(ErrorCode::InvalidDocument, format!("not automerge data: {err}")));
         }
-        let after = e.doc.get_heads();
-        let complete = p.heads.iter().all(|h| e.doc.get_change_by_hash(&to_hash(h)).is_some());
+        let after = w.doc.get_heads();
+        let complete = p.heads.iter().all(|h| w.doc.get_change_by_hash(&to_hash(h)).is_some());
         if after != before {
-            let write = if e.stored {
-                DocWrite::Increment(e.doc.save_after(&before))
-            } else {
-                DocWrite::Snapshot(e.doc.save())
-            };
-            appends.push((Append { doc: p.doc.clone(), write, view: crate::report::row_bytes(&p.doc, &e.doc) }, applied(&p.doc, &entry, &e)));
-            touched.push(p.doc.clone());
+            let write = w.write(&before);
+            appends.push((Append { doc: p.doc.clone(), write, view: crate::report::row_bytes(&p.doc, &w.doc) }, applied(&p.doc, w)));
         }
         if !complete {
-            // Changes waiting for dependencies sit in automerge's queue: drop them with the
-            // cached copy (what did apply is already in `appends`) and let the device reconcile
-            // this document with the sync protocol.
-            drop(e);
-            self.evict(&who.org, &p.doc);
+            // Changes waiting for dependencies sit in automerge's queue: drop them (what did
+            // apply is already in `appends`) and let the device reconcile this document with
+            // the sync protocol.
+            w.reset(org, &p.doc)?;
             return Ok(AckStatus::NeedSync);
         }
         Ok(AckStatus::Stored)
     }
 
-    /// Store `appends` durably and bring the cache in line; tell `access` what was created
-    /// and changed; announce the new log head.
-    fn commit(&self, who: &DeviceIdentity, access: &dyn Access, appends: Vec<(Append, Applied)>, touched: &[String]) -> Result<(), StoreError> {
+    /// Store `appends` durably and bring the cache in line with `batch`; tell `access` what
+    /// was created and changed; announce the new log head. The caller holds the writers' lock.
+    fn commit(&self, who: &DeviceIdentity, access: &dyn Access, appends: Vec<(Append, Applied)>, batch: Batch) -> Result<(), StoreError> {
         let org = who.org.as_str();
         if appends.is_empty() {
+            self.cache_batch(org, batch);
             return Ok(());
         }
         let (appends, learnt): (Vec<Append>, Vec<Applied>) = appends.into_iter().unzip();
-        let kinds: Vec<bool> = appends.iter().map(|a| matches!(a.write, DocWrite::Snapshot(_))).collect();
         // Assignments of new people and consent go in first, as deferred writes at the
         // positions the appends will take (writers are serialised, so the head cannot move):
         // the append's durable write makes them durable together with the documents.
@@ -236,29 +355,14 @@ impl DocHub {
         let cursors = match self.store.append(org, appends) {
             Ok(c) => c,
             Err(e) => {
-                for d in touched {
-                    self.evict(org, d);
+                // Whatever the store kept, the cache must not claim to know it.
+                for doc in batch.keys() {
+                    self.evict(org, doc);
                 }
                 return Err(e);
             }
         };
-        let mut to_compact = Vec::new();
-        for ((a, snapshot), cursor) in learnt.iter().zip(&kinds).zip(&cursors) {
-            let mut e = lock(&a.entry);
-            e.stored = true;
-            e.increments = if *snapshot { 0 } else { e.increments + 1 };
-            if e.increments > COMPACT_AFTER {
-                to_compact.push((a.doc.clone(), e.doc.save(), cursor.seq));
-                e.increments = 0;
-            }
-        }
-        for (doc, snapshot, upto) in to_compact {
-            if let Err(err) = self.store.compact(org, &doc, snapshot, upto) {
-                // The increments are still there: nothing is lost, compaction retries later.
-                tracing::warn!(%org, %doc, error = %err, "compaction failed");
-                self.evict(org, &doc);
-            }
-        }
+        self.cache_batch(org, batch);
         if let Some(last) = cursors.last() {
             let _ = self.announce.send(Announcement { org: org.to_string(), seq: last.seq });
         }
@@ -273,27 +377,74 @@ impl DocHub {
         Ok(self.store.tag_at(org, cursor.seq)? == Some(cursor.tag))
     }
 
+    /// The changes of `doc` a device that pushed up to `heads` lacks. Usually none: when the
+    /// stored heads are the pushed ones nothing is loaded.
+    fn beyond(&self, org: &str, doc: &str, heads: &[ChangeHash]) -> Result<Vec<u8>, StoreError> {
+        if let Some(c) = self.cache_get(org, doc) {
+            let mut stored = c.heads.clone();
+            let mut pushed = heads.to_vec();
+            stored.sort();
+            pushed.sort();
+            if stored == pushed {
+                return Ok(Vec::new());
+            }
+        }
+        Ok(match self.loaded(org, doc)? {
+            Some(am) => am.get_changes(heads).iter().flat_map(|c| c.raw_bytes().to_vec()).collect(),
+            None => Vec::new(),
+        })
+    }
+
     /// What the device lacks since `since`, in bounded batches handed to `emit` as they are
     /// ready. Documents in `skip` are left out; for documents in `pushed` only the changes
     /// beyond the pushed heads are sent. Returns the cursor the device ends at.
+    #[allow(clippy::too_many_arguments)]
     pub fn download(
         &self,
         who: &DeviceIdentity,
         access: &dyn Access,
         since: Cursor,
         pushed: &Pushed,
-        skip: &std::collections::HashSet<String>,
+        skip: &HashSet<String>,
         batch_bytes: usize,
         mut emit: impl FnMut(DocsBatch) -> bool,
     ) -> Result<Cursor, StoreError> {
-        let org = who.org.as_str();
+        let mut dl = self.start_download(&who.org, since)?;
+        while let Some(batch) = self.next_batch(&mut dl, who, access, pushed, skip, batch_bytes)? {
+            if !emit(batch) {
+                break;
+            }
+        }
+        Ok(dl.cursor)
+    }
+
+    /// A download of what changed since `since`, to be produced with [`DocHub::next_batch`]
+    /// one batch at a time (so that no thread waits for the device between batches).
+    pub fn start_download(&self, org: &str, since: Cursor) -> Result<Download, StoreError> {
         let entries = self.store.changed_since(org, since.seq)?;
-        let total = entries.len();
-        let mut cursor = since;
+        Ok(Download { entries: entries.into_iter(), since, cursor: since, finished: false })
+    }
+
+    /// The next batch of `dl` (see [`DocHub::download`]): bounded by `batch_bytes`; the last
+    /// one, possibly empty, has `remaining` 0; then `None`.
+    pub fn next_batch(
+        &self,
+        dl: &mut Download,
+        who: &DeviceIdentity,
+        access: &dyn Access,
+        pushed: &Pushed,
+        skip: &HashSet<String>,
+        batch_bytes: usize,
+    ) -> Result<Option<DocsBatch>, StoreError> {
+        if dl.finished {
+            return Ok(None);
+        }
+        let org = who.org.as_str();
+        let since = dl.since;
         let mut docs = Vec::new();
         let mut purge = Vec::new();
         let mut size = 0usize;
-        for (i, (seq, doc)) in entries.into_iter().enumerate() {
+        for (seq, doc) in dl.entries.by_ref() {
             let readable = if skip.contains(&doc) { None } else { access.read_since(who, &doc)? };
             if readable.is_none() && access.must_purge(who, &doc, since.seq)? {
                 size += doc.len();
@@ -301,11 +452,7 @@ impl DocHub {
             }
             if let Some(granted) = readable {
                 let data = match pushed.get(&doc) {
-                    Some(heads) => {
-                        let entry = self.cached(org, &doc)?;
-                        let e = lock(&entry);
-                        e.doc.get_changes(heads).iter().flat_map(|c| c.raw_bytes().to_vec()).collect()
-                    }
+                    Some(heads) => self.beyond(org, &doc, heads)?,
                     None => match self.store.load_doc(org, &doc)? {
                         // Newly assigned: the device cannot have anything of it yet.
                         Some(stored) if granted > since.seq => stored.concat(),
@@ -318,21 +465,18 @@ impl DocHub {
                     docs.push(DocDown { doc, data });
                 }
             }
-            cursor = Cursor { seq, tag: 0 };
+            dl.cursor = Cursor { seq, tag: 0 };
             if size >= batch_bytes {
-                cursor.tag = self.store.tag_at(org, seq)?.unwrap_or(0);
-                let batch = DocsBatch { docs: std::mem::take(&mut docs), purge: std::mem::take(&mut purge), cursor, remaining: (total - i - 1) as u32 };
-                size = 0;
-                if !emit(batch) {
-                    return Ok(cursor);
-                }
+                dl.cursor.tag = self.store.tag_at(org, seq)?.unwrap_or(0);
+                let remaining = dl.entries.len() as u32;
+                return Ok(Some(DocsBatch { docs, purge, cursor: dl.cursor, remaining }));
             }
         }
-        if cursor.seq != since.seq {
-            cursor.tag = self.store.tag_at(org, cursor.seq)?.unwrap_or(0);
+        if dl.cursor.seq != since.seq && dl.cursor.tag == 0 {
+            dl.cursor.tag = self.store.tag_at(org, dl.cursor.seq)?.unwrap_or(0);
         }
-        emit(DocsBatch { docs, purge, cursor, remaining: 0 });
-        Ok(cursor)
+        dl.finished = true;
+        Ok(Some(DocsBatch { docs, purge, cursor: dl.cursor, remaining: 0 }))
     }
 
     /// Move `doc`'s log entry forward (after an assignment changed) and return its position.
@@ -360,23 +504,14 @@ impl DocHub {
         Ok(())
     }
 
-    /// A copy of `doc` as the server holds it; `None` if it holds nothing of it.
-    fn stored_copy(&self, org: &str, doc: &str) -> Result<Option<Automerge>, StoreError> {
-        let entry = self.cached(org, doc)?;
-        let e = lock(&entry);
-        if e.stored {
-            return Ok(Some(e.doc.clone()));
-        }
-        drop(e);
-        // Nothing stored: do not let a probe fill the cache with empty documents.
-        self.evict(org, doc);
-        Ok(None)
-    }
-
     /// The heads of `doc` as stored (hex, sorted); `None` if the server holds nothing of it.
     pub fn heads(&self, org: &str, doc: &str) -> Result<Option<Vec<String>>, StoreError> {
-        Ok(self.stored_copy(org, doc)?.map(|am| {
-            let mut h: Vec<String> = am.get_heads().iter().map(|h| h.to_string()).collect();
+        let heads = match self.cache_get(org, doc) {
+            Some(c) => Some(c.heads.clone()),
+            None => self.loaded(org, doc)?.map(|am| am.get_heads()),
+        };
+        Ok(heads.map(|heads| {
+            let mut h: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
             h.sort();
             h
         }))
@@ -384,7 +519,7 @@ impl DocHub {
 
     /// The person's current record as the server holds it (for coordinators' reads).
     pub fn record(&self, org: &str, doc: &str) -> Result<Option<peersync_core::PersonRecord>, StoreError> {
-        Ok(self.stored_copy(org, doc)?.and_then(|am| peersync_core::document::read_record(doc, &am).ok()))
+        Ok(self.loaded(org, doc)?.and_then(|am| peersync_core::document::read_record(doc, &am).ok()))
     }
 
     /// One round of automerge's sync protocol for each document in `msgs`, with per-session
@@ -399,47 +534,44 @@ impl DocHub {
         let org = who.org.as_str();
         let _w = lock(&self.write_lock);
         let mut appends = Vec::new();
-        let mut touched = Vec::new();
+        let mut batch = Batch::new();
         let mut replies = Vec::new();
         for m in msgs {
             if peersync_core::model::validate_id("doc", &m.doc).is_err() {
                 continue;
             }
-            let entry = self.cached(org, &m.doc)?;
-            let mut e = lock(&entry);
+            let w = self.working(org, &m.doc, &mut batch)?;
             // A document the server has never held may be created through the sync protocol too.
-            let may_read = !e.stored || access.read_since(who, &m.doc)?.is_some();
+            let may_read = !w.stored || access.read_since(who, &m.doc)?.is_some();
             if !may_read {
                 continue;
             }
-            let may_write = access.check_write(who, &m.doc, e.stored)?.is_none();
+            let may_write = access.check_write(who, &m.doc, w.stored)?.is_none();
             let state = states.entry(m.doc.clone()).or_default();
             if !m.msg.is_empty() {
                 let Ok(msg) = SyncMessage::decode(&m.msg) else { continue };
-                let before = e.doc.get_heads();
+                let before = w.doc.get_heads();
                 if may_write {
-                    if e.doc.receive_sync_message(state, msg).is_err() {
-                        drop(e);
-                        self.evict(org, &m.doc);
+                    if w.doc.receive_sync_message(state, msg).is_err() {
+                        w.reset(org, &m.doc)?;
                         continue;
                     }
                 } else {
                     // Read-only: learn what the device has without taking its changes.
-                    let mut scratch = e.doc.fork();
+                    let mut scratch = w.doc.fork();
                     let _ = scratch.receive_sync_message(state, msg);
                 }
-                let after = e.doc.get_heads();
+                let after = w.doc.get_heads();
                 if after != before {
-                    let write = if e.stored { DocWrite::Increment(e.doc.save_after(&before)) } else { DocWrite::Snapshot(e.doc.save()) };
-                    appends.push((Append { doc: m.doc.clone(), write, view: crate::report::row_bytes(&m.doc, &e.doc) }, applied(&m.doc, &entry, &e)));
-                    touched.push(m.doc.clone());
+                    let write = w.write(&before);
+                    appends.push((Append { doc: m.doc.clone(), write, view: crate::report::row_bytes(&m.doc, &w.doc) }, applied(&m.doc, w)));
                 }
             }
-            if let Some(reply) = e.doc.generate_sync_message(state) {
+            if let Some(reply) = w.doc.generate_sync_message(state) {
                 replies.push(DocSync { doc: m.doc, msg: reply.encode() });
             }
         }
-        self.commit(who, access, appends, &touched)?;
+        self.commit(who, access, appends, batch)?;
         Ok(replies)
     }
 }
@@ -452,5 +584,189 @@ fn since_cursor(stored: &StoredDoc, since: u64) -> Vec<u8> {
             stored.increments.iter().filter(|(s, _)| *s > since).flat_map(|(_, d)| d.iter().copied()).collect()
         }
         _ => stored.concat(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use automerge::transaction::Transactable;
+    use automerge::ROOT;
+    use peersync_core::store::MemoryStore;
+
+    use super::*;
+    use crate::store::{DeviceSync, KvServerStore};
+
+    struct Open;
+
+    impl Access for Open {
+        fn read_since(&self, _: &DeviceIdentity, _: &str) -> Result<Option<u64>, StoreError> {
+            Ok(Some(0))
+        }
+        fn must_purge(&self, _: &DeviceIdentity, _: &str, _: u64) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+        fn check_write(&self, _: &DeviceIdentity, _: &str, _: bool) -> Result<Option<AckStatus>, StoreError> {
+            Ok(None)
+        }
+        fn created(&self, _: &DeviceIdentity, _: &str, _: &[String], _: u64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn changed(&self, _: &str, _: &str, _: Option<&peersync_core::Consent>) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    /// A store whose next append can be made to fail.
+    struct Flaky {
+        inner: KvServerStore<MemoryStore>,
+        fail: AtomicBool,
+    }
+
+    impl ServerStore for Flaky {
+        fn append(&self, org: &str, appends: Vec<Append>) -> Result<Vec<Cursor>, StoreError> {
+            if self.fail.swap(false, Ordering::SeqCst) {
+                return Err(StoreError::Io("disk full".into()));
+            }
+            self.inner.append(org, appends)
+        }
+        fn load_doc(&self, org: &str, doc: &str) -> Result<Option<StoredDoc>, StoreError> {
+            self.inner.load_doc(org, doc)
+        }
+        fn compact(&self, org: &str, doc: &str, snapshot: Vec<u8>, upto: u64) -> Result<(), StoreError> {
+            self.inner.compact(org, doc, snapshot, upto)
+        }
+        fn changed_since(&self, org: &str, after: u64) -> Result<Vec<(u64, String)>, StoreError> {
+            self.inner.changed_since(org, after)
+        }
+        fn head(&self, org: &str) -> Result<Cursor, StoreError> {
+            self.inner.head(org)
+        }
+        fn tag_at(&self, org: &str, seq: u64) -> Result<Option<u32>, StoreError> {
+            self.inner.tag_at(org, seq)
+        }
+        fn put_device(&self, org: &str, device: &str, info: &DeviceSync) -> Result<(), StoreError> {
+            self.inner.put_device(org, device, info)
+        }
+        fn devices(&self, org: &str) -> Result<Vec<(String, DeviceSync)>, StoreError> {
+            self.inner.devices(org)
+        }
+        fn views(&self, org: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.inner.views(org)
+        }
+    }
+
+    fn hub(cache_docs: usize, cache_bytes: usize) -> (DocHub, Arc<Flaky>) {
+        let store = Arc::new(Flaky { inner: KvServerStore::new(MemoryStore::new()), fail: AtomicBool::new(false) });
+        (DocHub::new(store.clone(), cache_docs, cache_bytes), store)
+    }
+
+    fn who() -> DeviceIdentity {
+        DeviceIdentity { org: "o".into(), device: "d".into(), worker: "w".into(), revoked: false, since: 0 }
+    }
+
+    /// A phone's copy of a document: one change per call to `edit`.
+    struct Phone(Automerge);
+
+    impl Phone {
+        fn edit(&mut self, key: &str) -> Vec<ChangeHash> {
+            let before = self.0.get_heads();
+            let mut tx = self.0.transaction();
+            tx.put(ROOT, key, key).unwrap();
+            tx.commit();
+            before
+        }
+
+        /// Push everything after `acked` (the whole document when nothing was acknowledged).
+        fn push(&self, hub: &DocHub, doc: &str, acked: Option<&[ChangeHash]>) -> Result<AckStatus, StoreError> {
+            let data = match acked {
+                Some(h) => self.0.save_after(h),
+                None => self.0.save(),
+            };
+            let heads = self.0.get_heads().iter().map(|h| h.0).collect();
+            let acks = hub.push(&who(), &Open, vec![DocPush { doc: doc.into(), heads, data }], &mut Pushed::new())?;
+            Ok(acks.into_iter().next().unwrap().status)
+        }
+    }
+
+    fn stored_heads(store: &Flaky, doc: &str) -> Vec<String> {
+        let am = load("o", doc, &store.load_doc("o", doc).unwrap().unwrap().concat()).unwrap();
+        let mut h: Vec<String> = am.get_heads().iter().map(|h| h.to_string()).collect();
+        h.sort();
+        h
+    }
+
+    #[test]
+    fn the_cache_holds_what_the_store_holds_and_increments_fold_into_snapshots() {
+        let (hub, store) = hub(100, 1 << 20);
+        let mut phone = Phone(Automerge::new());
+        phone.edit("k0");
+        assert_eq!(phone.push(&hub, "p-1", None).unwrap(), AckStatus::Stored);
+        for i in 1..=40 {
+            let acked = phone.edit(&format!("k{i}"));
+            assert_eq!(phone.push(&hub, "p-1", Some(&acked)).unwrap(), AckStatus::Stored);
+            assert_eq!(hub.heads("o", "p-1").unwrap().unwrap(), stored_heads(&store, "p-1"));
+            let stored = store.load_doc("o", "p-1").unwrap().unwrap();
+            assert!(stored.increments.len() <= COMPACT_AFTER);
+            let cached = hub.cache_get("o", "p-1").unwrap();
+            assert_eq!(cached.data, stored.concat(), "the cache keeps the stored bytes");
+            assert_eq!(cached.increments, stored.increments.len());
+        }
+        let record = load("o", "p-1", &store.load_doc("o", "p-1").unwrap().unwrap().concat()).unwrap();
+        assert_eq!(record.get_heads(), phone.0.get_heads());
+    }
+
+    #[test]
+    fn a_failed_append_leaves_the_cache_with_the_stored_copy() {
+        let (hub, store) = hub(100, 1 << 20);
+        let mut phone = Phone(Automerge::new());
+        phone.edit("a");
+        phone.push(&hub, "p-1", None).unwrap();
+        let v1 = hub.heads("o", "p-1").unwrap();
+        let acked = phone.edit("b");
+        store.fail.store(true, Ordering::SeqCst);
+        assert!(phone.push(&hub, "p-1", Some(&acked)).is_err());
+        assert_eq!(hub.heads("o", "p-1").unwrap(), v1, "nothing newer than the store");
+        assert_eq!(phone.push(&hub, "p-1", Some(&acked)).unwrap(), AckStatus::Stored);
+        assert_eq!(hub.heads("o", "p-1").unwrap().unwrap(), stored_heads(&store, "p-1"));
+        assert_ne!(hub.heads("o", "p-1").unwrap(), v1);
+    }
+
+    #[test]
+    fn readers_never_put_a_copy_in_the_cache() {
+        let (hub, store) = hub(1, 1 << 20);
+        let mut a = Phone(Automerge::new());
+        let mut b = Phone(Automerge::new());
+        a.edit("a");
+        b.edit("b");
+        a.push(&hub, "p-a", None).unwrap();
+        b.push(&hub, "p-b", None).unwrap();
+        assert_eq!(hub.cached_docs(), 1);
+        assert!(hub.cache_get("o", "p-a").is_none(), "evicted");
+        // A reader loads p-a from the store; it must not cache that copy, which a later write
+        // would make stale.
+        assert_eq!(hub.heads("o", "p-a").unwrap().unwrap(), stored_heads(&store, "p-a"));
+        assert!(hub.cache_get("o", "p-a").is_none());
+        let _ = hub.record("o", "p-a").unwrap();
+        assert!(hub.cache_get("o", "p-a").is_none());
+        let acked = a.edit("a2");
+        a.push(&hub, "p-a", Some(&acked)).unwrap();
+        assert_eq!(hub.heads("o", "p-a").unwrap().unwrap(), stored_heads(&store, "p-a"));
+        assert!(hub.heads("o", "p-none").unwrap().is_none());
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_byte_budget() {
+        let (hub, _) = hub(1000, 4096);
+        for i in 0..20 {
+            let mut p = Phone(Automerge::new());
+            for k in 0..20 {
+                p.edit(&format!("field-{k}-{}", "x".repeat(40)));
+            }
+            p.push(&hub, &format!("p-{i}"), None).unwrap();
+            assert!(hub.cached_bytes() <= 4096);
+        }
+        assert!(hub.cached_docs() >= 1 && hub.cached_docs() < 20);
     }
 }

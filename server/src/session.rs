@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use peersync_core::protocol::{self, ClientMsg, Cursor, ErrorCode, ServerMsg, TARGET_BATCH_BYTES};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::app::AppState;
 use crate::auth::DeviceIdentity;
@@ -214,11 +214,13 @@ impl<C: Conn> Session<C> {
                 self.require_hello()?;
                 let (state, who) = (self.state.clone(), self.who.clone());
                 let mut states = std::mem::take(&mut self.sync_states);
+                let gate = self.state.write_gate.lock().await;
                 let (replies, states) = blocking(move || {
                     let r = state.hub.sync_round(&who, state.access.as_ref(), msgs, &mut states);
                     r.map(|r| (r, states))
                 })
                 .await?;
+                drop(gate);
                 self.sync_states = states;
                 self.send(&ServerMsg::Sync { msgs: replies }).await
             }
@@ -240,11 +242,13 @@ impl<C: Conn> Session<C> {
             self.state.metrics.docs_received.fetch_add(docs.len() as u64, Relaxed);
             let (state, who) = (self.state.clone(), self.who.clone());
             let mut pushed = std::mem::take(&mut self.pushed);
+            let gate = self.state.write_gate.lock().await;
             let (acks, pushed) = blocking(move || {
                 let acks = state.hub.push(&who, state.access.as_ref(), docs, &mut pushed);
                 acks.map(|a| (a, pushed))
             })
             .await?;
+            drop(gate);
             self.pushed = pushed;
             let stored: Vec<String> = acks.iter().filter(|a| a.status == protocol::AckStatus::Stored).map(|a| a.doc.clone()).collect();
             self.docs_stored += stored.len() as u64;
@@ -266,36 +270,33 @@ impl<C: Conn> Session<C> {
     }
 
     /// Stream what the device lacks since `since` in bounded batches; the last carries `done`.
+    /// Each batch is produced on a blocking thread under the download gate, which is released
+    /// before the batch is sent: a phone on a slow link holds no thread while it reads.
     async fn send_download(&mut self, since: Cursor, skip: HashSet<String>, record: bool) -> Result<(), SessionEnd> {
-        let (tx, mut rx) = mpsc::channel::<DocsBatch>(2);
-        let (state, who) = (self.state.clone(), self.who.clone());
-        let pushed = std::mem::take(&mut self.pushed);
-        let producer = tokio::task::spawn_blocking(move || {
-            let r = state.hub.download(&who, state.access.as_ref(), since, &pushed, &skip, TARGET_BATCH_BYTES, |b| tx.blocking_send(b).is_ok());
-            (r, pushed)
-        });
+        let pushed = Arc::new(std::mem::take(&mut self.pushed));
+        let skip = Arc::new(skip);
+        let (state, org) = (self.state.clone(), self.who.org.clone());
+        let mut download = blocking(move || state.hub.start_download(&org, since)).await?;
+        // Hold one batch back so the last one can be marked `done`.
         let mut pending: Option<DocsBatch> = None;
-        let mut failed = None;
-        while let Some(batch) = rx.recv().await {
-            // Hold one batch back so the last one can be marked `done`.
+        loop {
+            let permit = self.state.download_gate.acquire().await.map_err(|e| SessionEnd::protocol(ErrorCode::Internal, e.to_string()))?;
+            let (state, who, pushed, skip) = (self.state.clone(), self.who.clone(), pushed.clone(), skip.clone());
+            let (batch, back) = blocking(move || {
+                let b = state.hub.next_batch(&mut download, &who, state.access.as_ref(), &pushed, &skip, TARGET_BATCH_BYTES);
+                b.map(|b| (b, download))
+            })
+            .await?;
+            drop(permit);
+            download = back;
+            let Some(batch) = batch else { break };
             if let Some(prev) = pending.replace(batch) {
-                if let Err(e) = self.send_batch(prev, false).await {
-                    failed = Some(e);
-                    break;
-                }
+                self.send_batch(prev, false).await?;
             }
         }
-        drop(rx);
-        let (result, pushed) = producer.await.map_err(|e| SessionEnd::protocol(ErrorCode::Internal, e.to_string()))?;
-        self.pushed = pushed;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let end = result?;
-        let last = pending.unwrap_or(DocsBatch { docs: vec![], purge: vec![], cursor: end, remaining: 0 });
+        let last = pending.ok_or_else(|| SessionEnd::protocol(ErrorCode::Internal, "a download ended without its last batch"))?;
         self.send_batch(last, true).await?;
         self.exchanged = true;
-        self.pushed.clear();
         if record {
             self.record_device(None).await;
         }
@@ -327,19 +328,22 @@ impl<C: Conn> Session<C> {
     async fn record_device(&mut self, error: Option<String>) {
         self.state.metrics.observe_sync(self.started.elapsed());
         let written = std::mem::take(&mut self.written);
-        if !written.is_empty() {
-            let n = written.len();
-            self.state.audit_device(&self.who, "write", written, true, format!("{n} person documents stored"));
-        }
         let read = std::mem::take(&mut self.read);
-        if !read.is_empty() {
-            let n = read.len();
-            self.state.audit_device(&self.who, "read", read, true, format!("{n} person documents sent"));
-        }
         let pending = self.docs_in.saturating_sub(self.docs_stored);
         let (state, who) = (self.state.clone(), self.who.clone());
         let (cursor, docs_in, docs_out) = (self.cursor.seq, self.docs_in, self.docs_out);
         let r = tokio::task::spawn_blocking(move || {
+            // The exchange's audit entries go in deferred: the device record's durable write
+            // below (same store) makes them durable with it, one flush instead of three.
+            let actor = format!("device:{} (worker {})", who.device, who.worker);
+            for (action, people, what) in [("write", written, "stored"), ("read", read, "sent")] {
+                if !people.is_empty() {
+                    let n = people.len();
+                    if let Err(e) = state.audit.record_deferred(&who.org, &actor, action, people, true, format!("{n} person documents {what}")) {
+                        tracing::error!(error = %e, "audit log write failed");
+                    }
+                }
+            }
             let store = state.hub.store();
             // Keep the last error visible until a later one replaces it.
             let previous = store.devices(&who.org)?.into_iter().find(|(d, _)| *d == who.device).map(|(_, i)| i).unwrap_or_default();
