@@ -65,8 +65,11 @@ impl Killed {
     }
 }
 
-/// Check that Node is there and that the npm packages are installed (`npm ci` if
-/// `node_modules` is missing); returns the automerge-repo version.
+/// Check that Node is there and that the npm packages are installed (`npm install` from the
+/// lock file if `node_modules` is missing); returns the automerge-repo version. Not `npm ci`:
+/// npm 11 rejects this lock file there for lacking the optional per-platform packages of
+/// cbor-extract (a dependency of automerge-repo), although `npm install` installs exactly the
+/// locked, exact-pinned versions from it.
 pub async fn ensure_installed(dir: &Path) -> Result<String, BenchError> {
     if !dir.join("package-lock.json").is_file() || !dir.join("client.mjs").is_file() {
         return Err(err(format!("{} does not hold the automerge-repo bench (give --automerge-repo-dir)", dir.display())));
@@ -76,9 +79,9 @@ pub async fn ensure_installed(dir: &Path) -> Result<String, BenchError> {
         return Err(err("node --version failed: install Node 20 or later"));
     }
     if !dir.join("node_modules").is_dir() {
-        eprintln!("bench: installing the automerge-repo packages (npm ci in {})", dir.display());
+        eprintln!("bench: installing the automerge-repo packages (npm install in {})", dir.display());
         let npm = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
+            .args(["install", "--no-save", "--no-audit", "--no-fund"])
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
@@ -87,8 +90,8 @@ pub async fn ensure_installed(dir: &Path) -> Result<String, BenchError> {
             .map_err(|e| err(format!("npm not found ({e}): install npm to run the automerge-repo comparison")))?;
         match Killed(npm).wait(Duration::from_secs(600)).await {
             Some(s) if s.success() => {}
-            Some(s) => return Err(err(format!("npm ci failed ({s})"))),
-            None => return Err(err("npm ci did not finish within 600 s")),
+            Some(s) => return Err(err(format!("npm install failed ({s})"))),
+            None => return Err(err("npm install did not finish within 600 s")),
         }
     }
     let pkg = dir.join("node_modules/@automerge/automerge-repo/package.json");
