@@ -146,6 +146,8 @@ where
 impl Device {
     /// Open (or create) the store at `path`, sealed with the app's 32-byte `key`.
     pub async fn open(path: impl AsRef<Path>, key: &[u8], clock: Arc<dyn Clock>) -> Result<Device, CoreError> {
+        // A wrong-sized key is refused before anything is created on disk.
+        crate::crypto::Cipher::new(key)?;
         let path = path.as_ref().to_path_buf();
         let key = key.to_vec();
         blocking(move || {

@@ -38,16 +38,6 @@ pub struct Device {
     core: core::Device,
 }
 
-fn check_key(key: &[u8]) -> Result<(), PeersyncError> {
-    if key.len() != 32 {
-        return Err(PeersyncError::Invalid(format!(
-            "the store key must be exactly 32 bytes (from the Android Keystore or iOS Keychain), got {}",
-            key.len()
-        )));
-    }
-    Ok(())
-}
-
 #[uniffi::export]
 impl Device {
     /// Open (or create) the encrypted store in the directory `path` with the app's 32-byte
@@ -64,7 +54,6 @@ impl Device {
         key: Vec<u8>,
         clock: Option<Arc<dyn Clock>>,
     ) -> Result<Arc<Self>, PeersyncError> {
-        check_key(&key)?;
         let clock: Arc<dyn core::Clock> = match clock {
             Some(c) => Arc::new(ForeignClock(c)),
             None => Arc::new(core::SystemClock),

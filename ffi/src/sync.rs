@@ -2,7 +2,7 @@
 //! implements to follow progress, the connection's state and changed records.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use peersync_core::sync as core;
@@ -170,7 +170,7 @@ enum Event {
 /// that throws must not stop a sync or a write that already happened, so its failures are
 /// contained here.
 pub(crate) struct Bridge {
-    events: Mutex<std::sync::mpsc::Sender<Event>>,
+    events: std::sync::mpsc::Sender<Event>,
 }
 
 impl Bridge {
@@ -196,7 +196,7 @@ impl Bridge {
         if let Err(e) = spawned {
             tracing::warn!("cannot start a listener thread ({e}); the listener will not be called");
         }
-        Self { events: Mutex::new(tx) }
+        Self { events: tx }
     }
 
     /// Resolves once every event sent before has reached the listener (or its thread is gone).
@@ -208,7 +208,7 @@ impl Bridge {
 
     fn send(&self, event: Event) {
         // A send fails only if the listener thread could not start; nothing else to do then.
-        let _ = self.events.lock().unwrap_or_else(|e| e.into_inner()).send(event);
+        let _ = self.events.send(event);
     }
 }
 

@@ -52,14 +52,8 @@ pub enum Command {
     },
     /// Write a synthetic field scenario (JSON Lines) to stdout.
     Simulate {
-        #[arg(long, default_value_t = 12)]
-        workers: usize,
-        #[arg(long, default_value_t = 200)]
-        people: usize,
-        #[arg(long, default_value_t = 12)]
-        weeks: u32,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        #[command(flatten)]
+        size: crate::simulate::Params,
     },
     /// The demo: a server on embedded sled with a demo organisation whose small team recorded
     /// offline and synced; prints the dashboard URL and login, serves until Ctrl-C. A second
@@ -92,14 +86,8 @@ pub enum Command {
     /// Measure sync over emulated links: four phases (first upload, idle re-sync, restore on a
     /// fresh phone, incremental) with every worker's phone at once; one line per phase.
     Bench {
-        #[arg(long, default_value_t = 12)]
-        workers: usize,
-        #[arg(long, default_value_t = 200)]
-        people: usize,
-        #[arg(long, default_value_t = 12)]
-        weeks: u32,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        #[command(flatten)]
+        size: crate::simulate::Params,
         /// A scenario file (JSON Lines) instead of a generated one.
         #[arg(long)]
         scenario: Option<PathBuf>,
@@ -121,7 +109,7 @@ pub enum Command {
         #[arg(long, default_value_t = 600)]
         phase_timeout: u64,
         /// Also run the same phases, phones, documents and links against automerge-repo's sync
-        /// server and print both and the ratios (needs Node 20+ and npm; runs `npm ci` in
+        /// server and print both and the ratios (needs Node 20+ and npm; runs `npm install` in
         /// --automerge-repo-dir if its node_modules is missing).
         #[arg(long)]
         compare_automerge_repo: bool,
@@ -241,21 +229,19 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Replay { file, server, admin_token, report, org } => replay(file, server, admin_token, report, org).await,
-        Command::Simulate { workers, people, weeks, seed } => {
-            if workers == 0 || people == 0 || weeks == 0 {
-                return Err(CliError::Usage("--workers, --people and --weeks must be at least 1".into()));
-            }
-            let events = crate::simulate::simulate(&crate::simulate::Params { workers, people, weeks, seed });
+        Command::Simulate { size } => {
+            size.check().map_err(CliError::Usage)?;
+            let events = crate::simulate::simulate(&size);
             use std::io::Write;
             std::io::stdout().write_all(crate::simulate::to_jsonl(&events).as_bytes()).map_err(CliError::Serve)?;
             Ok(())
         }
         Command::Demo { data, listen } => demo(data, listen).await,
-        Command::Bench { workers, people, weeks, seed, scenario, server, admin_token, link, json, phase_timeout, compare_automerge_repo, automerge_repo_dir } => {
+        Command::Bench { size, scenario, server, admin_token, link, json, phase_timeout, compare_automerge_repo, automerge_repo_dir } => {
             let phase_timeout = std::time::Duration::from_secs(phase_timeout);
             let compare_automerge_repo = compare_automerge_repo.then(|| automerge_repo_dir.unwrap_or_else(crate::bench::default_automerge_repo_dir));
             let args =
-                crate::bench::BenchArgs { workers, people, weeks, seed, scenario, server, admin_token, link, json, phase_timeout, compare_automerge_repo };
+                crate::bench::BenchArgs { size, scenario, server, admin_token, link, json, phase_timeout, compare_automerge_repo };
             // On Ctrl-C or SIGTERM the bench is dropped, which stops the server child and the
             // proxies and removes the temporary stores.
             tokio::select! {

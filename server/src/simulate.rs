@@ -31,11 +31,27 @@ const PHRASES: &[&str] = &[
     "Reviewed the crisis plan and who to call at night.",
 ];
 
+/// A scenario's size and seed; also the size options of `peersync simulate` and `bench`.
+#[derive(clap::Args, Debug, Clone, Copy)]
 pub struct Params {
+    #[arg(long, default_value_t = 12)]
     pub workers: usize,
+    #[arg(long, default_value_t = 200)]
     pub people: usize,
+    #[arg(long, default_value_t = 12)]
     pub weeks: u32,
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
+}
+
+impl Params {
+    /// A scenario needs at least one worker, person and week.
+    pub fn check(&self) -> Result<(), String> {
+        if self.workers == 0 || self.people == 0 || self.weeks == 0 {
+            return Err("--workers, --people and --weeks must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 fn start() -> DateTime<Utc> {

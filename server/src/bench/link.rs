@@ -317,10 +317,10 @@ async fn pipe(
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn latency_and_bandwidth_are_a_pipeline() {
+    /// A loopback server that sends back whatever one connection sends it.
+    async fn echo_server() -> SocketAddr {
         let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = echo.local_addr().unwrap();
+        let addr = echo.local_addr().unwrap();
         tokio::spawn(async move {
             let (mut s, _) = echo.accept().await.unwrap();
             let mut buf = vec![0u8; 65536];
@@ -332,6 +332,12 @@ mod tests {
                 s.write_all(&buf[..n]).await.unwrap();
             }
         });
+        addr
+    }
+
+    #[tokio::test]
+    async fn latency_and_bandwidth_are_a_pipeline() {
+        let upstream = echo_server().await;
         // 50 ms one way, 800 kbit/s: 10,000 bytes take 100 ms to serialise.
         let link = Link { one_way: Duration::from_millis(50), bits_per_sec: 800_000 };
         let proxy = LinkProxy::start(upstream, link).await.unwrap();
@@ -357,19 +363,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_passthrough_counts_upgrade_frames_and_turns() {
-        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = echo.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = echo.accept().await.unwrap();
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let n = s.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    return;
-                }
-                s.write_all(&buf[..n]).await.unwrap();
-            }
-        });
+        let upstream = echo_server().await;
         let proxy = LinkProxy::passthrough(upstream).await.unwrap();
         let mut c = TcpStream::connect(proxy.addr).await.unwrap();
         let head = b"GET / HTTP/1.1\r\n\r\n";

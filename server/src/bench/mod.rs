@@ -42,10 +42,8 @@ pub use output::PhaseLine;
 /// What `peersync bench` was asked to do.
 #[derive(Debug, Clone)]
 pub struct BenchArgs {
-    pub workers: usize,
-    pub people: usize,
-    pub weeks: u32,
-    pub seed: u64,
+    /// The generated scenario's size (unless `scenario` is given).
+    pub size: crate::simulate::Params,
     pub scenario: Option<PathBuf>,
     pub server: Option<String>,
     pub admin_token: Option<String>,
@@ -101,10 +99,8 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             crate::scenario::parse(&text).map_err(|e| BenchError::Usage(format!("{}: {e}", path.display())))?
         }
         None => {
-            if args.workers == 0 || args.people == 0 || args.weeks == 0 {
-                return Err(BenchError::Usage("--workers, --people and --weeks must be at least 1".into()));
-            }
-            crate::simulate::simulate(&crate::simulate::Params { workers: args.workers, people: args.people, weeks: args.weeks, seed: args.seed })
+            args.size.check().map_err(BenchError::Usage)?;
+            crate::simulate::simulate(&args.size)
         }
     };
     // Before the long part: a missing Node or npm should not cost a whole peersync run.
