@@ -18,22 +18,34 @@ impl SledStore {
 
     /// Open with a page cache of `cache_bytes` (a server wants more than a phone).
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            // Phones have little flash to spare: clean log segments eagerly.
-            .mode(sled::Mode::LowSpace)
-            .segment_size(1 << 16)
-            .open()
-            .map_err(|e| StoreError::Io(format!("cannot open store at {}: {e}", path.display())))?;
+        // Small log segments: a phone's store is a few megabytes. (sled 0.34 records the mode
+        // but does not act on it.)
+        let config = sled::Config::new().path(path).cache_capacity(cache_bytes).mode(sled::Mode::LowSpace).segment_size(1 << 16);
+        Self::open_config(config, path)
+    }
+
+    /// Open, waiting briefly while the store's file lock is still held by a handle being
+    /// closed (sled releases it from a background thread after the last handle is dropped), so
+    /// that close-then-reopen works at once.
+    fn open_config(config: sled::Config, path: &Path) -> Result<Self, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                // sled reports the held lock only in its message (ErrorKind::Other).
+                Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(StoreError::Io(format!("cannot open store at {}: {e}", path.display()))),
+            }
+        };
         let tree = db.open_tree("peersync")?;
         Ok(Self { db, tree })
     }
 
-    /// Open with settings for a server: a page cache of `cache_bytes`, sled's default 512 KiB
-    /// log segments and its throughput mode. The phone's 64 KiB segments and eager cleaning
-    /// cost the server a write and a sync_file_range per segment of log and rewrites of live
-    /// data. A store created with other segments keeps them: sled refuses to open a store
+    /// Open with settings for a server: a page cache of `cache_bytes` and sled's default 512 KiB
+    /// log segments. The phone's 64 KiB segments cost the server a write and a sync_file_range
+    /// per segment of log. A store created with other segments keeps them: sled refuses to open a store
     /// with a different segment size than it was created with.
     pub fn open_for_server(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         // sled's `conf`: text lines, then a checksum.
@@ -41,15 +53,9 @@ impl SledStore {
             .ok()
             .and_then(|conf| String::from_utf8_lossy(&conf).lines().find_map(|l| l.strip_prefix("segment_size:")?.trim().parse().ok()))
             .unwrap_or(512 * 1024);
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .segment_size(segment_size)
-            .open()
-            .map_err(|e| StoreError::Io(format!("cannot open store at {}: {e}", path.display())))?;
-        let tree = db.open_tree("peersync")?;
-        Ok(Self { db, tree })
+        let config =
+            sled::Config::new().path(path).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).segment_size(segment_size);
+        Self::open_config(config, path)
     }
 
     /// The sled database, for callers that need sled-specific operations (size on disk).
