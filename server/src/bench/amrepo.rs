@@ -385,9 +385,6 @@ pub async fn run(dir: &Path, work: &Path, phones: &[AmPhone], profile: Profile, 
     lines.push(summarise("P4", "incremental (one visit to five people)", &p4, d.d_p1, profile, |r| {
         changes.get(r.worker.as_str()).copied().unwrap_or(0)
     }));
-    for (l, r) in lines.iter().zip([&p1, &p2, &p3, &p4]) {
-        eprintln!("bench: automerge-repo {}: the phones' process used {} ms of CPU", l.phase, r.client_cpu_ms);
-    }
     drop((proxies, fresh_proxies));
     drop(server);
     Ok(lines)
@@ -424,6 +421,7 @@ fn summarise(phase: &str, what: &str, run: &AmRun, d: u64, profile: Profile, doc
         server_peak_rss_bytes: run.rss,
         rss_since_start: run.rss_since_start,
         server_cpu_ms: run.server_cpu.map(|d| d.as_millis() as u64),
+        client_cpu_ms: Some(run.client_cpu_ms),
         d_bytes: d,
         bytes_over_d: if d == 0 { 0.0 } else { main as f64 / d as f64 },
         wall_over_link_limit: ratio,

@@ -257,6 +257,7 @@ async fn held_bytes(phones: &[Phone]) -> Result<u64, BenchError> {
 pub(crate) async fn phase(name: &'static str, phones: &[Phone], pid: Option<u32>, timeout: Duration) -> Result<output::PhaseRun, BenchError> {
     let rss_reset = pid.is_some_and(child::reset_peak_rss);
     let cpu_before = pid.and_then(child::cpu_time);
+    let client_before = child::cpu_time(std::process::id());
     let now = chrono::Utc::now();
     let mut set = tokio::task::JoinSet::new();
     for p in phones {
@@ -290,7 +291,8 @@ pub(crate) async fn phase(name: &'static str, phones: &[Phone], pid: Option<u32>
     let wall = started.elapsed();
     let rss = pid.and_then(child::peak_rss);
     let server_cpu = cpu_before.zip(pid.and_then(child::cpu_time)).map(|(a, b)| b.saturating_sub(a));
-    Ok(output::PhaseRun { wall, runs, rss, rss_since_start: !rss_reset, server_cpu })
+    let client_cpu = client_before.zip(child::cpu_time(std::process::id())).map(|(a, b)| b.saturating_sub(a));
+    Ok(output::PhaseRun { wall, runs, rss, rss_since_start: !rss_reset, server_cpu, client_cpu })
 }
 
 /// P4's change on one phone: one visit to each of five of its people; returns their ids.

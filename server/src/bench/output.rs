@@ -23,6 +23,8 @@ pub struct PhaseRun {
     pub rss_since_start: bool,
     /// Server CPU time (user and system) during the phase, if known.
     pub server_cpu: Option<Duration>,
+    /// CPU time of the process running the phones and their link proxies during the phase.
+    pub client_cpu: Option<Duration>,
 }
 
 /// One phase, as printed.
@@ -59,6 +61,10 @@ pub struct PhaseLine {
     /// Server CPU time during the phase (all cores), if known: with every phone in this one
     /// process on the same machine, it tells the server's share of the wall time.
     pub server_cpu_ms: Option<u64>,
+    /// CPU time of the phones' process (every phone and its link proxy) during the phase: on
+    /// one machine, phones and server share the cores, so both tell where the wall time went.
+    #[serde(default)]
+    pub client_cpu_ms: Option<u64>,
     /// The phase's reference size: the sum of the automerge `save()` sizes of the documents the
     /// phones hold (P1, P2, P4: before P1; P3: the fresh phones after the restore).
     pub d_bytes: u64,
@@ -111,6 +117,7 @@ pub fn summarise(phase: &str, what: &str, run: &PhaseRun, d: u64, profile: Profi
         server_peak_rss_bytes: run.rss,
         rss_since_start: run.rss_since_start,
         server_cpu_ms: run.server_cpu.map(|d| d.as_millis() as u64),
+        client_cpu_ms: run.client_cpu.map(|d| d.as_millis() as u64),
         d_bytes: d,
         bytes_over_d: if d == 0 { 0.0 } else { main as f64 / d as f64 },
         wall_over_link_limit: ratio,
@@ -146,7 +153,10 @@ impl Printer {
             Some(b) => format!("{}{}", mb(b), if l.rss_since_start { " (since start)" } else { "" }),
             None => "unknown".into(),
         };
-        let cpu = l.server_cpu_ms.map(|ms| format!("  server CPU {ms} ms")).unwrap_or_default();
+        let mut cpu = l.server_cpu_ms.map(|ms| format!("  server CPU {ms} ms")).unwrap_or_default();
+        if let Some(ms) = l.client_cpu_ms {
+            cpu.push_str(&format!("  phones CPU {ms} ms"));
+        }
         let limit = l.wall_over_link_limit.map(|r| format!("  wall/limit {r:.2}")).unwrap_or_default();
         let who = if l.system == "peersync" { String::new() } else { format!("{} ", l.system) };
         println!(
