@@ -4,8 +4,18 @@
 //!
 //! The Node side lives in `bench/automerge-repo/` (see its scripts for the details): the
 //! server is `server.mjs`, a child process like the peersync server so that its peak RSS and
-//! CPU come from `/proc`; the phones are `client.mjs`, one Node process per phase simulating
-//! every phone, each with its own Repo, storage directory and websocket.
+//! CPU come from `/proc`; the phones are `client.mjs`, one Node process per phone (each with its
+//! own Repo, storage directory and websocket), all of a phase started at once. Each sets up its
+//! Repo untimed (and warms its code up, as a fresh Node process runs it cold) and says "ready";
+//! once all have, the bench releases them together ("go" on their stdin), and each reports its
+//! wall time from there to synced and its CPU time. One process per phone, not one for all, so
+//! that no phone's websocket waits on another phone's work in the same Node thread (a busy
+//! shared thread missing the server's 5 s keep-alive pings is the likely reason phones'
+//! websockets were closed in a 20-phone run).
+//!
+//! A phase that fails or times out on the automerge-repo side is reported with its name and
+//! why (which phones were not done, a phone's exit status and last error line, or the server's
+//! exit); the lines of the phases done before it have been printed already.
 //!
 //! Same data: before P1 the bench exports every peersync phone's documents (automerge `save()`
 //! bytes) and the automerge-repo phones import them, one repo document per person with a
@@ -18,17 +28,20 @@
 //! lan a pass-through one, since the proxy is where its bytes and round trips are counted.
 
 use std::collections::HashMap;
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::mpsc;
 
 use super::link::{Counts, LinkProxy, Profile};
-use super::output::{self, PhaseLine};
+use super::output::{self, PhaseLine, Printer};
 use super::{BenchError, Phone, child};
 
 /// Where `bench/automerge-repo` is when the bench runs from the source tree it was built in.
@@ -51,8 +64,9 @@ impl Drop for Killed {
 }
 
 impl Killed {
-    /// Wait for the process to end, at most `timeout` (then it is killed).
-    async fn wait(mut self, timeout: Duration) -> Option<ExitStatus> {
+    /// Wait for the process to end, at most `timeout`; `None` if it has not (it is killed
+    /// when dropped).
+    async fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let until = Instant::now() + timeout;
         while Instant::now() < until {
             match self.0.try_wait() {
@@ -185,7 +199,9 @@ impl NodeServer {
         });
         let line = match tokio::time::timeout(Duration::from_secs(30), read).await {
             Ok(Ok(Ok(line))) => line,
-            Ok(Ok(Err(e))) => return Err(err(format!("cannot read the automerge-repo server's output: {e}"))),
+            Ok(Ok(Err(e))) => {
+                return Err(err(format!("cannot read the automerge-repo server's output: {e}")));
+            }
             Ok(Err(e)) => return Err(err(e.to_string())),
             Err(_) => return Err(err("the automerge-repo server did not start within 30 s")),
         };
@@ -203,79 +219,256 @@ impl NodeServer {
     }
 }
 
-/// A phone's line from `client.mjs`.
+/// A phone's result line from `client.mjs`.
 #[derive(Deserialize)]
 struct PhoneOut {
     worker: String,
     wall_ms: u64,
     docs: u64,
     docs_changed: u64,
+    /// The process's own CPU time from "go" to synced (`process.cpuUsage()`): the sum over the
+    /// phones is the phase's client CPU. Self-reported rather than read from `/proc`, which
+    /// would also count Node's start-up and the untimed loading of the Repo.
+    cpu_ms: u64,
 }
 
-/// The phase's last line from `client.mjs`.
-#[derive(Deserialize)]
-struct PhaseOut {
-    phase_wall_ms: u64,
-    client_cpu_ms: u64,
+/// What the reader threads pass on from the phones' processes.
+enum Msg {
+    Line(usize, String),
+    /// The process's stdout closed: it has exited, or is about to.
+    Eof(usize),
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Out {
-    Phone(PhoneOut),
-    Phase(PhaseOut),
-}
-
-/// Run `client.mjs MODE MANIFEST` to the end, at most `timeout`; progress on stderr.
-async fn client(dir: &Path, name: &'static str, mode: &str, manifest: &Path, phones: usize, timeout: Duration) -> Result<(Vec<PhoneOut>, Option<PhaseOut>), BenchError> {
-    let mut child = Command::new("node")
-        .arg(dir.join("client.mjs"))
-        .arg(mode)
-        .arg(manifest)
-        .current_dir(dir)
-        // Kept open while the phase runs: the client stops if the bench dies without killing it.
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| err(format!("cannot start the automerge-repo phones: {e}")))?;
-    let stdout = child.stdout.take().ok_or_else(|| err("no output from the automerge-repo phones"))?;
-    let guard = Killed(child);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    // Blocking reads on their own thread; they end when the process does (or is killed).
-    tokio::task::spawn_blocking(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            if tx.send(line).is_err() {
-                return;
+/// Call `f` with each line `r` gives (lossily decoded: a stray byte must not stop the reading,
+/// or the process would block on a full pipe) until `f` returns false; returns whether the
+/// output ended.
+fn each_line(r: impl std::io::Read, mut f: impl FnMut(String) -> bool) -> bool {
+    let mut r = std::io::BufReader::new(r);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return true,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&buf);
+                if !f(line.trim_end_matches(['\n', '\r']).to_string()) {
+                    return false;
+                }
             }
         }
-    });
-    let collect = async {
-        let (mut runs, mut phase) = (Vec::new(), None);
-        let started = Instant::now();
-        while let Some(line) = rx.recv().await {
-            let line = line?;
-            match serde_json::from_str::<Out>(&line) {
-                Ok(Out::Phone(p)) => {
-                    runs.push(p);
-                    if started.elapsed() > Duration::from_secs(2) || runs.len() == phones {
-                        eprint!("\r{name}: {} of {phones} phones synced ", runs.len());
+    }
+}
+
+/// How long a phase waits for a process that closed its output early to report its status.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// A process's last line on stderr, and the thread reading (and passing on) its stderr.
+struct StderrTail {
+    last: Arc<Mutex<Option<String>>>,
+    reader: JoinHandle<()>,
+}
+
+/// Every phone's `client.mjs` process for one phase (or the import), all started at once.
+/// Dropping it kills whichever are still running, whatever path the bench leaves by.
+struct PhoneProcs {
+    name: &'static str,
+    workers: Vec<String>,
+    children: Vec<Killed>,
+    /// Held open until each process has exited: one whose stdin closes stops (the bench died).
+    stdins: Vec<Option<ChildStdin>>,
+    /// Each process's stderr, to say why it failed.
+    stderr: Vec<StderrTail>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+}
+
+impl PhoneProcs {
+    /// Start `client.mjs MODE MANIFEST` for every `(worker, manifest)`; their stderr is passed
+    /// on line by line, each line prefixed with the phase and the worker.
+    fn spawn(dir: &Path, name: &'static str, mode: &str, phones: &[(String, PathBuf)]) -> Result<PhoneProcs, BenchError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut procs =
+            PhoneProcs { name, workers: phones.iter().map(|(w, _)| w.clone()).collect(), children: Vec::new(), stdins: Vec::new(), stderr: Vec::new(), rx };
+        for (i, (worker, manifest)) in phones.iter().enumerate() {
+            let mut child = Command::new("node")
+                .arg(dir.join("client.mjs"))
+                .arg(mode)
+                .arg(manifest)
+                .current_dir(dir)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| err(format!("{name}: cannot start {worker}'s phone: {e}")))?;
+            let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+            procs.children.push(Killed(child));
+            procs.stdins.push(stdin);
+            let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
+                return Err(err(format!("{name}: no output from {worker}'s phone")));
+            };
+            // Blocking reads on threads of their own, which end when the process does (or is
+            // killed); plain threads, so that nothing waits for them when the bench exits.
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                if each_line(stdout, |line| tx.send(Msg::Line(i, line)).is_ok()) {
+                    let _ = tx.send(Msg::Eof(i));
+                }
+            });
+            let prefix = format!("{name}, {worker}'s phone");
+            let last = Arc::new(Mutex::new(None));
+            let keep = last.clone();
+            let reader = std::thread::spawn(move || {
+                each_line(stderr, |line| {
+                    eprintln!("{prefix}: {line}");
+                    if let Ok(mut last) = keep.lock() {
+                        *last = Some(line);
+                    }
+                    true
+                });
+            });
+            procs.stderr.push(StderrTail { last, reader });
+        }
+        Ok(procs)
+    }
+
+    /// The next line or end of output from any phone, or `None` once `until` has passed. Fails
+    /// at once if the automerge-repo server exits meanwhile: its phones would otherwise keep
+    /// trying to reconnect until the phase times out.
+    async fn recv(&mut self, until: Instant, server: &mut Killed) -> Result<Option<Msg>, BenchError> {
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            match tokio::time::timeout(left.min(Duration::from_secs(1)), self.rx.recv()).await {
+                Ok(Some(msg)) => return Ok(Some(msg)),
+                // Every reader has ended, so every process has sent its Eof already.
+                Ok(None) => return Ok(None),
+                Err(_) => {
+                    if let Ok(Some(status)) = server.0.try_wait() {
+                        return Err(err(format!("{}: the automerge-repo server exited ({status}); see its errors above", self.name)));
                     }
                 }
-                Ok(Out::Phase(p)) => phase = Some(p),
-                Err(_) => eprintln!("\n{name}: {line}"),
             }
         }
-        if !runs.is_empty() {
-            eprintln!();
+    }
+
+    /// The error for phone `i`, which ended early or failed (`what` says which).
+    async fn failed(&mut self, i: usize, what: &str) -> BenchError {
+        let status = match self.children[i].wait(EXIT_GRACE).await {
+            Some(s) => s.to_string(),
+            None => "still running".into(),
+        };
+        // Its stderr reader may not have reached the last line yet.
+        let StderrTail { last, reader } = &self.stderr[i];
+        let until = Instant::now() + Duration::from_secs(1);
+        while !reader.is_finished() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok::<_, BenchError>((runs, phase))
-    };
-    let out = tokio::time::timeout(timeout, collect).await.map_err(|_| BenchError::Timeout { phase: name, timeout })??;
-    match guard.wait(Duration::from_secs(60)).await {
-        Some(s) if s.success() => Ok(out),
-        Some(s) => Err(err(format!("{name}: the automerge-repo phones failed ({s}); see above"))),
-        None => Err(err(format!("{name}: the automerge-repo phones did not exit"))),
+        let why = last.lock().ok().and_then(|l| l.clone()).unwrap_or_else(|| "no error output".into());
+        err(format!("{}: {}'s phone {what} ({status}): {why}", self.name, self.workers[i]))
+    }
+
+    /// The workers of the phones not in `done`, for an error (the first few).
+    fn waiting(&self, done: &[bool]) -> String {
+        let left: Vec<&str> = self.workers.iter().zip(done).filter(|(_, d)| !**d).map(|(w, _)| w.as_str()).collect();
+        let mut s = left.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+        if left.len() > 5 {
+            s.push_str(&format!(" and {} more", left.len() - 5));
+        }
+        s
+    }
+
+    /// Wait until every phone has set up its Repo and printed "ready", at most `timeout`.
+    async fn ready(&mut self, timeout: Duration, server: &mut Killed) -> Result<(), BenchError> {
+        let until = Instant::now() + timeout;
+        let mut ready = vec![false; self.workers.len()];
+        while ready.iter().any(|r| !r) {
+            match self.recv(until, server).await? {
+                Some(Msg::Line(i, line)) if line.trim() == "ready" => ready[i] = true,
+                Some(Msg::Line(i, line)) => {
+                    eprintln!("{}, {}'s phone: {line}", self.name, self.workers[i])
+                }
+                Some(Msg::Eof(i)) => return Err(self.failed(i, "ended before it was ready").await),
+                None => {
+                    return Err(err(format!(
+                        "{}: {} of {} phones were not ready (loading their documents) within {timeout:?}: {}",
+                        self.name,
+                        ready.iter().filter(|r| !**r).count(),
+                        ready.len(),
+                        self.waiting(&ready)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Release every phone at once, then collect each one's result, at most `timeout`; returns
+    /// them and the wall time from the release to the last one.
+    async fn go(&mut self, timeout: Duration, server: &mut Killed) -> Result<(Vec<PhoneOut>, Duration), BenchError> {
+        let started = Instant::now();
+        for (stdin, worker) in self.stdins.iter_mut().zip(&self.workers) {
+            let stdin = stdin.as_mut().ok_or_else(|| err(format!("{}: no input to {worker}'s phone", self.name)))?;
+            stdin.write_all(b"go\n").and_then(|()| stdin.flush()).map_err(|e| err(format!("{}: cannot release {worker}'s phone: {e}", self.name)))?;
+        }
+        let until = started + timeout;
+        let total = self.workers.len();
+        let mut done = vec![false; total];
+        let mut runs = Vec::with_capacity(total);
+        let mut wall = Duration::ZERO;
+        while runs.len() < total {
+            match self.recv(until, server).await? {
+                Some(Msg::Line(i, line)) => match serde_json::from_str::<PhoneOut>(&line) {
+                    Ok(r) if r.worker != self.workers[i] => {
+                        return Err(err(format!("{}: {}'s phone reported as {}", self.name, self.workers[i], r.worker)));
+                    }
+                    Ok(r) => {
+                        done[i] = true;
+                        runs.push(r);
+                        wall = started.elapsed();
+                        if wall > Duration::from_secs(2) || runs.len() == total {
+                            eprint!("\r{}: {} of {total} phones synced ", self.name, runs.len());
+                        }
+                    }
+                    Err(_) => eprintln!("{}, {}'s phone: {line}", self.name, self.workers[i]),
+                },
+                // A phone that has reported exits by itself.
+                Some(Msg::Eof(i)) if done[i] => {}
+                Some(Msg::Eof(i)) => return Err(self.failed(i, "ended before it synced").await),
+                None => {
+                    if !runs.is_empty() {
+                        eprintln!();
+                    }
+                    return Err(err(format!(
+                        "{} did not finish within {timeout:?}: {} of {total} phones synced; not synced: {}",
+                        self.name,
+                        runs.len(),
+                        self.waiting(&done)
+                    )));
+                }
+            }
+        }
+        eprintln!();
+        Ok((runs, wall))
+    }
+
+    /// Wait for every process to exit successfully (having written its storage for the next
+    /// phase), at most `timeout` in all; `doing` says what it is about, for an error.
+    async fn exited(&mut self, timeout: Duration, doing: &str) -> Result<(), BenchError> {
+        let until = Instant::now() + timeout;
+        for i in 0..self.children.len() {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.children[i].wait(left).await {
+                Some(s) if s.success() => {}
+                Some(_) => return Err(self.failed(i, &format!("failed to {doing}")).await),
+                None => {
+                    return Err(err(format!("{}: {}'s phone did not {doing} and exit within {timeout:?}", self.name, self.workers[i])));
+                }
+            }
+        }
+        // Every process has exited: nothing reads these any more.
+        self.stdins.clear();
+        Ok(())
     }
 }
 
@@ -290,54 +483,64 @@ struct AmRun {
     client_cpu_ms: u64,
 }
 
+/// How long the phones' processes get to write their storage and exit after a phase.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
 struct Rig<'a> {
     dir: &'a Path,
-    pid: u32,
+    server: NodeServer,
     timeout: Duration,
 }
 
 impl Rig<'_> {
-    async fn phase(&self, name: &'static str, mode: &str, manifest: &Path, proxies: &[(String, LinkProxy)]) -> Result<AmRun, BenchError> {
+    /// Import every phone's documents into its storage (untimed, no network).
+    async fn import(&mut self, phones: &[(String, PathBuf)]) -> Result<(), BenchError> {
+        let mut procs = PhoneProcs::spawn(self.dir, "automerge-repo import", "prepare", phones)?;
+        procs.exited(self.timeout, "import its documents").await
+    }
+
+    /// One phase: every phone's process started at once and set up, then all released at once.
+    async fn phase(&mut self, name: &'static str, mode: &str, phones: &[(String, PathBuf)], proxies: &[(String, LinkProxy)]) -> Result<AmRun, BenchError> {
+        let pid = self.server.pid();
         let before: Vec<Counts> = proxies.iter().map(|(_, p)| p.counts()).collect();
-        let rss_reset = child::reset_peak_rss(self.pid);
-        let cpu_before = child::cpu_time(self.pid);
-        let (runs, phase) = client(self.dir, name, mode, manifest, proxies.len(), self.timeout).await?;
-        let rss = child::peak_rss(self.pid);
-        let server_cpu = cpu_before.zip(child::cpu_time(self.pid)).map(|(a, b)| b.saturating_sub(a));
-        let phase = phase.ok_or_else(|| err(format!("{name}: the automerge-repo phones did not report the phase")))?;
-        if runs.len() != proxies.len() {
-            return Err(err(format!("{name}: {} of {} automerge-repo phones reported", runs.len(), proxies.len())));
-        }
+        let mut procs = PhoneProcs::spawn(self.dir, name, mode, phones)?;
+        procs.ready(self.timeout, &mut self.server.child).await?;
+        let rss_reset = child::reset_peak_rss(pid);
+        let cpu_before = child::cpu_time(pid);
+        let (runs, wall) = procs.go(self.timeout, &mut self.server.child).await?;
+        procs.exited(EXIT_TIMEOUT, "write its storage").await?;
+        let rss = child::peak_rss(pid);
+        let server_cpu = cpu_before.zip(child::cpu_time(pid)).map(|(a, b)| b.saturating_sub(a));
         let index: HashMap<&str, usize> = proxies.iter().enumerate().map(|(i, (w, _))| (w.as_str(), i)).collect();
-        let mut phones = Vec::new();
+        let client_cpu_ms = runs.iter().map(|r| r.cpu_ms).sum();
+        let mut counted = Vec::new();
         for r in runs {
             let i = *index.get(r.worker.as_str()).ok_or_else(|| err(format!("{name}: unknown phone {}", r.worker)))?;
-            phones.push((r, proxies[i].1.counts().since(&before[i])));
+            counted.push((r, proxies[i].1.counts().since(&before[i])));
         }
-        Ok(AmRun { wall: Duration::from_millis(phase.phase_wall_ms), phones, rss, rss_since_start: !rss_reset, server_cpu, client_cpu_ms: phase.client_cpu_ms })
+        Ok(AmRun { wall, phones: counted, rss, rss_since_start: !rss_reset, server_cpu, client_cpu_ms })
     }
 }
 
-/// A manifest for `client.mjs`: each phone's storage directory, its proxy's URL, its documents
-/// and P4 changes.
-fn manifest(path: &Path, phones: &[AmPhone], stores: &Path, proxies: &[(String, LinkProxy)]) -> Result<(), BenchError> {
+/// One manifest per phone for `client.mjs`, under `dir`: its storage directory, its proxy's
+/// URL, its documents and P4 changes. Returns each phone's worker and manifest.
+fn manifests(dir: &Path, phones: &[AmPhone], stores: &Path, proxies: &[(String, LinkProxy)]) -> Result<Vec<(String, PathBuf)>, BenchError> {
     let files = |v: &[(String, PathBuf)]| v.iter().map(|(person, file)| json!({ "person": person, "file": file })).collect::<Vec<_>>();
-    let list: Vec<_> = phones
-        .iter()
-        .zip(proxies)
-        .enumerate()
-        .map(|(i, (p, (_, proxy)))| {
-            json!({
-                "worker": p.worker,
-                "store": stores.join(i.to_string()),
-                "url": format!("ws://{}", proxy.addr),
-                "docs": files(&p.docs),
-                "changes": files(&p.changes),
-            })
-        })
-        .collect();
-    std::fs::write(path, serde_json::to_vec(&json!({ "phones": list })).map_err(|e| err(e.to_string()))?)?;
-    Ok(())
+    std::fs::create_dir_all(dir)?;
+    let mut out = Vec::new();
+    for (i, (p, (_, proxy))) in phones.iter().zip(proxies).enumerate() {
+        let phone = json!({
+            "worker": p.worker,
+            "store": stores.join(i.to_string()),
+            "url": format!("ws://{}", proxy.addr),
+            "docs": files(&p.docs),
+            "changes": files(&p.changes),
+        });
+        let path = dir.join(format!("{i}.json"));
+        std::fs::write(&path, serde_json::to_vec(&phone).map_err(|e| err(e.to_string()))?)?;
+        out.push((p.worker.clone(), path));
+    }
+    Ok(out)
 }
 
 async fn proxies_for(phones: &[AmPhone], server: SocketAddr, profile: Profile) -> Result<Vec<(String, LinkProxy)>, BenchError> {
@@ -358,36 +561,52 @@ pub struct Reference {
     pub d_p3: u64,
 }
 
-/// Run the four phases against automerge-repo; one line per phase, like peersync's.
-pub async fn run(dir: &Path, work: &Path, phones: &[AmPhone], profile: Profile, timeout: Duration, d: Reference) -> Result<Vec<PhaseLine>, BenchError> {
+/// Where the automerge-repo phase lines go: each printed as soon as its phase is done and kept
+/// for the ratios, so that a later phase's failure loses none of them.
+pub struct Shown<'a> {
+    pub out: &'a Printer,
+    pub lines: Vec<PhaseLine>,
+}
+
+impl Shown<'_> {
+    fn add(&mut self, l: PhaseLine) {
+        self.out.line(&l);
+        self.lines.push(l);
+    }
+}
+
+/// Run the four phases against automerge-repo; one line per phase, like peersync's, into
+/// `shown`.
+pub async fn run(
+    dir: &Path,
+    work: &Path,
+    phones: &[AmPhone],
+    profile: Profile,
+    timeout: Duration,
+    d: Reference,
+    shown: &mut Shown<'_>,
+) -> Result<(), BenchError> {
     let server = NodeServer::start(dir, &work.join("server")).await?;
-    let rig = Rig { dir, pid: server.pid(), timeout };
-    eprintln!("bench: automerge-repo server on {} (pid {})", server.addr, rig.pid);
+    eprintln!("bench: automerge-repo server on {} (pid {})", server.addr, server.pid());
     let proxies = proxies_for(phones, server.addr, profile).await?;
     let fresh_proxies = proxies_for(phones, server.addr, profile).await?;
-    let (m_phones, m_fresh) = (work.join("phones.json"), work.join("fresh.json"));
-    manifest(&m_phones, phones, &work.join("phones"), &proxies)?;
+    let mut rig = Rig { dir, server, timeout };
+    let m_phones = manifests(&work.join("manifests/phones"), phones, &work.join("phones"), &proxies)?;
     // The fresh phones restore the caseload their worker's first phone holds.
-    manifest(&m_fresh, phones, &work.join("fresh"), &fresh_proxies)?;
-
-    client(dir, "automerge-repo import", "prepare", &m_phones, 0, timeout).await?;
-    let mut lines = Vec::new();
+    let m_fresh = manifests(&work.join("manifests/fresh"), phones, &work.join("fresh"), &fresh_proxies)?;
+    rig.import(&m_phones).await?;
     let p1 = rig.phase("automerge-repo P1", "sync", &m_phones, &proxies).await?;
-    lines.push(summarise("P1", "first upload", &p1, d.d_p1, profile, |r| r.docs));
+    shown.add(summarise("P1", "first upload", &p1, d.d_p1, profile, |r| r.docs));
     // As on the peersync side: one untimed round so that P2 is the idle case.
     rig.phase("automerge-repo settling", "sync", &m_phones, &proxies).await?;
     let p2 = rig.phase("automerge-repo P2", "sync", &m_phones, &proxies).await?;
-    lines.push(summarise("P2", "idle re-sync", &p2, d.d_p1, profile, |r| r.docs_changed));
+    shown.add(summarise("P2", "idle re-sync", &p2, d.d_p1, profile, |r| r.docs_changed));
     let p3 = rig.phase("automerge-repo P3", "restore", &m_fresh, &fresh_proxies).await?;
-    lines.push(summarise("P3", "restore on a fresh phone", &p3, d.d_p3, profile, |r| r.docs));
+    shown.add(summarise("P3", "restore on a fresh phone", &p3, d.d_p3, profile, |r| r.docs));
     let p4 = rig.phase("automerge-repo P4", "change", &m_phones, &proxies).await?;
     let changes: HashMap<&str, u64> = phones.iter().map(|p| (p.worker.as_str(), p.changes.len() as u64)).collect();
-    lines.push(summarise("P4", "incremental (one visit to five people)", &p4, d.d_p1, profile, |r| {
-        changes.get(r.worker.as_str()).copied().unwrap_or(0)
-    }));
-    drop((proxies, fresh_proxies));
-    drop(server);
-    Ok(lines)
+    shown.add(summarise("P4", "incremental (one visit to five people)", &p4, d.d_p1, profile, |r| changes.get(r.worker.as_str()).copied().unwrap_or(0)));
+    Ok(())
 }
 
 fn summarise(phase: &str, what: &str, run: &AmRun, d: u64, profile: Profile, docs: impl Fn(&PhoneOut) -> u64) -> PhaseLine {

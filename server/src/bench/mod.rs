@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 use peersync_core::sync::{SyncOptions, SyncReport};
 use peersync_core::{Device, ManualClock, NewVisit};
 
+pub use amrepo::default_dir as default_automerge_repo_dir;
 use child::ServerChild;
 use link::{LinkProxy, Profile};
-pub use amrepo::default_dir as default_automerge_repo_dir;
 pub use output::PhaseLine;
 
 /// What `peersync bench` was asked to do.
@@ -199,14 +199,14 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     if let (Some(dir), Some(am), Some(version)) = (&args.compare_automerge_repo, am_phones, amrepo_version) {
         let reference = amrepo::Reference { d_p1, d_p3: d_am_p3 };
-        let am_lines = amrepo::run(dir, &work.path().join("amrepo"), &am, args.link, args.phase_timeout, reference).await?;
         out.comparison_header(&version);
-        for l in &am_lines {
-            out.line(l);
-        }
-        for (ours, theirs) in lines.iter().zip(&am_lines) {
+        let mut shown = amrepo::Shown { out: &out, lines: Vec::new() };
+        let result = amrepo::run(dir, &work.path().join("amrepo"), &am, args.link, args.phase_timeout, reference, &mut shown).await;
+        // The ratios of the phases that were done, even if a later one failed.
+        for (ours, theirs) in lines.iter().zip(&shown.lines) {
             out.ratio(&output::ratio(ours, theirs));
         }
+        result?;
     }
     Ok(())
 }

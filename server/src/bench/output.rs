@@ -63,6 +63,8 @@ pub struct PhaseLine {
     pub server_cpu_ms: Option<u64>,
     /// CPU time of the phones' process (every phone and its link proxy) during the phase: on
     /// one machine, phones and server share the cores, so both tell where the wall time went.
+    /// For automerge-repo, the sum of its phones' processes' CPU time from their release to
+    /// synced (the link proxies, in the bench's own process, are not in it).
     #[serde(default)]
     pub client_cpu_ms: Option<u64>,
     /// The phase's reference size: the sum of the automerge `save()` sizes of the documents the
