@@ -35,6 +35,9 @@ const SLED_CACHE_BYTES: u64 = 64 << 20;
 /// Download batches produced at once on blocking threads (each reads the store and sends
 /// stored bytes as they are: cheap, so a few keep two cores busy).
 const DOWNLOAD_BATCHES_AT_ONCE: usize = 4;
+/// Pushes prepared or committed at once, across sessions: enough to keep two cores busy
+/// loading and merging while one commits, few enough to bound the loaded documents in memory.
+const PUSHES_AT_ONCE: usize = 3;
 /// Coordinator sessions end after this long.
 pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 
@@ -58,11 +61,15 @@ pub struct AppState {
     pub code_throttle: Throttle,
     /// Whether the server speaks TLS (session cookies are then `Secure`).
     pub tls: bool,
-    /// Sessions take this before handing a push or sync round to a blocking thread. The hub
-    /// serialises writers anyway; waiting here instead of on its lock keeps one thread, not
-    /// one per connected phone, holding a batch's loaded documents (with glibc's malloc every
-    /// such thread can get an arena of its own that keeps what it freed).
+    /// Sessions take this before handing a push's commit or a sync round to a blocking thread.
+    /// The hub serialises writers anyway; waiting here instead of on its lock keeps one
+    /// thread, not one per connected phone, waiting there.
     pub write_gate: tokio::sync::Mutex<()>,
+    /// Sessions hold one of these from preparing a push until it is committed (see
+    /// `DocHub::prepare_push`): it bounds the batches whose documents are loaded at once
+    /// (with glibc's malloc every thread holding them can get an arena of its own that keeps
+    /// what it freed).
+    pub push_gate: tokio::sync::Semaphore,
     /// Download batches produced at once, across sessions (see `session::send_download`).
     pub download_gate: tokio::sync::Semaphore,
 }
@@ -99,6 +106,7 @@ impl AppState {
             code_throttle: Throttle::new(10, Duration::from_secs(10 * 60)),
             tls: opts.tls,
             write_gate: tokio::sync::Mutex::new(()),
+            push_gate: tokio::sync::Semaphore::new(PUSHES_AT_ONCE),
             download_gate: tokio::sync::Semaphore::new(DOWNLOAD_BATCHES_AT_ONCE),
         }
     }

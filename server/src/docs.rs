@@ -8,11 +8,19 @@
 //! number of increments — so that a push loads without reading the store and a download can
 //! tell from the heads alone that a device already has everything it pushed.
 //!
-//! Cache rules: an entry always equals what the store durably holds. Entries are put in only by
-//! writers holding the writers' lock, after the append that wrote them is durable (or, for a
-//! document loaded but left unchanged, straight from the store under that lock). Readers use an
-//! entry when there is one and otherwise read the store without caching what they read, so an
-//! older copy can never take the place of a newer one.
+//! Pushes go in three steps. *Prepare* (load, merge, encode: the costly part) runs outside the
+//! writers' lock, several sessions at once. *Commit* takes the lock, applies again the pushes of
+//! any document another writer changed meanwhile (or whose access changed), and writes. *Flush*
+//! makes the writes durable outside the lock, where sessions that committed meanwhile share one
+//! disk flush. A device hears that a push is stored only after the flush.
+//!
+//! Cache rules: an entry always equals what the store holds. Entries are put in only by writers
+//! holding the writers' lock, after the append that wrote them (or, for a document loaded but
+//! left unchanged, straight from the store under that lock). Readers use an entry when there is
+//! one and otherwise read the store without caching what they read, so an older copy can never
+//! take the place of a newer one. As with the store's own reads, a reader may see a write a
+//! moment before it is durable; a device that got it so and outlives a server crash is caught by
+//! the log's tags (its cursor is then unknown, and it reconciles).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -94,6 +102,11 @@ struct Working {
     increments: usize,
     /// An append for it is part of this batch.
     written: bool,
+    /// What the store held when it was loaded (`None`: nothing): a push prepared outside the
+    /// writers' lock is committed only if this is still what the store holds.
+    base: Option<Vec<u8>>,
+    /// What the device's access allowed when the batch applied its push.
+    refusal: Option<AckStatus>,
 }
 
 impl Working {
@@ -102,6 +115,16 @@ impl Working {
     fn reset(&mut self, org: &str, doc: &str) -> Result<(), StoreError> {
         self.doc = load(org, doc, &self.data)?;
         Ok(())
+    }
+
+    /// A document new to the store, whose push loaded completely into the empty document: the
+    /// pushed bytes are stored as they are, since they load into exactly this document and
+    /// re-encoding it (automerge deflates every column afresh) costs more than loading it did.
+    fn write_as_pushed(&mut self, data: &[u8]) -> DocWrite {
+        self.written = true;
+        self.data = data.to_vec();
+        self.increments = 0;
+        DocWrite::Snapshot(data.to_vec())
     }
 
     /// Record that the document changed from `before`: the write that stores it.
@@ -176,6 +199,15 @@ fn applied(doc: &str, w: &Working) -> Applied {
     Applied { doc: doc.to_string(), created: !w.stored, teammates, consent }
 }
 
+/// A batch of pushes applied outside the writers' lock (see [`DocHub::prepare_push`]).
+pub struct PreparedPush {
+    pushes: Vec<DocPush>,
+    /// Each push's outcome, in order.
+    statuses: Vec<AckStatus>,
+    appends: Vec<(Append, Applied)>,
+    batch: Batch,
+}
+
 /// A download in progress (see [`DocHub::start_download`]).
 pub struct Download {
     entries: std::vec::IntoIter<(u64, String)>,
@@ -242,7 +274,8 @@ impl DocHub {
                 },
             };
             let am = load(org, doc, &data)?;
-            batch.insert(doc.to_string(), Working { doc: am, stored, data, increments, written: false });
+            let base = stored.then(|| data.clone());
+            batch.insert(doc.to_string(), Working { doc: am, stored, data, increments, written: false, base, refusal: None });
         }
         Ok(batch.get_mut(doc).expect("inserted above"))
     }
@@ -270,7 +303,9 @@ impl DocHub {
     }
 
     /// Apply a batch of pushes; returns once the accepted ones are durable. Documents the
-    /// device may not write are refused one by one; the rest are stored.
+    /// device may not write are refused one by one; the rest are stored. (Sessions take the
+    /// three steps one by one: [`DocHub::prepare_push`], [`DocHub::commit_push`],
+    /// [`DocHub::flush`].)
     pub fn push(
         &self,
         who: &DeviceIdentity,
@@ -278,12 +313,45 @@ impl DocHub {
         pushes: Vec<DocPush>,
         pushed: &mut Pushed,
     ) -> Result<Vec<DocAck>, StoreError> {
+        let prepared = self.prepare_push(who, access, pushes)?;
+        let acks = self.commit_push(who, access, prepared, pushed)?;
+        self.flush()?;
+        Ok(acks)
+    }
+
+    /// A push's costly part — loading the documents, merging the device's changes, encoding
+    /// what to store and the reporting rows — done on copies, outside the writers' lock, so
+    /// that sessions do it side by side. Nothing is stored yet.
+    pub fn prepare_push(&self, who: &DeviceIdentity, access: &dyn Access, pushes: Vec<DocPush>) -> Result<PreparedPush, StoreError> {
+        let mut p = PreparedPush { pushes, statuses: Vec::new(), appends: Vec::new(), batch: Batch::new() };
+        for push in &p.pushes {
+            let status = self.apply_one(who, access, push, &mut p.appends, &mut p.batch)?;
+            p.statuses.push(status);
+        }
+        Ok(p)
+    }
+
+    /// Store a prepared push, under the writers' lock. If another writer changed one of its
+    /// documents meanwhile, or the device's access to one changed, that document's pushes are
+    /// applied again here against what the store now holds. Returns the acknowledgements,
+    /// which must not reach the device before [`DocHub::flush`] has made the writes durable.
+    pub fn commit_push(&self, who: &DeviceIdentity, access: &dyn Access, mut prepared: PreparedPush, pushed: &mut Pushed) -> Result<Vec<DocAck>, StoreError> {
         let _w = lock(&self.write_lock);
+        let stale = self.stale(who, access, &prepared.batch)?;
+        if !stale.is_empty() {
+            // Apply the pushes of those documents again; what was prepared for the others stands.
+            let p = &mut prepared;
+            p.appends.retain(|(a, _)| !stale.contains(&a.doc));
+            p.batch.retain(|doc, _| !stale.contains(doc));
+            for (push, status) in p.pushes.iter().zip(p.statuses.iter_mut()) {
+                if stale.contains(&push.doc) {
+                    *status = self.apply_one(who, access, push, &mut p.appends, &mut p.batch)?;
+                }
+            }
+        }
+        let PreparedPush { pushes, statuses, appends, batch } = prepared;
         let mut acks = Vec::with_capacity(pushes.len());
-        let mut appends = Vec::new();
-        let mut batch = Batch::new();
-        for p in pushes {
-            let status = self.apply_one(who, access, &p, &mut appends, &mut batch)?;
+        for (p, status) in pushes.into_iter().zip(statuses) {
             if status == AckStatus::Stored {
                 pushed.insert(p.doc.clone(), p.heads.iter().map(to_hash).collect());
             }
@@ -291,6 +359,31 @@ impl DocHub {
         }
         self.commit(who, access, appends, batch)?;
         Ok(acks)
+    }
+
+    /// Make every committed write durable. Concurrent callers share one disk flush.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush()
+    }
+
+    /// The documents of a prepared batch that another writer changed since they were loaded,
+    /// or to which the device's access changed. The caller holds the writers' lock.
+    fn stale(&self, who: &DeviceIdentity, access: &dyn Access, batch: &Batch) -> Result<HashSet<String>, StoreError> {
+        let org = who.org.as_str();
+        let mut stale = HashSet::new();
+        for (doc, w) in batch {
+            let same = match self.cache_get(org, doc) {
+                Some(c) => w.base.as_deref() == Some(c.data.as_slice()),
+                None => match self.store.load_doc(org, doc)? {
+                    Some(stored) => w.base.as_deref() == Some(stored.concat().as_slice()),
+                    None => w.base.is_none(),
+                },
+            };
+            if !same || access.check_write(who, doc, w.base.is_some())? != w.refusal {
+                stale.insert(doc.clone());
+            }
+        }
+        Ok(stale)
     }
 
     fn apply_one(
@@ -309,7 +402,9 @@ impl DocHub {
         }
         let org = who.org.as_str();
         let w = self.working(org, &p.doc, batch)?;
-        if let Some(refusal) = access.check_write(who, &p.doc, w.stored)? {
+        let refusal = access.check_write(who, &p.doc, w.stored)?;
+        w.refusal.clone_from(&refusal);
+        if let Some(refusal) = refusal {
             return Ok(refusal);
         }
         let before = w.doc.get_heads();
@@ -320,7 +415,7 @@ impl DocHub {
         let after = w.doc.get_heads();
         let complete = p.heads.iter().all(|h| w.doc.get_change_by_hash(&to_hash(h)).is_some());
         if after != before {
-            let write = w.write(&before);
+            let write = if complete && !w.stored && !w.written { w.write_as_pushed(&p.data) } else { w.write(&before) };
             appends.push((Append { doc: p.doc.clone(), write, view: crate::report::row_bytes(&p.doc, &w.doc) }, applied(&p.doc, w)));
         }
         if !complete {
@@ -333,8 +428,9 @@ impl DocHub {
         Ok(AckStatus::Stored)
     }
 
-    /// Store `appends` durably and bring the cache in line with `batch`; tell `access` what
-    /// was created and changed; announce the new log head. The caller holds the writers' lock.
+    /// Store `appends` (durable at the next flush) and bring the cache in line with `batch`;
+    /// tell `access` what was created and changed; announce the new log head. The caller holds
+    /// the writers' lock.
     fn commit(&self, who: &DeviceIdentity, access: &dyn Access, appends: Vec<(Append, Applied)>, batch: Batch) -> Result<(), StoreError> {
         let org = who.org.as_str();
         if appends.is_empty() {
@@ -352,7 +448,7 @@ impl DocHub {
             }
             access.changed(org, &a.doc, a.consent.as_ref())?;
         }
-        let cursors = match self.store.append(org, appends) {
+        let cursors = match self.store.append_deferred(org, appends) {
             Ok(c) => c,
             Err(e) => {
                 // Whatever the store kept, the cache must not claim to know it.
@@ -572,6 +668,7 @@ impl DocHub {
             }
         }
         self.commit(who, access, appends, batch)?;
+        self.flush()?;
         Ok(replies)
     }
 }
@@ -630,6 +727,15 @@ mod tests {
                 return Err(StoreError::Io("disk full".into()));
             }
             self.inner.append(org, appends)
+        }
+        fn append_deferred(&self, org: &str, appends: Vec<Append>) -> Result<Vec<Cursor>, StoreError> {
+            if self.fail.swap(false, Ordering::SeqCst) {
+                return Err(StoreError::Io("disk full".into()));
+            }
+            self.inner.append_deferred(org, appends)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
         }
         fn load_doc(&self, org: &str, doc: &str) -> Result<Option<StoredDoc>, StoreError> {
             self.inner.load_doc(org, doc)
@@ -754,6 +860,95 @@ mod tests {
         a.push(&hub, "p-a", Some(&acked)).unwrap();
         assert_eq!(hub.heads("o", "p-a").unwrap().unwrap(), stored_heads(&store, "p-a"));
         assert!(hub.heads("o", "p-none").unwrap().is_none());
+    }
+
+    /// Access that refuses the documents in its set.
+    #[derive(Default)]
+    struct Closed(Mutex<HashSet<String>>);
+
+    impl Access for Closed {
+        fn read_since(&self, _: &DeviceIdentity, _: &str) -> Result<Option<u64>, StoreError> {
+            Ok(Some(0))
+        }
+        fn must_purge(&self, _: &DeviceIdentity, _: &str, _: u64) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+        fn check_write(&self, _: &DeviceIdentity, doc: &str, _: bool) -> Result<Option<AckStatus>, StoreError> {
+            Ok(lock(&self.0).contains(doc).then(|| refused(ErrorCode::Erased, "erased")))
+        }
+        fn created(&self, _: &DeviceIdentity, _: &str, _: &[String], _: u64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn changed(&self, _: &str, _: &str, _: Option<&peersync_core::Consent>) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    fn push_of(phone: &Phone, doc: &str, acked: Option<&[ChangeHash]>) -> DocPush {
+        let data = match acked {
+            Some(h) => phone.0.save_after(h),
+            None => phone.0.save(),
+        };
+        DocPush { doc: doc.into(), heads: phone.0.get_heads().iter().map(|h| h.0).collect(), data }
+    }
+
+    #[test]
+    fn a_push_prepared_before_another_writer_changed_its_document_keeps_both_changes() {
+        let (hub, store) = hub(100, 1 << 20);
+        let mut a = Phone(Automerge::new());
+        a.edit("base");
+        a.push(&hub, "p-1", None).unwrap();
+        let mut b = Phone(a.0.fork());
+        // Phone A's push (to p-1, and to a new p-2) is prepared...
+        let acked = a.edit("from-a");
+        let mut other = Phone(Automerge::new());
+        other.edit("x");
+        let prepared = hub.prepare_push(&who(), &Open, vec![push_of(&a, "p-1", Some(&acked)), push_of(&other, "p-2", None)]).unwrap();
+        // ...then phone B's change to p-1 is stored before A's is committed.
+        let acked_b = b.edit("from-b");
+        assert_eq!(b.push(&hub, "p-1", Some(&acked_b)).unwrap(), AckStatus::Stored);
+        let acks = hub.commit_push(&who(), &Open, prepared, &mut Pushed::new()).unwrap();
+        hub.flush().unwrap();
+        assert!(acks.iter().all(|a| a.status == AckStatus::Stored), "{acks:?}");
+        let mut both = a.0.clone();
+        both.merge(&mut b.0.clone()).unwrap();
+        let mut expected: Vec<String> = both.get_heads().iter().map(|h| h.to_string()).collect();
+        expected.sort();
+        assert_eq!(stored_heads(&store, "p-1"), expected, "the store holds A's and B's changes");
+        assert_eq!(hub.heads("o", "p-1").unwrap().unwrap(), expected, "and so does the cache");
+        assert_eq!(hub.heads("o", "p-2").unwrap().unwrap(), stored_heads(&store, "p-2"));
+    }
+
+    #[test]
+    fn access_taken_away_between_prepare_and_commit_refuses_the_push() {
+        let (hub, store) = hub(100, 1 << 20);
+        let access = Closed::default();
+        let mut a = Phone(Automerge::new());
+        a.edit("a");
+        let prepared = hub.prepare_push(&who(), &access, vec![push_of(&a, "p-1", None)]).unwrap();
+        lock(&access.0).insert("p-1".into());
+        let acks = hub.commit_push(&who(), &access, prepared, &mut Pushed::new()).unwrap();
+        assert!(matches!(acks[0].status, AckStatus::Refused { code: ErrorCode::Erased, .. }), "{acks:?}");
+        assert!(store.load_doc("o", "p-1").unwrap().is_none(), "nothing stored");
+        assert!(hub.heads("o", "p-1").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_new_document_is_stored_as_pushed() {
+        let (hub, store) = hub(100, 1 << 20);
+        let mut a = Phone(Automerge::new());
+        a.edit("a");
+        let acked = a.edit("b");
+        // A phone's first push is its stored bytes: a snapshot and a change after it.
+        let mut data = a.0.fork_at(&acked).unwrap().save();
+        data.extend(a.0.save_after(&acked));
+        let push = DocPush { doc: "p-1".into(), heads: a.0.get_heads().iter().map(|h| h.0).collect(), data: data.clone() };
+        let acks = hub.push(&who(), &Open, vec![push], &mut Pushed::new()).unwrap();
+        assert_eq!(acks[0].status, AckStatus::Stored);
+        assert_eq!(store.load_doc("o", "p-1").unwrap().unwrap().concat(), data);
+        let mut expected: Vec<String> = a.0.get_heads().iter().map(|h| h.to_string()).collect();
+        expected.sort();
+        assert_eq!(stored_heads(&store, "p-1"), expected);
     }
 
     #[test]

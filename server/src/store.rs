@@ -97,6 +97,12 @@ pub trait ServerStore: Send + Sync + 'static {
     /// Atomically and durably: give each append the next sequence number of `org`'s log, store
     /// its data and point the document's log entry at it. Returns each append's cursor, in order.
     fn append(&self, org: &str, appends: Vec<Append>) -> Result<Vec<Cursor>, StoreError>;
+    /// As [`append`](Self::append), but durable only at the next [`flush`](Self::flush) (or any
+    /// durable write): writers commit one after another and flush together. An erasure is
+    /// durable at once all the same, since its key is destroyed after.
+    fn append_deferred(&self, org: &str, appends: Vec<Append>) -> Result<Vec<Cursor>, StoreError>;
+    /// Make every write so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
     fn load_doc(&self, org: &str, doc: &str) -> Result<Option<StoredDoc>, StoreError>;
     /// Replace the data with sequence numbers up to `upto` by `snapshot` (the log is unchanged).
     fn compact(&self, org: &str, doc: &str, snapshot: Vec<u8>, upto: u64) -> Result<(), StoreError>;
@@ -184,10 +190,9 @@ impl<S: LocalStore> KvServerStore<S> {
     fn increment_prefix(org: &str, doc: &str) -> Vec<u8> {
         k(b'I', &[org.as_bytes(), doc.as_bytes(), b""])
     }
-}
 
-impl<S: LocalStore> ServerStore for KvServerStore<S> {
-    fn append(&self, org: &str, appends: Vec<Append>) -> Result<Vec<Cursor>, StoreError> {
+    /// See [`ServerStore::append`]; durable before returning if `durable`.
+    fn append_with(&self, org: &str, appends: Vec<Append>, durable: bool) -> Result<Vec<Cursor>, StoreError> {
         let _serial = self.append_lock.lock().unwrap_or_else(|e| e.into_inner());
         let with_data: Vec<&str> = appends
             .iter()
@@ -259,13 +264,32 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
             h.extend_from_slice(&last.tag.to_be_bytes());
             batch.push(Write::Put(k(b'H', &[org.as_bytes()]), h));
         }
-        self.kv.apply(batch)?;
+        // Erasures are durable at once whatever was asked: their keys are destroyed next.
+        if durable || !erased.is_empty() {
+            self.kv.apply(batch)?;
+        } else {
+            self.kv.apply_deferred(batch)?;
+        }
         // Only once the data is durably gone: destroy the keys, which makes any copy sled still
         // holds in old log segments unreadable.
         for doc in erased {
             self.keyring.destroy(org, &doc)?;
         }
         Ok(out)
+    }
+}
+
+impl<S: LocalStore> ServerStore for KvServerStore<S> {
+    fn append(&self, org: &str, appends: Vec<Append>) -> Result<Vec<Cursor>, StoreError> {
+        self.append_with(org, appends, true)
+    }
+
+    fn append_deferred(&self, org: &str, appends: Vec<Append>) -> Result<Vec<Cursor>, StoreError> {
+        self.append_with(org, appends, false)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.kv.flush()
     }
 
     fn load_doc(&self, org: &str, doc: &str) -> Result<Option<StoredDoc>, StoreError> {
