@@ -573,8 +573,11 @@ impl Inner {
         let new_bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         let limit = ((loaded.snapshot as f64 * COMPACT_RATIO) as u64).max(COMPACT_FLOOR);
         let mut compacted = None;
-        if loaded.appended + new_bytes > limit {
-            let snapshot = loaded.doc.save();
+        // A document's first chunks are the whole document: a snapshot would hold the same.
+        let first = loaded.snapshot == 0 && loaded.appended == 0;
+        if !first && loaded.appended + new_bytes > limit {
+            // Uncompressed: the store compresses the whole value (see `store::sealed`).
+            let snapshot = loaded.doc.automerge().save_nocompress();
             compacted = Some(snapshot.len() as u64);
             writes.push(StoredWrite::Compact { doc: id.to_string(), snapshot, upto_seq: loaded.next_seq + new_chunks });
         } else {

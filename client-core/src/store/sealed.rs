@@ -90,6 +90,40 @@ fn decode<T: for<'de> Deserialize<'de>>(k: &[u8], bytes: &[u8]) -> Result<T, Sto
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt { key: printable(k), reason: e.to_string() })
 }
 
+/// First byte of a zstd-compressed `p/` value. A plain postcard `DocBlob` starts with its
+/// snapshot's `Option` tag (0 or 1), so the two never mix up.
+const ZSTD_BLOB: u8 = b'Z';
+/// Largest `p/` value once decompressed: far above any real document (pushes are capped at
+/// 2 MiB), low enough that a damaged value cannot exhaust memory.
+const MAX_BLOB_BYTES: usize = 64 << 20;
+
+/// A document's stored form, compressed as a whole. Automerge data is kept uncompressed
+/// (automerge's own per-column deflate costs more CPU than anything else in a write or a
+/// restore), and zstd over the whole value packs it tighter than that deflate does. Smaller
+/// values also keep sled's pages under its blob-file threshold.
+fn encode_blob(b: &DocBlob) -> Vec<u8> {
+    let plain = encode(b);
+    let mut out = vec![ZSTD_BLOB];
+    match zstd::bulk::compress(&plain, 3) {
+        Ok(packed) if packed.len() + 1 < plain.len() => {
+            out.extend_from_slice(&packed);
+            out
+        }
+        _ => plain,
+    }
+}
+
+fn decode_blob(k: &[u8], bytes: &[u8]) -> Result<DocBlob, StoreError> {
+    match bytes.split_first() {
+        Some((&ZSTD_BLOB, packed)) => {
+            let plain = zstd::bulk::decompress(packed, MAX_BLOB_BYTES)
+                .map_err(|e| StoreError::Corrupt { key: printable(k), reason: format!("cannot decompress: {e}") })?;
+            decode(k, &plain)
+        }
+        _ => decode(k, bytes),
+    }
+}
+
 impl SealedStore {
     /// Open over `backend` with the app's 32-byte key. A store made with another key is refused
     /// with [`StoreError::WrongKey`]; nothing is read or written then.
@@ -130,7 +164,7 @@ impl SealedStore {
 
     fn blob(&self, doc: &str) -> Result<Option<DocBlob>, StoreError> {
         let k = doc_key(doc);
-        self.get(&k)?.map(|b| decode(&k, &b)).transpose()
+        self.get(&k)?.map(|b| decode_blob(&k, &b)).transpose()
     }
 
     fn metas(&self, doc: &str) -> Result<Option<DocMetas>, StoreError> {
@@ -216,7 +250,7 @@ impl SealedStore {
         }
         for (doc, b) in blobs {
             match b {
-                Some(b) => self.put(&mut out, doc_key(&doc), &encode(&b))?,
+                Some(b) => self.put(&mut out, doc_key(&doc), &encode_blob(&b))?,
                 None => out.push(Write::Delete(doc_key(&doc))),
             }
         }
@@ -299,7 +333,7 @@ impl SealedStore {
             out.push(Write::Delete(k));
         }
         for (doc, b) in &blobs {
-            self.put(&mut out, doc_key(doc), &encode(b))?;
+            self.put(&mut out, doc_key(doc), &encode_blob(b))?;
         }
         for (doc, m) in &metas {
             self.put(&mut out, meta_key(doc), &encode(m))?;

@@ -68,7 +68,14 @@ impl Inner {
             Err(e) => return Err(e),
         };
         let doc = loaded.doc.automerge();
-        let data = if sync.server_heads.is_empty() { doc.save() } else { doc.save_after(&parse_heads(&sync.server_heads)) };
+        // A first push uncompressed: the frame is compressed as a whole, which packs these
+        // columns far better than automerge's per-column deflate (about 0.5x against 0.85x of
+        // the deflated size on the wire) for a fraction of its CPU.
+        let data = if sync.server_heads.is_empty() {
+            doc.save_nocompress()
+        } else {
+            doc.save_after(&parse_heads(&sync.server_heads))
+        };
         if data.is_empty() {
             return Ok(None);
         }
@@ -106,13 +113,22 @@ impl Inner {
         let result = (|| {
             for d in &docs {
                 crate::model::validate_id("doc", &d.doc)?;
-                if !st.docs.contains_key(&d.doc) && self.store.load_doc(&d.doc)?.is_none() {
+                let new = !st.docs.contains_key(&d.doc) && self.store.load_doc(&d.doc)?.is_none();
+                if new {
                     st.docs.insert(d.doc.clone(), crate::device::Loaded::new(PersonDoc::empty(&d.doc, self.actor.clone())));
                 }
                 let (_, s) = self.stage(&mut st, &d.doc, Origin::Server, |doc| {
                     let before = doc.heads();
                     doc.automerge_mut().load_incremental(&d.data).map_err(|e| CoreError::document(&d.doc, e))?;
-                    Ok((vec![doc.automerge().save_after(&before)], ()))
+                    if doc.heads() == before {
+                        return Ok((vec![], ()));
+                    }
+                    // A person new to this phone is stored as the bytes received: loading them
+                    // into an empty document is exactly what was just done, and re-encoding the
+                    // whole document (automerge deflates each column afresh) would cost more
+                    // than loading it did. The first local change compacts it.
+                    let chunk = if new { d.data.clone() } else { doc.automerge().save_after(&before) };
+                    Ok((vec![chunk], ()))
                 })?;
                 if let Some(s) = s {
                     changed.push(d.doc.clone());
