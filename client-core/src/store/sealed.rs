@@ -404,6 +404,31 @@ mod tests {
         assert_eq!(raw.scan_prefix(b"").unwrap(), before);
     }
 
+    /// Document values are stored compressed once that pays; values written plain (before
+    /// compression, or too small to gain) still read.
+    #[test]
+    fn document_values_are_compressed_and_plain_ones_still_read() {
+        let key = [7u8; 32];
+        let cipher = Cipher::new(&key).unwrap();
+        let raw = Arc::new(MemoryStore::new());
+        let plain = DocBlob { snapshot: Some(b"old-snapshot".to_vec()), changes: vec![(0, b"c0".to_vec())], next_seq: 1 };
+        raw.apply(vec![
+            Write::Put(KEY_CHECK.to_vec(), cipher.seal(KEY_CHECK, KEY_CHECK_PLAIN).unwrap()),
+            Write::Put(doc_key("old"), cipher.seal(&doc_key("old"), &encode(&plain)).unwrap()),
+        ])
+        .unwrap();
+        let s = SealedStore::open(Box::new(raw.clone()), &key).unwrap();
+        let old = s.load_doc("old").unwrap().unwrap();
+        assert_eq!((old.snapshot.as_deref(), old.changes.len()), (Some(&b"old-snapshot"[..]), 1));
+
+        let snapshot = b"automerge columns repeat a lot ".repeat(200);
+        s.commit(vec![StoredWrite::Compact { doc: "new".into(), snapshot: snapshot.clone(), upto_seq: 0 }]).unwrap();
+        assert_eq!(s.load_doc("new").unwrap().unwrap().snapshot, Some(snapshot.clone()));
+        let stored = cipher.open(&doc_key("new"), &raw.get(&doc_key("new")).unwrap().unwrap()).unwrap();
+        assert_eq!(stored[0], ZSTD_BLOB);
+        assert!(stored.len() < snapshot.len() / 4, "compressed: {} bytes for {}", stored.len(), snapshot.len());
+    }
+
     /// A first-layout store holding only metadata (no document markers) is converted too.
     #[test]
     fn a_first_layout_store_of_metadata_only_is_converted() {
