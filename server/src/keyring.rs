@@ -32,9 +32,11 @@ struct Keys {
     rewrite: bool,
 }
 
-/// One entry at the start of `bytes`: its (org, doc), key, and the bytes after it; `None` if
-/// `bytes` ends inside it.
-fn parse_entry(bytes: &[u8]) -> Option<((String, String), [u8; 32], &[u8])> {
+/// A person's key, by (organisation, document).
+type Entry = ((String, String), [u8; 32]);
+
+/// One entry at the start of `bytes`, and the bytes after it; `None` if `bytes` ends inside it.
+fn parse_entry(bytes: &[u8]) -> Option<(Entry, &[u8])> {
     fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         let (a, b) = rest.split_at_checked(n)?;
         *rest = b;
@@ -46,7 +48,7 @@ fn parse_entry(bytes: &[u8]) -> Option<((String, String), [u8; 32], &[u8])> {
     let len = take(&mut rest, 2)?;
     let doc = String::from_utf8_lossy(take(&mut rest, u16::from_be_bytes([len[0], len[1]]) as usize)?).into_owned();
     let key: [u8; 32] = take(&mut rest, 32)?.try_into().ok()?;
-    Some(((org, doc), key, rest))
+    Some((((org, doc), key), rest))
 }
 
 fn entry(out: &mut Vec<u8>, org: &str, doc: &str, key: &[u8; 32]) {
@@ -82,7 +84,7 @@ impl Keyring {
                 // synced, so no stored data is sealed under it: it is dropped.
                 while !rest.is_empty() {
                     match parse_entry(rest) {
-                        Some((k, key, after)) => {
+                        Some(((k, key), after)) => {
                             keys.insert(k, key);
                             rest = after;
                         }
@@ -123,7 +125,7 @@ impl Keyring {
     }
 
     /// Append `new` keys to the file and sync it.
-    fn append(&self, path: &Path, new: &[((String, String), [u8; 32])]) -> Result<(), StoreError> {
+    fn append(&self, path: &Path, new: &[Entry]) -> Result<(), StoreError> {
         let mut out = Vec::with_capacity(new.len() * 56);
         for ((org, doc), key) in new {
             entry(&mut out, org, doc, key);
