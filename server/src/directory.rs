@@ -361,7 +361,11 @@ impl<S: LocalStore> Directory<S> {
             }
             if self.assignment(org, doc, w)?.is_none() {
                 writes.push(Write::Put(key(b'a', &[org, doc, w]), enc(&Assignment { granted_seq, by: by.into(), at: Utc::now() })));
-                writes.push(Write::Delete(key(b'u', &[org, w, doc])));
+                // Only if there is one: a new person's assignment is then a single write.
+                let unassigned = key(b'u', &[org, w, doc]);
+                if self.kv.get(&unassigned)?.is_some() {
+                    writes.push(Write::Delete(unassigned));
+                }
             }
         }
         self.kv.apply_deferred(writes)?;
