@@ -695,7 +695,9 @@ mod tests {
     use super::*;
     use crate::store::{DeviceSync, KvServerStore};
 
-    struct Open;
+    /// Access that lets the device write everything but the documents in its set (erased).
+    #[derive(Default)]
+    struct Open(Mutex<HashSet<String>>);
 
     impl Access for Open {
         fn read_since(&self, _: &DeviceIdentity, _: &str) -> Result<Option<u64>, StoreError> {
@@ -704,8 +706,8 @@ mod tests {
         fn must_purge(&self, _: &DeviceIdentity, _: &str, _: u64) -> Result<bool, StoreError> {
             Ok(false)
         }
-        fn check_write(&self, _: &DeviceIdentity, _: &str, _: bool) -> Result<Option<AckStatus>, StoreError> {
-            Ok(None)
+        fn check_write(&self, _: &DeviceIdentity, doc: &str, _: bool) -> Result<Option<AckStatus>, StoreError> {
+            Ok(lock(&self.0).contains(doc).then(|| refused(ErrorCode::Erased, "erased")))
         }
         fn created(&self, _: &DeviceIdentity, _: &str, _: &[String], _: u64) -> Result<(), StoreError> {
             Ok(())
@@ -786,12 +788,7 @@ mod tests {
 
         /// Push everything after `acked` (the whole document when nothing was acknowledged).
         fn push(&self, hub: &DocHub, doc: &str, acked: Option<&[ChangeHash]>) -> Result<AckStatus, StoreError> {
-            let data = match acked {
-                Some(h) => self.0.save_after(h),
-                None => self.0.save(),
-            };
-            let heads = self.0.get_heads().iter().map(|h| h.0).collect();
-            let acks = hub.push(&who(), &Open, vec![DocPush { doc: doc.into(), heads, data }], &mut Pushed::new())?;
+            let acks = hub.push(&who(), &Open::default(), vec![push_of(self, doc, acked)], &mut Pushed::new())?;
             Ok(acks.into_iter().next().unwrap().status)
         }
     }
@@ -862,28 +859,6 @@ mod tests {
         assert!(hub.heads("o", "p-none").unwrap().is_none());
     }
 
-    /// Access that refuses the documents in its set.
-    #[derive(Default)]
-    struct Closed(Mutex<HashSet<String>>);
-
-    impl Access for Closed {
-        fn read_since(&self, _: &DeviceIdentity, _: &str) -> Result<Option<u64>, StoreError> {
-            Ok(Some(0))
-        }
-        fn must_purge(&self, _: &DeviceIdentity, _: &str, _: u64) -> Result<bool, StoreError> {
-            Ok(false)
-        }
-        fn check_write(&self, _: &DeviceIdentity, doc: &str, _: bool) -> Result<Option<AckStatus>, StoreError> {
-            Ok(lock(&self.0).contains(doc).then(|| refused(ErrorCode::Erased, "erased")))
-        }
-        fn created(&self, _: &DeviceIdentity, _: &str, _: &[String], _: u64) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn changed(&self, _: &str, _: &str, _: Option<&peersync_core::Consent>) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
-
     fn push_of(phone: &Phone, doc: &str, acked: Option<&[ChangeHash]>) -> DocPush {
         let data = match acked {
             Some(h) => phone.0.save_after(h),
@@ -903,11 +878,11 @@ mod tests {
         let acked = a.edit("from-a");
         let mut other = Phone(Automerge::new());
         other.edit("x");
-        let prepared = hub.prepare_push(&who(), &Open, vec![push_of(&a, "p-1", Some(&acked)), push_of(&other, "p-2", None)]).unwrap();
+        let prepared = hub.prepare_push(&who(), &Open::default(), vec![push_of(&a, "p-1", Some(&acked)), push_of(&other, "p-2", None)]).unwrap();
         // ...then phone B's change to p-1 is stored before A's is committed.
         let acked_b = b.edit("from-b");
         assert_eq!(b.push(&hub, "p-1", Some(&acked_b)).unwrap(), AckStatus::Stored);
-        let acks = hub.commit_push(&who(), &Open, prepared, &mut Pushed::new()).unwrap();
+        let acks = hub.commit_push(&who(), &Open::default(), prepared, &mut Pushed::new()).unwrap();
         hub.flush().unwrap();
         assert!(acks.iter().all(|a| a.status == AckStatus::Stored), "{acks:?}");
         let mut both = a.0.clone();
@@ -922,7 +897,7 @@ mod tests {
     #[test]
     fn access_taken_away_between_prepare_and_commit_refuses_the_push() {
         let (hub, store) = hub(100, 1 << 20);
-        let access = Closed::default();
+        let access = Open::default();
         let mut a = Phone(Automerge::new());
         a.edit("a");
         let prepared = hub.prepare_push(&who(), &access, vec![push_of(&a, "p-1", None)]).unwrap();
@@ -943,7 +918,7 @@ mod tests {
         let mut data = a.0.fork_at(&acked).unwrap().save();
         data.extend(a.0.save_after(&acked));
         let push = DocPush { doc: "p-1".into(), heads: a.0.get_heads().iter().map(|h| h.0).collect(), data: data.clone() };
-        let acks = hub.push(&who(), &Open, vec![push], &mut Pushed::new()).unwrap();
+        let acks = hub.push(&who(), &Open::default(), vec![push], &mut Pushed::new()).unwrap();
         assert_eq!(acks[0].status, AckStatus::Stored);
         assert_eq!(store.load_doc("o", "p-1").unwrap().unwrap().concat(), data);
         let mut expected: Vec<String> = a.0.get_heads().iter().map(|h| h.to_string()).collect();

@@ -103,12 +103,8 @@ const MAX_BLOB_BYTES: usize = 64 << 20;
 /// values also keep sled's pages under its blob-file threshold.
 fn encode_blob(b: &DocBlob) -> Vec<u8> {
     let plain = encode(b);
-    let mut out = vec![ZSTD_BLOB];
     match zstd::bulk::compress(&plain, 3) {
-        Ok(packed) if packed.len() + 1 < plain.len() => {
-            out.extend_from_slice(&packed);
-            out
-        }
+        Ok(packed) if packed.len() + 1 < plain.len() => [&[ZSTD_BLOB][..], &packed].concat(),
         _ => plain,
     }
 }
