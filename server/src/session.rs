@@ -242,13 +242,21 @@ impl<C: Conn> Session<C> {
             self.state.metrics.docs_received.fetch_add(docs.len() as u64, Relaxed);
             let (state, who) = (self.state.clone(), self.who.clone());
             let mut pushed = std::mem::take(&mut self.pushed);
+            // Held until the commit: it bounds the batches whose documents are loaded at once.
+            let permit = self.state.push_gate.acquire().await.map_err(|e| SessionEnd::protocol(ErrorCode::Internal, e.to_string()))?;
+            let prepared = blocking(move || state.hub.prepare_push(&who, state.access.as_ref(), docs)).await?;
             let gate = self.state.write_gate.lock().await;
+            let (state, who) = (self.state.clone(), self.who.clone());
             let (acks, pushed) = blocking(move || {
-                let acks = state.hub.push(&who, state.access.as_ref(), docs, &mut pushed);
+                let acks = state.hub.commit_push(&who, state.access.as_ref(), prepared, &mut pushed);
                 acks.map(|a| (a, pushed))
             })
             .await?;
             drop(gate);
+            drop(permit);
+            // Outside both gates: sessions that committed meanwhile share this disk flush.
+            let state = self.state.clone();
+            blocking(move || state.hub.flush()).await?;
             self.pushed = pushed;
             let stored: Vec<String> = acks.iter().filter(|a| a.status == protocol::AckStatus::Stored).map(|a| a.doc.clone()).collect();
             self.docs_stored += stored.len() as u64;
