@@ -7,6 +7,8 @@
 //! `o` org, `c` coordinator, `w` worker, `x` device, `n` enrollment code, `a` assignment,
 //! `u` unassignment, `z` tombstone, `q` consent.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Duration, Utc};
 use peersync_core::StoreError;
 use peersync_core::model::{validate_id, validate_role};
@@ -352,7 +354,6 @@ impl<S: LocalStore> Directory<S> {
     /// the next [`Self::flush`] or durable write: callers batch many.
     pub fn assign(&self, org: &str, doc: &str, workers: &[String], granted_seq: u64, by: &str) -> Result<Vec<String>, DirectoryError> {
         validate_id("person", doc)?;
-        let mut writes = Vec::new();
         let mut unknown = Vec::new();
         for w in workers {
             if self.worker(org, w)?.is_none() {
@@ -360,15 +361,21 @@ impl<S: LocalStore> Directory<S> {
                 continue;
             }
             if self.assignment(org, doc, w)?.is_none() {
-                writes.push(Write::Put(key(b'a', &[org, doc, w]), enc(&Assignment { granted_seq, by: by.into(), at: Utc::now() })));
+                let mut writes = vec![Write::Put(key(b'a', &[org, doc, w]), enc(&Assignment { granted_seq, by: by.into(), at: Utc::now() }))];
                 // Only if there is one: a new person's assignment is then a single write.
                 let unassigned = key(b'u', &[org, w, doc]);
                 if self.kv.get(&unassigned)?.is_some() {
                     writes.push(Write::Delete(unassigned));
                 }
+                // One apply per worker, not one for all: each worker's assignment stands on its
+                // own, and a one-write apply is a plain insert where a multi-write one is a sled
+                // batch that seals and writes the log (a person shared by two workers cost one
+                // log write each in a first upload). After a crash the store holds a prefix of
+                // these writes; the push they belong to was not acknowledged, and its retry
+                // assigns whoever is still missing.
+                self.kv.apply_deferred(writes)?;
             }
         }
-        self.kv.apply_deferred(writes)?;
         Ok(unknown)
     }
 
@@ -382,6 +389,20 @@ impl<S: LocalStore> Directory<S> {
     }
 
     // Erasure and consent ---------------------------------------------------------------
+
+    /// Every erased person of `org`, by id.
+    pub fn tombstones(&self, org: &str) -> Result<HashMap<String, Tombstone>, StoreError> {
+        self.by_last_part(&key(b'z', &[org, ""]))
+    }
+
+    /// The people taken from `worker`, with the log position at which each was taken.
+    pub fn unassignments(&self, org: &str, worker: &str) -> Result<HashMap<String, u64>, StoreError> {
+        self.by_last_part(&key(b'u', &[org, worker, ""]))
+    }
+
+    fn by_last_part<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<HashMap<String, T>, StoreError> {
+        self.kv.scan_prefix(prefix)?.iter().map(|(k, v)| Ok((String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), dec(k, v)?))).collect()
+    }
 
     pub fn tombstone(&self, org: &str, doc: &str) -> Result<Option<Tombstone>, StoreError> {
         self.get(&key(b'z', &[org, doc]))

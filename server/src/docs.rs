@@ -32,12 +32,15 @@ use peersync_core::protocol::{AckStatus, Cursor, DocAck, DocDown, DocPush, DocSy
 use peersync_core::StoreError;
 use tokio::sync::broadcast;
 
-use crate::auth::{Access, DeviceIdentity};
+use crate::auth::{Access, DeviceIdentity, Verdict};
 use crate::store::{Append, DocWrite, ServerStore, StoredDoc};
 
 /// Increments a stored document may collect; the write that would exceed this stores a
 /// snapshot of the whole document instead.
 const COMPACT_AFTER: usize = 16;
+/// Download entries whose access is read at once: large enough that a fresh phone's walk of
+/// the whole log reads each tombstone and unassignment once per few hundred entries.
+const VERDICT_CHUNK: usize = 256;
 
 /// What the store holds of a document, as the cache keeps it.
 struct CachedDoc {
@@ -211,6 +214,9 @@ pub struct PreparedPush {
 /// A download in progress (see [`DocHub::start_download`]).
 pub struct Download {
     entries: std::vec::IntoIter<(u64, String)>,
+    /// Entries taken from `entries` whose access was read but which the last batch had no
+    /// room for: the next batch starts with them (reading their access again).
+    held: Vec<(u64, String)>,
     since: Cursor,
     /// Where the device stands once it has stored the batches produced so far.
     cursor: Cursor,
@@ -518,7 +524,7 @@ impl DocHub {
     /// one batch at a time (so that no thread waits for the device between batches).
     pub fn start_download(&self, org: &str, since: Cursor) -> Result<Download, StoreError> {
         let entries = self.store.changed_since(org, since.seq)?;
-        Ok(Download { entries: entries.into_iter(), since, cursor: since, finished: false })
+        Ok(Download { entries: entries.into_iter(), held: Vec::new(), since, cursor: since, finished: false })
     }
 
     /// The next batch of `dl` (see [`DocHub::download`]): bounded by `batch_bytes`; the last
@@ -540,32 +546,48 @@ impl DocHub {
         let mut docs = Vec::new();
         let mut purge = Vec::new();
         let mut size = 0usize;
-        for (seq, doc) in dl.entries.by_ref() {
-            let readable = if skip.contains(&doc) { None } else { access.read_since(who, &doc)? };
-            if readable.is_none() && access.must_purge(who, &doc, since.seq)? {
-                size += doc.len();
-                purge.push(doc.clone());
+        loop {
+            // Access is read a chunk of entries at a time (see `Access::verdicts`).
+            let mut chunk = std::mem::take(&mut dl.held);
+            chunk.extend(dl.entries.by_ref().take(VERDICT_CHUNK.saturating_sub(chunk.len())));
+            if chunk.is_empty() {
+                break;
             }
-            if let Some(granted) = readable {
-                let data = match pushed.get(&doc) {
-                    Some(heads) => self.beyond(org, &doc, heads)?,
-                    None => match self.store.load_doc(org, &doc)? {
-                        // Newly assigned: the device cannot have anything of it yet.
-                        Some(stored) if granted > since.seq => stored.concat(),
-                        Some(stored) => since_cursor(&stored, since.seq),
-                        None => Vec::new(),
-                    },
-                };
-                if !data.is_empty() {
-                    size += data.len() + doc.len();
-                    docs.push(DocDown { doc, data });
+            let ids: Vec<&str> = chunk.iter().map(|(_, doc)| doc.as_str()).collect();
+            let verdicts = access.verdicts(who, &ids, since.seq)?;
+            let mut chunk = chunk.into_iter().zip(verdicts);
+            for ((seq, doc), verdict) in chunk.by_ref() {
+                match verdict {
+                    // A skipped document (the device has it and asked for the rest) is sent nothing.
+                    Verdict::Read { .. } if skip.contains(&doc) => {}
+                    Verdict::Read { granted } => {
+                        let data = match pushed.get(&doc) {
+                            Some(heads) => self.beyond(org, &doc, heads)?,
+                            None => match self.store.load_doc(org, &doc)? {
+                                // Newly assigned: the device cannot have anything of it yet.
+                                Some(stored) if granted > since.seq => stored.concat(),
+                                Some(stored) => since_cursor(&stored, since.seq),
+                                None => Vec::new(),
+                            },
+                        };
+                        if !data.is_empty() {
+                            size += data.len() + doc.len();
+                            docs.push(DocDown { doc, data });
+                        }
+                    }
+                    Verdict::Purge => {
+                        size += doc.len();
+                        purge.push(doc);
+                    }
+                    Verdict::Nothing => {}
                 }
-            }
-            dl.cursor = Cursor { seq, tag: 0 };
-            if size >= batch_bytes {
-                dl.cursor.tag = self.store.tag_at(org, seq)?.unwrap_or(0);
-                let remaining = dl.entries.len() as u32;
-                return Ok(Some(DocsBatch { docs, purge, cursor: dl.cursor, remaining }));
+                dl.cursor = Cursor { seq, tag: 0 };
+                if size >= batch_bytes {
+                    dl.held = chunk.map(|(entry, _)| entry).collect();
+                    dl.cursor.tag = self.store.tag_at(org, seq)?.unwrap_or(0);
+                    let remaining = (dl.held.len() + dl.entries.len()) as u32;
+                    return Ok(Some(DocsBatch { docs, purge, cursor: dl.cursor, remaining }));
+                }
             }
         }
         if dl.cursor.seq != since.seq && dl.cursor.tag == 0 {
