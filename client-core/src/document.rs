@@ -21,7 +21,7 @@
 //! device's copy as the same change.
 
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
-use automerge::{ActorId, Automerge, AutomergeError, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+use automerge::{ActorId, Automerge, AutomergeError, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, ScalarValueRef, Value, ValueRef};
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -340,10 +340,14 @@ impl RecordReader<'_> {
         let vmap = self.section("visits")?;
         for item in self.doc.map_range(&vmap, ..) {
             let key = item.key.to_string();
-            let Value::Object(ObjType::Map) = Value::from(item.value.clone()) else { continue };
+            if !matches!(item.value, ValueRef::Object(ObjType::Map)) {
+                continue;
+            }
             let obj = r.fields(&item.id());
             if let Some(v) = r.visit(&obj, &key) {
-                r.conflicts(&obj, &format!("visits/{key}"), &mut conflicts);
+                if !obj.conflicted.is_empty() {
+                    r.conflicts(&obj, &format!("visits/{key}"), &mut conflicts);
+                }
                 visits.push(v);
             }
         }
@@ -353,7 +357,9 @@ impl RecordReader<'_> {
         let cmap = self.section("checkins")?;
         for item in self.doc.map_range(&cmap, ..) {
             let key = item.key.to_string();
-            let Value::Object(ObjType::Map) = Value::from(item.value.clone()) else { continue };
+            if !matches!(item.value, ValueRef::Object(ObjType::Map)) {
+                continue;
+            }
             if let Some(c) = r.checkin(&r.fields(&item.id()), &key) {
                 checkins.push(c);
             }
@@ -395,98 +401,111 @@ struct Reader<'a> {
     doc: &'a Automerge,
 }
 
-/// The fields of one map object, read in a single pass (much cheaper than a `get` per field).
-struct Fields {
+/// The fields of one map object, read in a single pass (much cheaper than a `get` per field),
+/// borrowed from the document: a record has a dozen fields per visit, and copying each key
+/// and value into a map cost more than automerge's reading them.
+struct Fields<'a> {
     obj: ObjId,
-    map: std::collections::HashMap<String, (Value<'static>, ObjId)>,
+    items: Vec<Field<'a>>,
     /// Keys holding concurrent values.
     conflicted: Vec<String>,
 }
 
-impl Reader<'_> {
-    fn fields(&self, obj: &ObjId) -> Fields {
-        let mut map = std::collections::HashMap::new();
+struct Field<'a> {
+    key: std::borrow::Cow<'a, str>,
+    value: ValueRef<'a>,
+    /// The object's id, for fields holding one (lists).
+    obj: Option<ObjId>,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, key: &str) -> Option<&Field<'a>> {
+        self.items.iter().find(|f| f.key == key)
+    }
+}
+
+impl<'a> Reader<'a> {
+    fn fields(&self, obj: &ObjId) -> Fields<'a> {
+        let mut items = Vec::new();
         let mut conflicted = Vec::new();
         for item in self.doc.map_range(obj, ..) {
             if item.conflict {
                 conflicted.push(item.key.to_string());
             }
-            map.insert(item.key.to_string(), (Value::from(item.value.clone()), item.id()));
+            let obj = matches!(item.value, ValueRef::Object(_)).then(|| item.id());
+            items.push(Field { key: item.key, value: item.value, obj });
         }
-        Fields { obj: obj.clone(), map, conflicted }
+        Fields { obj: obj.clone(), items, conflicted }
     }
 
-    fn scalar(&self, f: &Fields, key: &str) -> Option<ScalarValue> {
-        match f.map.get(key)? {
-            (Value::Scalar(s), _) => Some(s.clone().into_owned()),
+    fn scalar<'f>(&self, f: &'f Fields<'a>, key: &str) -> Option<&'f ScalarValueRef<'a>> {
+        match &f.get(key)?.value {
+            ValueRef::Scalar(s) => Some(s),
+            ValueRef::Object(_) => None,
+        }
+    }
+
+    fn str(&self, obj: &Fields<'a>, key: &str) -> Option<String> {
+        match self.scalar(obj, key)? {
+            ScalarValueRef::Str(s) => Some(s.to_string()),
             _ => None,
         }
     }
 
-    fn str(&self, obj: &Fields, key: &str) -> Option<String> {
+    fn int(&self, obj: &Fields<'a>, key: &str) -> Option<i64> {
+        scalar_int(self.scalar(obj, key)?)
+    }
+
+    fn bool(&self, obj: &Fields<'a>, key: &str) -> Option<bool> {
         match self.scalar(obj, key)? {
-            ScalarValue::Str(s) => Some(s.to_string()),
+            ScalarValueRef::Boolean(b) => Some(*b),
             _ => None,
         }
     }
 
-    fn int(&self, obj: &Fields, key: &str) -> Option<i64> {
+    fn time(&self, obj: &Fields<'a>, key: &str) -> Option<DateTime<Utc>> {
         match self.scalar(obj, key)? {
-            ScalarValue::Int(i) => Some(i),
-            ScalarValue::Uint(u) => i64::try_from(u).ok(),
-            _ => None,
-        }
-    }
-
-    fn bool(&self, obj: &Fields, key: &str) -> Option<bool> {
-        match self.scalar(obj, key)? {
-            ScalarValue::Boolean(b) => Some(b),
-            _ => None,
-        }
-    }
-
-    fn time(&self, obj: &Fields, key: &str) -> Option<DateTime<Utc>> {
-        match self.scalar(obj, key)? {
-            ScalarValue::Timestamp(ms) | ScalarValue::Int(ms) => Utc.timestamp_millis_opt(ms).single(),
+            ScalarValueRef::Timestamp(ms) | ScalarValueRef::Int(ms) => Utc.timestamp_millis_opt(*ms).single(),
             _ => None,
         }
     }
 
     /// `Some(None)` for an explicit null, `None` for a missing or mistyped field.
-    fn date(&self, obj: &Fields, key: &str) -> Option<Option<NaiveDate>> {
+    fn date(&self, obj: &Fields<'a>, key: &str) -> Option<Option<NaiveDate>> {
         match self.scalar(obj, key)? {
-            ScalarValue::Null => Some(None),
-            ScalarValue::Str(s) => NaiveDate::parse_from_str(&s, "%Y-%m-%d").ok().map(Some),
+            ScalarValueRef::Null => Some(None),
+            ScalarValueRef::Str(s) => NaiveDate::parse_from_str(s, "%Y-%m-%d").ok().map(Some),
             _ => None,
         }
     }
 
-    fn list(&self, obj: &Fields, key: &str) -> Option<Vec<ScalarValue>> {
-        let (Value::Object(ObjType::List), list) = obj.map.get(key)? else { return None };
+    fn list(&self, obj: &Fields<'a>, key: &str) -> Option<Vec<ScalarValueRef<'a>>> {
+        let f = obj.get(key)?;
+        let (ValueRef::Object(ObjType::List), Some(list)) = (&f.value, &f.obj) else { return None };
         Some(
             self.doc
                 .list_range(list, ..)
-                .filter_map(|item| match Value::from(item.value) {
-                    Value::Scalar(s) => Some(s.into_owned()),
-                    _ => None,
+                .filter_map(|item| match item.value {
+                    ValueRef::Scalar(s) => Some(s),
+                    ValueRef::Object(_) => None,
                 })
                 .collect(),
         )
     }
 
-    fn str_list(&self, obj: &Fields, key: &str) -> Option<Vec<String>> {
+    fn str_list(&self, obj: &Fields<'a>, key: &str) -> Option<Vec<String>> {
         Some(
             self.list(obj, key)?
                 .into_iter()
                 .filter_map(|v| match v {
-                    ScalarValue::Str(s) => Some(s.to_string()),
+                    ScalarValueRef::Str(s) => Some(s.into_owned()),
                     _ => None,
                 })
                 .collect(),
         )
     }
 
-    fn visit(&self, obj: &Fields, id: &str) -> Option<Visit> {
+    fn visit(&self, obj: &Fields<'a>, id: &str) -> Option<Visit> {
         Some(Visit {
             id: id.to_string(),
             by: self.str(obj, "by")?,
@@ -503,16 +522,12 @@ impl Reader<'_> {
         })
     }
 
-    fn checkin(&self, obj: &Fields, id: &str) -> Option<Checkin> {
+    fn checkin(&self, obj: &Fields<'a>, id: &str) -> Option<Checkin> {
         let small = |k: &str| self.int(obj, k).and_then(|v| u8::try_from(v).ok());
         let wellbeing = self
             .list(obj, "wellbeing")?
             .into_iter()
-            .map(|v| match v {
-                ScalarValue::Int(i) => u8::try_from(i).ok(),
-                ScalarValue::Uint(u) => u8::try_from(u).ok(),
-                _ => None,
-            })
+            .map(|v| scalar_int(&v).and_then(|i| u8::try_from(i).ok()))
             .collect::<Option<Vec<u8>>>()?;
         Some(Checkin {
             id: id.to_string(),
@@ -549,7 +564,7 @@ impl Reader<'_> {
     }
 
     /// Record every field of `obj` that holds more than one concurrent value.
-    fn conflicts(&self, f: &Fields, path: &str, out: &mut Vec<FieldConflict>) {
+    fn conflicts(&self, f: &Fields<'a>, path: &str, out: &mut Vec<FieldConflict>) {
         for key in &f.conflicted {
             let Ok(all) = self.doc.get_all(&f.obj, key.as_str()) else { continue };
             if all.len() < 2 {
@@ -559,6 +574,14 @@ impl Reader<'_> {
             let values = all.iter().rev().map(|(v, id)| self.json(v, id)).collect();
             out.push(FieldConflict { field: format!("{path}/{key}"), values });
         }
+    }
+}
+
+fn scalar_int(s: &ScalarValueRef<'_>) -> Option<i64> {
+    match s {
+        ScalarValueRef::Int(i) => Some(*i),
+        ScalarValueRef::Uint(u) => i64::try_from(*u).ok(),
+        _ => None,
     }
 }
 
