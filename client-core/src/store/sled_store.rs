@@ -18,9 +18,13 @@ impl SledStore {
 
     /// Open with a page cache of `cache_bytes` (a server wants more than a phone).
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        // Small log segments: a phone's store is a few megabytes. (sled 0.34 records the mode
+        // sled writes any page larger than a quarter of a log segment to a file of its own
+        // (create, write, sync, later delete). With the 64 KiB segments phones used at first,
+        // that was every leaf over 16 KiB: a restore spent more on creating files than on
+        // anything else. 256 KiB segments keep pages in the log. (sled 0.34 records the mode
         // but does not act on it.)
-        let config = sled::Config::new().path(path).cache_capacity(cache_bytes).mode(sled::Mode::LowSpace).segment_size(1 << 16);
+        let segment_size = existing_segment_size(path).unwrap_or(PHONE_SEGMENT_BYTES);
+        let config = sled::Config::new().path(path).cache_capacity(cache_bytes).mode(sled::Mode::LowSpace).segment_size(segment_size);
         Self::open_config(config, path)
     }
 
@@ -48,11 +52,7 @@ impl SledStore {
     /// per segment of log. A store created with other segments keeps them: sled refuses to open a store
     /// with a different segment size than it was created with.
     pub fn open_for_server(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        // sled's `conf`: text lines, then a checksum.
-        let segment_size = std::fs::read(path.join("conf"))
-            .ok()
-            .and_then(|conf| String::from_utf8_lossy(&conf).lines().find_map(|l| l.strip_prefix("segment_size:")?.trim().parse().ok()))
-            .unwrap_or(512 * 1024);
+        let segment_size = existing_segment_size(path).unwrap_or(512 * 1024);
         let config =
             sled::Config::new().path(path).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).segment_size(segment_size);
         Self::open_config(config, path)
@@ -62,6 +62,17 @@ impl SledStore {
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
     }
+}
+
+/// Log segment size of stores phones create (see [`SledStore::open_with_cache`]).
+const PHONE_SEGMENT_BYTES: usize = 256 * 1024;
+
+/// The segment size of the store at `path`, if one exists there: sled refuses to open a store
+/// with another segment size than it was created with.
+fn existing_segment_size(path: &Path) -> Option<usize> {
+    // sled's `conf`: text lines, then a checksum.
+    let conf = std::fs::read(path.join("conf")).ok()?;
+    String::from_utf8_lossy(&conf).lines().find_map(|l| l.strip_prefix("segment_size:")?.trim().parse().ok())
 }
 
 impl LocalStore for SledStore {
@@ -179,5 +190,25 @@ mod suite {
         }
         let s = SledStore::open(dir.path()).unwrap();
         assert_eq!(s.get(b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    /// Phones created their stores with 64 KiB log segments before; sled refuses to open a
+    /// store with another segment size, so those must open with theirs and keep their records.
+    #[test]
+    fn a_store_made_with_the_old_segment_size_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::Config::new().path(dir.path()).segment_size(1 << 16).open().unwrap();
+            let tree = db.open_tree("peersync").unwrap();
+            tree.insert(b"k", b"v".to_vec()).unwrap();
+            db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.get(b"k").unwrap(), Some(b"v".to_vec()));
+        s.apply(vec![Write::Put(b"k2".to_vec(), vec![7; 100_000])]).unwrap();
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.get(b"k2").unwrap(), Some(vec![7; 100_000]));
+        assert_eq!(super::existing_segment_size(dir.path()), Some(1 << 16));
     }
 }
