@@ -782,6 +782,9 @@ mod tests {
         fn devices(&self, org: &str) -> Result<Vec<(String, DeviceSync)>, StoreError> {
             self.inner.devices(org)
         }
+        fn device(&self, org: &str, device: &str) -> Result<Option<DeviceSync>, StoreError> {
+            self.inner.device(org, device)
+        }
         fn views(&self, org: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
             self.inner.views(org)
         }

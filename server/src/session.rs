@@ -325,7 +325,7 @@ impl<C: Conn> Session<C> {
         let (state, who) = (self.state.clone(), self.who.clone());
         let _ = tokio::task::spawn_blocking(move || {
             let store = state.hub.store();
-            let mut info = store.devices(&who.org)?.into_iter().find(|(d, _)| *d == who.device).map(|(_, i)| i).unwrap_or_default();
+            let mut info = store.device(&who.org, &who.device)?.unwrap_or_default();
             info.last_error = Some(error);
             info.last_error_at = Some(chrono::Utc::now());
             store.put_device(&who.org, &who.device, &info)
@@ -354,7 +354,7 @@ impl<C: Conn> Session<C> {
             }
             let store = state.hub.store();
             // Keep the last error visible until a later one replaces it.
-            let previous = store.devices(&who.org)?.into_iter().find(|(d, _)| *d == who.device).map(|(_, i)| i).unwrap_or_default();
+            let previous = store.device(&who.org, &who.device)?.unwrap_or_default();
             let info = DeviceSync {
                 cursor,
                 last_sync_at: Some(chrono::Utc::now()),

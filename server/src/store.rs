@@ -114,6 +114,9 @@ pub trait ServerStore: Send + Sync + 'static {
     fn tag_at(&self, org: &str, seq: u64) -> Result<Option<u32>, StoreError>;
     fn put_device(&self, org: &str, device: &str, info: &DeviceSync) -> Result<(), StoreError>;
     fn devices(&self, org: &str) -> Result<Vec<(String, DeviceSync)>, StoreError>;
+    /// One device's sync record (every session reads its own at the end: one read, not the
+    /// organisation's every device).
+    fn device(&self, org: &str, device: &str) -> Result<Option<DeviceSync>, StoreError>;
     /// Every reporting-view row of `org`, by document (erased documents have none).
     fn views(&self, org: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
@@ -373,6 +376,13 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
         Ok(out)
     }
 
+    fn device(&self, org: &str, device: &str) -> Result<Option<DeviceSync>, StoreError> {
+        self.kv
+            .get(&k(b'V', &[org.as_bytes(), device.as_bytes()]))?
+            .map(|v| serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt { key: "V".into(), reason: e.to_string() }))
+            .transpose()
+    }
+
     fn devices(&self, org: &str) -> Result<Vec<(String, DeviceSync)>, StoreError> {
         let prefix = k(b'V', &[org.as_bytes(), b""]);
         let mut out = Vec::new();
@@ -476,7 +486,10 @@ macro_rules! server_store_suite {
             let info = DeviceSync { cursor: 7, docs_received: 3, ..Default::default() };
             s.put_device("o", "d1", &info).unwrap();
             s.put_device("o2", "d2", &DeviceSync::default()).unwrap();
-            assert_eq!(s.devices("o").unwrap(), vec![("d1".to_string(), info)]);
+            assert_eq!(s.devices("o").unwrap(), vec![("d1".to_string(), info.clone())]);
+            assert_eq!(s.device("o", "d1").unwrap(), Some(info));
+            assert_eq!(s.device("o", "d2").unwrap(), None, "another organisation's device");
+            assert_eq!(s.device("o2", "d2").unwrap(), Some(DeviceSync::default()));
         }
     };
 }
