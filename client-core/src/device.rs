@@ -567,7 +567,7 @@ impl Inner {
             return Ok((out, None));
         }
         // A document received before its profile has no summary yet.
-        let summary = loaded.doc.record().ok().map(|r| PersonSummary::of(&r));
+        let summary = loaded.doc.summary().ok();
         let mut writes = Vec::new();
         let new_chunks = chunks.len() as u64;
         let new_bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();

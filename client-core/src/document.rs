@@ -25,6 +25,7 @@ use automerge::{ActorId, Automerge, AutomergeError, ChangeHash, ObjId, ObjType, 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::caseload::PersonSummary;
 use crate::error::CoreError;
 use crate::model::{Checkin, Consent, Person, Visit, VisitEdit};
 use crate::store::DocData;
@@ -293,6 +294,11 @@ impl PersonDoc {
     pub fn record(&self) -> Result<PersonRecord, CoreError> {
         read_record(&self.id, &self.doc)
     }
+
+    /// The caseload line: what `PersonSummary::of(&self.record()?)` gives, for less reading.
+    pub fn summary(&self) -> Result<PersonSummary, CoreError> {
+        RecordReader { id: &self.id, doc: &self.doc }.summary()
+    }
 }
 
 /// The full record held in automerge data `doc` of person `id` (see [`PersonDoc::record`]).
@@ -311,6 +317,62 @@ impl RecordReader<'_> {
             Ok(Some((Value::Object(ObjType::Map), id))) => Ok(id),
             _ => Err(CoreError::document(self.id, format!("the `{name}` map is missing"))),
         }
+    }
+
+    /// `PersonSummary::of(&self.record()?)`, without reading what the caseload line does not
+    /// show (the visits' lists and notes, the conflicting values): every stored change of a
+    /// person, and every person a restore brings, computes it.
+    fn summary(&self) -> Result<PersonSummary, CoreError> {
+        let r = Reader { doc: self.doc };
+        let profile = r.fields(&self.section("profile")?);
+        let consent = r.fields(&self.section("consent")?);
+        let bad = |what: &str| CoreError::document(self.id, format!("{what} is missing or damaged"));
+        let id = r.str(&profile, "id").ok_or_else(|| bad("profile id"))?;
+        let alias = r.str(&profile, "alias").ok_or_else(|| bad("alias"))?;
+        let year_of_birth = r.int(&profile, "year_of_birth").ok_or_else(|| bad("year_of_birth"))? as i32;
+        r.time(&profile, "created_at").ok_or_else(|| bad("created_at"))?;
+        let mut conflicts = r.conflict_count(&profile) + r.conflict_count(&consent);
+
+        // The most recent visit: latest start, then (as the record sorts them) the smallest id.
+        let mut visits = 0u32;
+        let mut last: Option<(DateTime<Utc>, String, Option<NaiveDate>)> = None;
+        let vmap = self.section("visits")?;
+        for item in self.doc.map_range(&vmap, ..) {
+            if !matches!(item.value, ValueRef::Object(ObjType::Map)) {
+                continue;
+            }
+            let obj = r.fields(&item.id());
+            let Some(core) = r.visit_core(&obj) else { continue };
+            visits += 1;
+            conflicts += r.conflict_count(&obj);
+            let newer = last.as_ref().is_none_or(|(t, id, _)| core.started_at > *t || (core.started_at == *t && *item.key < **id));
+            if newer {
+                last = Some((core.started_at, item.key.to_string(), r.date(&obj, "follow_up").flatten()));
+            }
+        }
+        let mut checkins = 0u32;
+        let cmap = self.section("checkins")?;
+        for item in self.doc.map_range(&cmap, ..) {
+            if matches!(item.value, ValueRef::Object(ObjType::Map)) && r.checkin(&r.fields(&item.id()), &item.key).is_some() {
+                checkins += 1;
+            }
+        }
+        let (last_visit, last_visit_id, next_follow_up) = match last {
+            Some((at, id, follow_up)) => (Some(at), Some(id), follow_up),
+            None => (None, None, None),
+        };
+        Ok(PersonSummary {
+            id,
+            alias,
+            year_of_birth,
+            visits,
+            checkins,
+            last_visit,
+            last_visit_id,
+            next_follow_up,
+            share_with_coordinator: r.bool(&consent, "share_with_coordinator").unwrap_or(false),
+            conflicts,
+        })
     }
 
     fn record(&self) -> Result<PersonRecord, CoreError> {
@@ -394,6 +456,15 @@ fn write_consent(tx: &mut Transaction<'_>, obj: &ObjId, c: &Consent) -> Result<(
     tx.put(obj, "share_with_coordinator", c.share_with_coordinator)?;
     tx.put(obj, "research", c.research)?;
     tx.put(obj, "updated_at", ts(c.updated_at))
+}
+
+struct VisitCore {
+    by: String,
+    started_at: DateTime<Utc>,
+    duration_min: u32,
+    mode: String,
+    setting: String,
+    recorded_at: DateTime<Utc>,
 }
 
 /// Typed reads that treat a missing or mistyped field as absent.
@@ -505,21 +576,40 @@ impl<'a> Reader<'a> {
         )
     }
 
-    fn visit(&self, obj: &Fields<'a>, id: &str) -> Option<Visit> {
-        Some(Visit {
-            id: id.to_string(),
+    /// The fields a visit cannot do without; `None` if one is missing or mistyped (the visit
+    /// is then skipped, in the record and in the caseload line alike).
+    fn visit_core(&self, obj: &Fields<'a>) -> Option<VisitCore> {
+        Some(VisitCore {
             by: self.str(obj, "by")?,
             started_at: self.time(obj, "started_at")?,
             duration_min: u32::try_from(self.int(obj, "duration_min")?).ok()?,
             mode: self.str(obj, "mode")?,
             setting: self.str(obj, "setting")?,
+            recorded_at: self.time(obj, "recorded_at")?,
+        })
+    }
+
+    fn visit(&self, obj: &Fields<'a>, id: &str) -> Option<Visit> {
+        let core = self.visit_core(obj)?;
+        Some(Visit {
+            id: id.to_string(),
+            by: core.by,
+            started_at: core.started_at,
+            duration_min: core.duration_min,
+            mode: core.mode,
+            setting: core.setting,
             activities: self.str_list(obj, "activities").unwrap_or_default(),
             goals: self.str_list(obj, "goals").unwrap_or_default(),
             referrals: self.str_list(obj, "referrals").unwrap_or_default(),
             notes: self.str(obj, "notes").unwrap_or_default(),
             follow_up: self.date(obj, "follow_up").flatten(),
-            recorded_at: self.time(obj, "recorded_at")?,
+            recorded_at: core.recorded_at,
         })
+    }
+
+    /// How many fields of `f` hold concurrent values (what [`Self::conflicts`] would list).
+    fn conflict_count(&self, f: &Fields<'a>) -> u32 {
+        f.conflicted.iter().filter(|key| self.doc.get_all(&f.obj, key.as_str()).is_ok_and(|all| all.len() >= 2)).count() as u32
     }
 
     fn checkin(&self, obj: &Fields<'a>, id: &str) -> Option<Checkin> {

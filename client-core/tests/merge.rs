@@ -5,7 +5,7 @@ mod common;
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, ObjType, ROOT, ReadDoc};
 use common::*;
-use peersync_core::{PersonDoc, VisitEdit};
+use peersync_core::{ConsentChange, NewVisit, PersonDoc, VisitEdit};
 
 /// Two phones record different visits for the same person while offline; after exchanging
 /// documents both hold both visits.
@@ -130,4 +130,70 @@ async fn same_person_registered_on_two_phones_keeps_both_visit_sets() {
     a.import_document("p-9", b.export_document("p-9").await.unwrap()).await.unwrap();
     let r = a.person("p-9").await.unwrap();
     assert_eq!(r.visits.len(), 2);
+}
+
+/// The caseload line is read without the visits' lists and notes; it must say exactly what
+/// the full record says, for merged records with ties, conflicts and damaged entries too.
+#[tokio::test]
+async fn the_caseload_line_matches_the_full_record() {
+    use peersync_core::caseload::PersonSummary;
+    let (a, clock) = device("w-001").await;
+    let (b, _) = device("w-002").await;
+    a.register_person(person("p-1", "KM-1")).await.unwrap();
+    // Two visits starting at the same moment (the smaller id counts as the latest), an older
+    // one, and a newer one with a follow-up date on the other phone.
+    a.record_visit("p-1", visit("v-b", "")).await.unwrap();
+    a.record_visit("p-1", visit("v-a", "")).await.unwrap();
+    a.record_visit("p-1", NewVisit { started_at: t(1, 8), ..visit("v-old", "") }).await.unwrap();
+    a.record_checkin("p-1", checkin("c-1")).await.unwrap();
+    b.import_document("p-1", a.export_document("p-1").await.unwrap()).await.unwrap();
+    let line = |d: &peersync_core::Device| {
+        let d = d.clone();
+        async move {
+            let caseload = d.people().await.unwrap();
+            let record = d.person("p-1").await.unwrap();
+            let line = caseload.into_iter().find(|p| p.id == "p-1").unwrap();
+            assert_eq!(line, PersonSummary::of(&record));
+            line
+        }
+    };
+    let first = line(&a).await;
+    assert_eq!((first.visits, first.checkins, first.last_visit_id.as_deref()), (3, 1, Some("v-a")));
+    assert_eq!(first.conflicts, 0);
+
+    // Concurrent edits of one field (a conflict) and of consent (another), a later visit
+    // with a follow-up on B.
+    let edit = |n: &str| VisitEdit { mode: Some(n.into()), ..Default::default() };
+    a.edit_visit("p-1", "v-b", edit("phone")).await.unwrap();
+    b.edit_visit("p-1", "v-b", edit("video")).await.unwrap();
+    clock.set(t(1, 10));
+    a.set_consent("p-1", ConsentChange { share_with_coordinator: Some(false), ..Default::default() }).await.unwrap();
+    b.set_consent("p-1", ConsentChange { share_with_coordinator: Some(false), research: Some(true), ..Default::default() }).await.unwrap();
+    let follow = chrono::NaiveDate::from_ymd_opt(2026, 3, 20).unwrap();
+    b.record_visit("p-1", NewVisit { started_at: t(3, 9), follow_up: Some(follow), ..visit("v-new", "") }).await.unwrap();
+    let (da, db) = (a.export_document("p-1").await.unwrap(), b.export_document("p-1").await.unwrap());
+    a.import_document("p-1", db).await.unwrap();
+    b.import_document("p-1", da).await.unwrap();
+    let merged = line(&a).await;
+    assert_eq!(merged, line(&b).await);
+    assert_eq!((merged.visits, merged.last_visit_id.as_deref(), merged.next_follow_up), (4, Some("v-new"), Some(follow)));
+    assert!(merged.conflicts >= 2, "the visit's mode and consent were edited at once: {merged:?}");
+
+    // A damaged visit (no mode) and a damaged check-in (a wellbeing score out of range), as a
+    // buggy peer could write them: both are left out of the line as of the record.
+    let doc = a.export_document("p-1").await.unwrap();
+    let mut am = Automerge::load(&doc).unwrap().with_actor(ActorId::from(vec![9; 16]));
+    let mut tx = am.transaction();
+    let (_, visits) = tx.get(ROOT, "visits").unwrap().unwrap();
+    let v = tx.put_object(&visits, "v-zz", ObjType::Map).unwrap();
+    tx.put(&v, "by", "w-009").unwrap();
+    tx.put(&v, "started_at", automerge::ScalarValue::Timestamp(t(4, 9).timestamp_millis())).unwrap();
+    let (_, checkins) = tx.get(ROOT, "checkins").unwrap().unwrap();
+    let c = tx.put_object(&checkins, "c-zz", ObjType::Map).unwrap();
+    let w = tx.put_object(&c, "wellbeing", ObjType::List).unwrap();
+    tx.insert(&w, 0, 900i64).unwrap();
+    tx.commit_with(CommitOptions::default());
+    a.import_document("p-1", am.save()).await.unwrap();
+    let damaged = line(&a).await;
+    assert_eq!((damaged.visits, damaged.checkins, damaged.last_visit_id.as_deref()), (4, 1, Some("v-new")));
 }
