@@ -214,9 +214,10 @@ pub struct PreparedPush {
 /// A download in progress (see [`DocHub::start_download`]).
 pub struct Download {
     entries: std::vec::IntoIter<(u64, String)>,
-    /// Entries taken from `entries` whose access was read but which the last batch had no
-    /// room for: the next batch starts with them (reading their access again).
-    held: Vec<(u64, String)>,
+    /// Entries taken from `entries`, with their access, which the last batch had no room
+    /// for: the next batch starts with them. (An access change meanwhile moves the document's
+    /// log entry past this download, so the device's next sync sees it.)
+    held: Vec<((u64, String), Verdict)>,
     since: Cursor,
     /// Where the device stands once it has stored the batches produced so far.
     cursor: Cursor,
@@ -549,13 +550,20 @@ impl DocHub {
         loop {
             // Access is read a chunk of entries at a time (see `Access::verdicts`).
             let mut chunk = std::mem::take(&mut dl.held);
-            chunk.extend(dl.entries.by_ref().take(VERDICT_CHUNK.saturating_sub(chunk.len())));
             if chunk.is_empty() {
-                break;
+                let entries: Vec<(u64, String)> = dl.entries.by_ref().take(VERDICT_CHUNK).collect();
+                if entries.is_empty() {
+                    break;
+                }
+                let ids: Vec<&str> = entries.iter().map(|(_, doc)| doc.as_str()).collect();
+                let verdicts = access.verdicts(who, &ids, since.seq)?;
+                if verdicts.len() != entries.len() {
+                    // Zipping would skip entries and move the cursor past them.
+                    return Err(StoreError::Io(format!("access returned {} verdicts for {} documents", verdicts.len(), entries.len())));
+                }
+                chunk = entries.into_iter().zip(verdicts).collect();
             }
-            let ids: Vec<&str> = chunk.iter().map(|(_, doc)| doc.as_str()).collect();
-            let verdicts = access.verdicts(who, &ids, since.seq)?;
-            let mut chunk = chunk.into_iter().zip(verdicts);
+            let mut chunk = chunk.into_iter();
             for ((seq, doc), verdict) in chunk.by_ref() {
                 match verdict {
                     // A skipped document (the device has it and asked for the rest) is sent nothing.
@@ -583,7 +591,7 @@ impl DocHub {
                 }
                 dl.cursor = Cursor { seq, tag: 0 };
                 if size >= batch_bytes {
-                    dl.held = chunk.map(|(entry, _)| entry).collect();
+                    dl.held = chunk.collect();
                     dl.cursor.tag = self.store.tag_at(org, seq)?.unwrap_or(0);
                     let remaining = (dl.held.len() + dl.entries.len()) as u32;
                     return Ok(Some(DocsBatch { docs, purge, cursor: dl.cursor, remaining }));
@@ -882,6 +890,74 @@ mod tests {
         a.push(&hub, "p-a", Some(&acked)).unwrap();
         assert_eq!(hub.heads("o", "p-a").unwrap().unwrap(), stored_heads(&store, "p-a"));
         assert!(hub.heads("o", "p-none").unwrap().is_none());
+    }
+
+    /// Access by document number: every third readable, every third to purge, the rest nothing.
+    struct Thirds;
+
+    impl Access for Thirds {
+        fn read_since(&self, _: &DeviceIdentity, doc: &str) -> Result<Option<u64>, StoreError> {
+            Ok((doc[2..].parse::<u32>().unwrap() % 3 == 0).then_some(0))
+        }
+        fn must_purge(&self, _: &DeviceIdentity, doc: &str, _: u64) -> Result<bool, StoreError> {
+            Ok(doc[2..].parse::<u32>().unwrap() % 3 == 1)
+        }
+        fn check_write(&self, _: &DeviceIdentity, _: &str, _: bool) -> Result<Option<AckStatus>, StoreError> {
+            Ok(None)
+        }
+        fn created(&self, _: &DeviceIdentity, _: &str, _: &[String], _: u64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn changed(&self, _: &str, _: &str, _: Option<&peersync_core::Consent>) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    /// A download longer than one chunk of access reads, cut into small batches that fill in
+    /// the middle of chunks, sends what one big batch sends: the same documents and purges in
+    /// log order, each once, with `remaining` and the cursor in step with the log.
+    #[test]
+    fn small_batches_across_access_chunks_send_what_one_batch_sends() {
+        let (hub, store) = hub(10, 1 << 20);
+        let n = 2 * VERDICT_CHUNK + 90;
+        for i in 0..n {
+            let mut phone = Phone(Automerge::new());
+            phone.edit(&"x".repeat(i % 50));
+            assert_eq!(phone.push(&hub, &format!("p-{i:04}"), None).unwrap(), AckStatus::Stored);
+        }
+        let whole = hub.download(&who(), &Thirds, Cursor::START, &Pushed::new(), &HashSet::new(), usize::MAX, |_| true).unwrap();
+        let mut one = Vec::new();
+        hub.download(&who(), &Thirds, Cursor::START, &Pushed::new(), &HashSet::new(), usize::MAX, |b| {
+            one.push(b);
+            true
+        })
+        .unwrap();
+        assert_eq!(one.len(), 1);
+        let ids = |docs: &[DocDown]| docs.iter().map(|d| d.doc.clone()).collect::<Vec<_>>();
+        let readable: Vec<String> = (0..n).filter(|i| i % 3 == 0).map(|i| format!("p-{i:04}")).collect();
+        let purged: Vec<String> = (0..n).filter(|i| i % 3 == 1).map(|i| format!("p-{i:04}")).collect();
+        assert_eq!(ids(&one[0].docs), readable);
+        assert_eq!(one[0].purge, purged);
+        assert_eq!(whole, store.head("o").unwrap());
+
+        let skip: HashSet<String> = readable.iter().step_by(2).cloned().collect();
+        let mut batches = Vec::new();
+        let end = hub.download(&who(), &Thirds, Cursor::START, &Pushed::new(), &skip, 300, |b| {
+            batches.push(b);
+            true
+        })
+        .unwrap();
+        assert!(batches.len() > 20, "small batches: {}", batches.len());
+        assert_eq!(end, whole);
+        let sent: Vec<String> = batches.iter().flat_map(|b| ids(&b.docs)).collect();
+        assert_eq!(sent, readable.iter().filter(|d| !skip.contains(*d)).cloned().collect::<Vec<_>>(), "each once, in log order, none skipped sent");
+        assert_eq!(batches.iter().flat_map(|b| b.purge.clone()).collect::<Vec<_>>(), purged);
+        for b in &batches {
+            // Entries after the batch's cursor: every document was stored once, at seq = its number + 1.
+            assert_eq!(b.remaining as u64, n as u64 - b.cursor.seq, "remaining at {:?}", b.cursor);
+            assert_eq!(b.cursor.tag, store.tag_at("o", b.cursor.seq).unwrap().unwrap_or(0));
+        }
+        assert_eq!(batches.last().unwrap().remaining, 0);
     }
 
     fn push_of(phone: &Phone, doc: &str, acked: Option<&[ChangeHash]>) -> DocPush {
