@@ -20,10 +20,7 @@ async fn concurrent_offline_visits_both_survive_the_merge() {
     a.record_visit("p-1", visit("v-a", "from phone A")).await.unwrap();
     b.record_visit("p-1", visit("v-b", "from phone B")).await.unwrap();
     // 3. They exchange documents both ways.
-    let from_a = a.export_document("p-1").await.unwrap();
-    let from_b = b.export_document("p-1").await.unwrap();
-    assert!(a.import_document("p-1", from_b).await.unwrap());
-    assert!(b.import_document("p-1", from_a).await.unwrap());
+    assert_eq!(exchange(&a, &b, "p-1").await, (true, true));
     // 4. Both see both visits, and the same record.
     let ra = a.person("p-1").await.unwrap();
     let rb = b.person("p-1").await.unwrap();
@@ -50,9 +47,7 @@ async fn concurrent_edits_of_one_field_keep_one_winner_and_show_the_conflict() {
     let edit = |n: &str| VisitEdit { notes: Some(n.into()), ..Default::default() };
     a.edit_visit("p-1", "v-1", edit("notes from A")).await.unwrap();
     b.edit_visit("p-1", "v-1", edit("notes from B")).await.unwrap();
-    let (da, db) = (a.export_document("p-1").await.unwrap(), b.export_document("p-1").await.unwrap());
-    a.import_document("p-1", db).await.unwrap();
-    b.import_document("p-1", da).await.unwrap();
+    exchange(&a, &b, "p-1").await;
 
     let ra = a.person("p-1").await.unwrap();
     let rb = b.person("p-1").await.unwrap();
@@ -171,9 +166,7 @@ async fn the_caseload_line_matches_the_full_record() {
     b.set_consent("p-1", ConsentChange { share_with_coordinator: Some(false), research: Some(true), ..Default::default() }).await.unwrap();
     let follow = chrono::NaiveDate::from_ymd_opt(2026, 3, 20).unwrap();
     b.record_visit("p-1", NewVisit { started_at: t(3, 9), follow_up: Some(follow), ..visit("v-new", "") }).await.unwrap();
-    let (da, db) = (a.export_document("p-1").await.unwrap(), b.export_document("p-1").await.unwrap());
-    a.import_document("p-1", db).await.unwrap();
-    b.import_document("p-1", da).await.unwrap();
+    exchange(&a, &b, "p-1").await;
     let merged = line(&a).await;
     assert_eq!(merged, line(&b).await);
     assert_eq!((merged.visits, merged.last_visit_id.as_deref(), merged.next_follow_up), (4, Some("v-new"), Some(follow)));

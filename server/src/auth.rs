@@ -64,6 +64,15 @@ pub enum Verdict {
     Nothing,
 }
 
+/// What `read_since` and `must_purge` of `access` say of one document.
+fn verdict<A: Access + ?Sized>(access: &A, who: &DeviceIdentity, doc: &str, since: u64) -> Result<Verdict, StoreError> {
+    Ok(match access.read_since(who, doc)? {
+        Some(granted) => Verdict::Read { granted },
+        None if access.must_purge(who, doc, since)? => Verdict::Purge,
+        None => Verdict::Nothing,
+    })
+}
+
 pub trait Access: Send + Sync + 'static {
     /// `Some(granted_seq)` if `who` may read `doc`: the log position from which its worker has
     /// had it (its devices lack everything before, whatever their cursor).
@@ -74,15 +83,7 @@ pub trait Access: Send + Sync + 'static {
     /// `since` the device's cursor. An implementation may read what it needs once for the whole
     /// batch instead of once per document.
     fn verdicts(&self, who: &DeviceIdentity, docs: &[&str], since: u64) -> Result<Vec<Verdict>, StoreError> {
-        docs.iter()
-            .map(|doc| {
-                Ok(match self.read_since(who, doc)? {
-                    Some(granted) => Verdict::Read { granted },
-                    None if self.must_purge(who, doc, since)? => Verdict::Purge,
-                    None => Verdict::Nothing,
-                })
-            })
-            .collect()
+        docs.iter().map(|doc| verdict(self, who, doc, since)).collect()
     }
     /// `None` if `who` may change `doc` (`exists`: the server holds it already), else the
     /// refusal to send back for that document.
@@ -158,16 +159,6 @@ pub struct Assignments<S: LocalStore> {
 /// Batches of at least this many documents read tombstones and unassignments in one scan each.
 const VERDICT_PRELOAD_FROM: usize = 32;
 
-impl<S: LocalStore> Assignments<S> {
-    fn verdict(&self, who: &DeviceIdentity, doc: &str, since: u64) -> Result<Verdict, StoreError> {
-        Ok(match self.read_since(who, doc)? {
-            Some(granted) => Verdict::Read { granted },
-            None if self.must_purge(who, doc, since)? => Verdict::Purge,
-            None => Verdict::Nothing,
-        })
-    }
-}
-
 impl<S: LocalStore> Access for Assignments<S> {
     fn read_since(&self, who: &DeviceIdentity, doc: &str) -> Result<Option<u64>, StoreError> {
         if who.revoked || self.dir.tombstone(&who.org, doc)?.is_some() {
@@ -191,7 +182,7 @@ impl<S: LocalStore> Access for Assignments<S> {
     /// tombstones and the worker's unassignments are read once, leaving one lookup per entry.
     fn verdicts(&self, who: &DeviceIdentity, docs: &[&str], since: u64) -> Result<Vec<Verdict>, StoreError> {
         if docs.len() < VERDICT_PRELOAD_FROM {
-            return docs.iter().map(|doc| self.verdict(who, doc, since)).collect();
+            return docs.iter().map(|doc| verdict(self, who, doc, since)).collect();
         }
         let tombstones = self.dir.tombstones(&who.org)?;
         let unassigned = self.dir.unassignments(&who.org, &who.worker)?;
@@ -316,7 +307,7 @@ mod tests {
         for revoked in [false, true] {
             let who = DeviceIdentity { org: "org1".into(), device: "d".into(), worker: "w-1".into(), revoked, since: 0 };
             let batch = access.verdicts(&who, &ids, 40).unwrap();
-            let one_by_one: Vec<Verdict> = ids.iter().map(|d| access.verdict(&who, d, 40).unwrap()).collect();
+            let one_by_one: Vec<Verdict> = ids.iter().map(|d| verdict(&access, &who, d, 40).unwrap()).collect();
             assert_eq!(batch, one_by_one, "revoked: {revoked}");
             // The cases are all there: readable, purged (erased and taken after the cursor), nothing.
             let count = |v: Verdict| batch.iter().filter(|b| **b == v).count();

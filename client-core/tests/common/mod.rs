@@ -17,6 +17,13 @@ pub async fn device(worker: &str) -> (Device, ManualClock) {
     (d, clock)
 }
 
+/// Two phones exchange their copies of `id` both ways, as a sync through the server would;
+/// returns whether each one's record changed (`a`'s, `b`'s).
+pub async fn exchange(a: &Device, b: &Device, id: &str) -> (bool, bool) {
+    let (from_a, from_b) = (a.export_document(id).await.unwrap(), b.export_document(id).await.unwrap());
+    (a.import_document(id, from_b).await.unwrap(), b.import_document(id, from_a).await.unwrap())
+}
+
 pub fn person(id: &str, alias: &str) -> NewPerson {
     NewPerson {
         id: Some(id.into()),
