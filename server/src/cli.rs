@@ -216,7 +216,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let addr = listener.local_addr().map_err(CliError::Serve)?;
             tracing::info!(%addr, data = %data.display(), "peersync serving");
             let scheme = if tls.is_some() { "https" } else { "http" };
-            println!("peersync listening on {scheme}://{addr} (data in {})", data.display());
+            say(format_args!("peersync listening on {scheme}://{addr} (data in {})", data.display()));
             let stop = async move {
                 if stop_on_stdin_eof {
                     tokio::select! { _ = shutdown_signal() => {}, _ = stdin_eof() => {} }
@@ -273,16 +273,16 @@ async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
     }));
     let login_file = data.join("demo-login.txt");
     if fresh {
-        println!("setting up the demo organisation: a small team records offline for 8 weeks and syncs...");
+        say(format_args!("setting up the demo organisation: a small team records offline for 8 weeks and syncs..."));
         let events = crate::simulate::simulate(&crate::simulate::Params { workers: 6, people: 60, weeks: 8, seed: 1 });
         let opts = peersync_core::sync::SyncOptions::new(format!("ws://{addr}"));
-        let progress = |done: usize, total: usize| eprint!("\r  replaying {done} of {total} events");
+        let progress = |done: usize, total: usize| tell(format_args!("\r  replaying {done} of {total} events"));
         let outcome = crate::replay::replay(&events, &opts, &token, DEMO_ORG, &data.join("demo-phones"), &progress)
             .await
             .map_err(|e| CliError::Usage(format!("demo setup failed: {e}")))?;
-        eprintln!();
+        tell(format_args!("\n"));
         for p in &outcome.problems {
-            eprintln!("  problem: {p}");
+            tell(format_args!("  problem: {p}\n"));
         }
         let password = format!("demo-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let st = state.clone();
@@ -291,16 +291,16 @@ async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
             .await
             .map_err(|e| CliError::Usage(e.to_string()))??;
         std::fs::write(&login_file, format!("organisation: {DEMO_ORG}\nusername: coordinator\npassword: {password}\n")).map_err(CliError::Serve)?;
-        println!(
+        say(format_args!(
             "  {} phones, {} people, {} syncs; everything converged: {}",
             outcome.devices,
             outcome.documents,
             outcome.syncs,
             if outcome.problems.is_empty() { "yes" } else { "NO" }
-        );
+        ));
     }
     let login = std::fs::read_to_string(&login_file).unwrap_or_else(|_| "(login file missing)\n".into());
-    println!("\npeersync demo is running. Dashboard: http://{addr}/\n{login}Data: {} (a second start reuses it). Ctrl-C to stop.", data.display());
+    say(format_args!("\npeersync demo is running. Dashboard: http://{addr}/\n{login}Data: {} (a second start reuses it). Ctrl-C to stop.", data.display()));
     let _ = &stop_tx;
     server.await.map_err(|e| CliError::Usage(e.to_string()))?.map_err(CliError::Serve)
 }
@@ -415,6 +415,20 @@ fn admin(state: &AppState, action: AdminAction) -> Result<(), CliError> {
 }
 
 /// Resolves when stdin reaches its end (or cannot be read): the parent has gone.
+/// A status line of a serving command, on stdout in one write. Write errors are ignored:
+/// a closed stdout (`peersync demo | head`, a supervisor that stopped reading) must not take
+/// the server down, which `println!` would by panicking on EPIPE.
+fn say(text: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(format!("{text}\n").as_bytes());
+}
+
+/// Progress of a serving command on stderr; like [`say`], never fatal.
+fn tell(text: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(format!("{text}").as_bytes());
+}
+
 async fn stdin_eof() {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     // Blocking reads on a thread of its own: tokio's stdin would hold a blocking-pool thread.

@@ -37,13 +37,26 @@ fn start(data: &std::path::Path) -> (std::process::Child, std::net::SocketAddr, 
     (child, addr.unwrap(), password.unwrap())
 }
 
+/// Logs the coordinator in; on failure says whether the demo is still running and what it
+/// printed on stderr. Returns the response head (with the session cookie).
+async fn login(child: &mut std::process::Child, addr: std::net::SocketAddr, password: &str, data: &std::path::Path, when: &str) -> String {
+    let (status, head, _) = http_full(addr, "POST", "/v1/login", &[], Some(json!({ "org": "demo", "username": "coordinator", "password": password }))).await;
+    if status != 200 {
+        let exited = child.try_wait().unwrap();
+        let log = std::fs::read_to_string(data.with_extension("stderr.log")).unwrap_or_default();
+        panic!("{when}: login answered {status} (demo exited: {exited:?}); its stderr:\n{log}");
+    }
+    head
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_serves_a_team_and_reuses_its_data() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("peersync-data");
     let (mut child, addr, password) = start(&data);
-    let (status, head, _) = http_full(addr, "POST", "/v1/login", &[], Some(json!({ "org": "demo", "username": "coordinator", "password": password }))).await;
-    assert_eq!(status, 200);
+    // start() has closed the demo's stdout by now, as `peersync demo | head` would: it must
+    // keep serving regardless.
+    let head = login(&mut child, addr, &password, &data, "first start").await;
     let cookie = head.lines().find_map(|l| l.to_ascii_lowercase().starts_with("set-cookie:").then(|| l[11..].trim().split(';').next().unwrap().to_string())).unwrap();
     let (status, report) = http(addr, "GET", "/v1/report", &[("Cookie", cookie.clone())], None).await;
     assert_eq!(status, 200);
@@ -57,10 +70,34 @@ async fn the_demo_serves_a_team_and_reuses_its_data() {
     let (mut child, addr, again) = start(&data);
     assert_eq!(again, password);
     assert!(started.elapsed() < Duration::from_secs(30));
-    let (status, _, _) = http_full(addr, "POST", "/v1/login", &[], Some(json!({ "org": "demo", "username": "coordinator", "password": again }))).await;
-    let exited = child.try_wait().unwrap();
-    let log = std::fs::read_to_string(data.with_extension("stderr.log")).unwrap_or_default();
-    assert_eq!(status, 200, "second start: login failed (demo exited: {exited:?}); its stderr:\n{log}");
+    login(&mut child, addr, &again, &data, "second start").await;
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Third start with a stdout whose reader is already gone: every line the demo prints
+    // fails with EPIPE, and it must serve anyway (println! would panic and take it down).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(&data)
+        .env("PEERSYNC_LOG", "warn")
+        .stdout(writer)
+        .stderr(Stdio::from(std::fs::File::create(data.with_extension("stderr.log")).unwrap()))
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let log = std::fs::read_to_string(data.with_extension("stderr.log")).unwrap_or_default();
+            panic!("with stdout closed the demo exited ({status}) instead of serving; its stderr:\n{log}");
+        }
+        assert!(Instant::now() < deadline, "with stdout closed the demo did not start listening within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    login(&mut child, addr, &password, &data, "start with stdout closed").await;
     let _ = child.kill();
     let _ = child.wait();
 }
