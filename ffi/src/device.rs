@@ -147,9 +147,16 @@ impl Device {
         run(async move {
             let result = d.sync(&config.options(bridge.clone())).await;
             // When `sync` returns, its listener has heard everything about it, the final state
-            // included. A listener stuck for longer than this does not hold the caller.
-            if let Some(b) = bridge {
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), b.flushed()).await;
+            // included, and the library holds it no more. A listener stuck for longer than
+            // this does not hold the caller.
+            let limit = std::time::Duration::from_secs(5);
+            match bridge.map(Arc::try_unwrap) {
+                Some(Ok(b)) => b.close(limit).await,
+                // Still shared (not expected): at least everything has been heard.
+                Some(Err(b)) => {
+                    let _ = tokio::time::timeout(limit, b.flushed()).await;
+                }
+                None => {}
             }
             Ok(result?.into())
         })

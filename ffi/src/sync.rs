@@ -171,11 +171,14 @@ enum Event {
 /// contained here.
 pub(crate) struct Bridge {
     events: std::sync::mpsc::Sender<Event>,
+    /// Resolves once the listener thread has released the app's listener and ended.
+    released: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl Bridge {
     pub(crate) fn new(listener: Arc<dyn DeviceListener>) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<Event>();
+        let (released_tx, released) = tokio::sync::oneshot::channel();
         // The thread ends when the bridge (the subscription or sync holding it) is gone.
         let spawned = std::thread::Builder::new().name("peersync-listener".into()).spawn(move || {
             for event in rx {
@@ -192,11 +195,25 @@ impl Bridge {
                     tracing::warn!("an app listener failed; the sync goes on");
                 }
             }
+            // Releasing a foreign listener calls into the app's runtime: see `close`.
+            drop(listener);
+            let _ = released_tx.send(());
         });
         if let Err(e) = spawned {
             tracing::warn!("cannot start a listener thread ({e}); the listener will not be called");
         }
-        Self { events: tx }
+        Self { events: tx, released }
+    }
+
+    /// Deliver everything sent so far, release the app's listener and end the thread; resolves
+    /// when that is done (or after `limit`, for a listener that does not return). A sync's
+    /// listener is closed before the sync returns: released later, on the listener thread,
+    /// it could call into an app runtime that is shutting down (a Python script that ends
+    /// right after its last sync aborts when a thread enters the interpreter at that point).
+    pub(crate) async fn close(self, limit: std::time::Duration) {
+        let Self { events, released } = self;
+        drop(events);
+        let _ = tokio::time::timeout(limit, released).await;
     }
 
     /// Resolves once every event sent before has reached the listener (or its thread is gone).
