@@ -233,16 +233,21 @@ pub async fn serve(
     shutdown_tx: watch::Sender<bool>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Lives exactly as long as serving does, so that nothing holds the store afterwards.
+    let refresher = tokio::spawn(crate::views::refresh_while_quiet(state.clone()));
     let app = router(state).into_make_service_with_connect_info::<Peer>();
     let signal = async move {
         shutdown.await;
         let _ = shutdown_tx.send(true);
     };
-    match tls {
+    let served = match tls {
         None => axum::serve(listener, app).with_graceful_shutdown(signal).await,
-        Some(acceptor) => {
-            let listener = crate::tls::TlsListener::new(listener, acceptor)?;
-            axum::serve(listener, app).with_graceful_shutdown(signal).await
-        }
-    }
+        Some(acceptor) => match crate::tls::TlsListener::new(listener, acceptor) {
+            Ok(listener) => axum::serve(listener, app).with_graceful_shutdown(signal).await,
+            Err(e) => Err(e),
+        },
+    };
+    refresher.abort();
+    let _ = refresher.await;
+    served
 }

@@ -14,6 +14,11 @@
 //! makes the writes durable outside the lock, where sessions that committed meanwhile share one
 //! disk flush. A device hears that a push is stored only after the flush.
 //!
+//! Reporting rows are not computed on the sync path: a write marks its document's row due (in
+//! the same atomic batch), and [`DocHub::refresh_views`] computes due rows later — when a
+//! report is asked for, and in the background while sync is quiet (`crate::app::serve`). A
+//! phone on a short network window waits only for what it needs: its data stored.
+//!
 //! Cache rules: an entry always equals what the store holds. Entries are put in only by writers
 //! holding the writers' lock, after the append that wrote them (or, for a document loaded but
 //! left unchanged, straight from the store under that lock). Readers use an entry when there is
@@ -171,6 +176,8 @@ pub struct DocHub {
     /// Serialises writers so that each increment is computed against what the store holds.
     write_lock: Mutex<()>,
     announce: broadcast::Sender<Announcement>,
+    /// Commits that wrote something, for telling when sync is quiet.
+    writes: std::sync::atomic::AtomicU64,
 }
 
 /// What a device is known to hold of documents it pushed in this session: their heads.
@@ -241,6 +248,7 @@ impl DocHub {
             cache: Mutex::new(DocCache { lru: LruCache::unbounded(), bytes: 0, max_docs: cache_docs, max_bytes: cache_bytes }),
             write_lock: Mutex::new(()),
             announce,
+            writes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -327,7 +335,7 @@ impl DocHub {
     }
 
     /// A push's costly part — loading the documents, merging the device's changes, encoding
-    /// what to store and the reporting rows — done on copies, outside the writers' lock, so
+    /// what to store — done on copies, outside the writers' lock, so
     /// that sessions do it side by side. Nothing is stored yet.
     pub fn prepare_push(&self, who: &DeviceIdentity, access: &dyn Access, pushes: Vec<DocPush>) -> Result<PreparedPush, StoreError> {
         let mut p = PreparedPush { pushes, statuses: Vec::new(), appends: Vec::new(), batch: Batch::new() };
@@ -423,7 +431,7 @@ impl DocHub {
         let complete = p.heads.iter().all(|h| w.doc.get_change_by_hash(&to_hash(h)).is_some());
         if after != before {
             let write = if complete && !w.stored && !w.written { w.write_as_pushed(&p.data) } else { w.write(&before) };
-            appends.push((Append { doc: p.doc.clone(), write, view: crate::report::row_bytes(&p.doc, &w.doc) }, applied(&p.doc, w)));
+            appends.push((Append { doc: p.doc.clone(), write, view: None }, applied(&p.doc, w)));
         }
         if !complete {
             // Changes waiting for dependencies sit in automerge's queue: drop them (what did
@@ -466,10 +474,31 @@ impl DocHub {
             }
         };
         self.cache_batch(org, batch);
+        self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(last) = cursors.last() {
             let _ = self.announce.send(Announcement { org: org.to_string(), seq: last.seq });
         }
         Ok(())
+    }
+
+    /// Compute the reporting rows that are due: of `org` (every organisation if `None`), at
+    /// most `limit` of them. Runs beside writers: a row computed from data that a write
+    /// replaced meanwhile is not stored, and stays due. Returns the rows stored.
+    pub fn refresh_views(&self, org: Option<&str>, limit: usize) -> Result<usize, StoreError> {
+        let mut stored = 0;
+        for (org, doc, due) in self.store.views_due(org)?.into_iter().take(limit) {
+            // Nothing stored (erased meanwhile): the erasure took the due mark with it.
+            let row = self.loaded(&org, &doc)?.and_then(|am| crate::report::row_bytes(&doc, &am));
+            if self.store.put_view(&org, &doc, due, row)? {
+                stored += 1;
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Commits that stored data since the hub started.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether `cursor` belongs to this organisation's log history.
@@ -690,7 +719,7 @@ impl DocHub {
                 let after = w.doc.get_heads();
                 if after != before {
                     let write = w.write(&before);
-                    appends.push((Append { doc: m.doc.clone(), write, view: crate::report::row_bytes(&m.doc, &w.doc) }, applied(&m.doc, w)));
+                    appends.push((Append { doc: m.doc.clone(), write, view: None }, applied(&m.doc, w)));
                 }
             }
             if let Some(reply) = w.doc.generate_sync_message(state) {
@@ -795,6 +824,12 @@ mod tests {
         }
         fn views(&self, org: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
             self.inner.views(org)
+        }
+        fn views_due(&self, org: Option<&str>) -> Result<Vec<(String, String, u64)>, StoreError> {
+            self.inner.views_due(org)
+        }
+        fn put_view(&self, org: &str, doc: &str, due: u64, view: Option<Vec<u8>>) -> Result<bool, StoreError> {
+            self.inner.put_view(org, doc, due, view)
         }
     }
 

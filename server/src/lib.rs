@@ -5,6 +5,7 @@
 //! - [`session`]: one device connection, generic over its transport.
 //! - [`auth`]: the identity and access seams every session goes through.
 //! - [`app`]: routes and the websocket upgrade; [`cli`]: the `peersync` command.
+//! - [`views`]: reporting rows kept current in the background while sync is quiet.
 //! - [`simulate`], [`replay`], [`bench`]: field scenarios, replayed and measured.
 
 pub mod api;
@@ -25,3 +26,4 @@ pub mod simulate;
 pub mod store;
 pub mod throttle;
 pub mod tls;
+pub mod views;

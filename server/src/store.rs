@@ -71,7 +71,9 @@ pub enum DocWrite {
 pub struct Append {
     pub doc: String,
     pub write: DocWrite,
-    /// The document's new row in the reporting view, if it changed (sealed like the data).
+    /// The document's new row in the reporting view (sealed like the data). `None` with new
+    /// data marks the row *due* instead: pushes leave the row to [`ServerStore::put_view`],
+    /// which fills it in later, off the sync path.
     pub view: Option<Vec<u8>>,
 }
 
@@ -117,8 +119,16 @@ pub trait ServerStore: Send + Sync + 'static {
     /// One device's sync record (every session reads its own at the end: one read, not the
     /// organisation's every device).
     fn device(&self, org: &str, device: &str) -> Result<Option<DeviceSync>, StoreError>;
-    /// Every reporting-view row of `org`, by document (erased documents have none).
+    /// Every reporting-view row of `org`, by document (erased documents have none). Rows still
+    /// due (see [`views_due`](Self::views_due)) are as of an earlier write.
     fn views(&self, org: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Documents whose data changed since their reporting row was computed, as
+    /// `(org, doc, seq of the change)`: of `org`, or of every organisation.
+    fn views_due(&self, org: Option<&str>) -> Result<Vec<(String, String, u64)>, StoreError>;
+    /// Store `doc`'s row computed from its data as of log position `due` (`None`: it has no
+    /// row yet), if that is still the latest change; returns whether it was. A write since
+    /// then leaves the row due, for a later call with the newer position.
+    fn put_view(&self, org: &str, doc: &str, due: u64, view: Option<Vec<u8>>) -> Result<bool, StoreError>;
 }
 
 /// [`ServerStore`] over an ordered key-value store. Key layout (org and doc ids hold no NUL):
@@ -130,6 +140,7 @@ pub trait ServerStore: Send + Sync + 'static {
 /// - `H` org                  → head seq ++ tag
 /// - `V` org 0 device         → DeviceSync as JSON
 /// - `R` org 0 doc            → the document's reporting-view row, sealed with its key
+/// - `D` org 0 doc            → seq of the change after which the row is due (absent: up to date)
 pub struct KvServerStore<S: LocalStore> {
     kv: S,
     /// Per-person keys sealing snapshots and increments (crypto-shredding on erasure).
@@ -225,6 +236,7 @@ impl<S: LocalStore> KvServerStore<S> {
             batch.push(Write::Put(seq_key(b'L', org, seq), d.to_vec()));
             batch.push(Write::Put(seq_key(b'T', org, seq), tag.to_be_bytes().to_vec()));
             batch.push(Write::Put(k(b'E', &[o, d]), seq.to_be_bytes().to_vec()));
+            let new_data = matches!(a.write, DocWrite::Increment(_) | DocWrite::Snapshot(_));
             match a.write {
                 DocWrite::Increment(data) => {
                     let cipher = self.cipher(org, &a.doc)?.expect("ensured above");
@@ -250,15 +262,23 @@ impl<S: LocalStore> KvServerStore<S> {
                     }
                     batch.push(Write::Delete(k(b'S', &[o, d])));
                     batch.push(Write::Delete(k(b'R', &[o, d])));
+                    batch.push(Write::Delete(k(b'D', &[o, d])));
                     erased.push(a.doc.clone());
                 }
             }
-            if let Some(view) = a.view {
-                if let Some(cipher) = self.cipher(org, &a.doc)? {
-                    let key = k(b'R', &[o, d]);
-                    let sealed = cipher.seal(&key, &view)?;
-                    batch.push(Write::Put(key, sealed));
+            match a.view {
+                Some(view) => {
+                    if let Some(cipher) = self.cipher(org, &a.doc)? {
+                        let key = k(b'R', &[o, d]);
+                        let sealed = cipher.seal(&key, &view)?;
+                        batch.push(Write::Put(key, sealed));
+                        batch.push(Write::Delete(k(b'D', &[o, d])));
+                    }
                 }
+                // In the same batch as the data: a crash cannot leave new data with a row
+                // nobody knows to recompute.
+                None if new_data => batch.push(Write::Put(k(b'D', &[o, d]), seq.to_be_bytes().to_vec())),
+                None => {}
             }
             out.push(Cursor { seq, tag });
         }
@@ -376,6 +396,44 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
         Ok(out)
     }
 
+    fn views_due(&self, org: Option<&str>) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let prefix = match org {
+            Some(org) => k(b'D', &[org.as_bytes(), b""]),
+            None => vec![b'D'],
+        };
+        let mut out = Vec::new();
+        for (key, v) in self.kv.scan_prefix(&prefix)? {
+            let mut parts = key[1..].splitn(2, |b| *b == 0);
+            let (Some(o), Some(d)) = (parts.next(), parts.next()) else {
+                return Err(StoreError::Corrupt { key: String::from_utf8_lossy(&key).into_owned(), reason: "a due-row key without its document".into() });
+            };
+            out.push((String::from_utf8_lossy(o).into_owned(), String::from_utf8_lossy(d).into_owned(), be64(&v, "D")?));
+        }
+        Ok(out)
+    }
+
+    fn put_view(&self, org: &str, doc: &str, due: u64, view: Option<Vec<u8>>) -> Result<bool, StoreError> {
+        // The appends' lock: no write can slip in between the check and the row.
+        let _serial = self.append_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (o, d) = (org.as_bytes(), doc.as_bytes());
+        let due_key = k(b'D', &[o, d]);
+        if self.kv.get(&due_key)?.map(|v| be64(&v, "D")).transpose()? != Some(due) {
+            return Ok(false);
+        }
+        let mut batch = vec![Write::Delete(due_key)];
+        if let Some(view) = view {
+            // No key: erased meanwhile (its due mark went with it, so this is not reached).
+            let Some(cipher) = self.cipher(org, doc)? else { return Ok(false) };
+            let key = k(b'R', &[o, d]);
+            let sealed = cipher.seal(&key, &view)?;
+            batch.push(Write::Put(key, sealed));
+        }
+        // Not flushed: if lost in a crash, the due mark is lost with it and the row is
+        // computed again.
+        self.kv.apply_deferred(batch)?;
+        Ok(true)
+    }
+
     fn device(&self, org: &str, device: &str) -> Result<Option<DeviceSync>, StoreError> {
         self.kv
             .get(&k(b'V', &[org.as_bytes(), device.as_bytes()]))?
@@ -477,6 +535,34 @@ macro_rules! server_store_suite {
             assert_eq!(s.views("o").unwrap(), vec![("a".to_string(), b"row-a2".to_vec()), ("b".to_string(), b"row-b".to_vec())]);
             s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Erase, view: None }]).unwrap();
             assert_eq!(s.views("o").unwrap(), vec![("b".to_string(), b"row-b".to_vec())]);
+            assert!(s.views("p").unwrap().is_empty());
+        }
+
+        #[test]
+        fn rows_left_due_by_writes_are_filled_in_only_for_the_latest_change() {
+            let s = $make();
+            let snap = |doc: &str| Append { doc: doc.into(), write: DocWrite::Snapshot(b"S".to_vec()), view: None };
+            let c = s.append("o", vec![snap("a"), snap("b")]).unwrap();
+            s.append("p", vec![snap("c")]).unwrap();
+            // A touch (no new data) leaves nothing due.
+            s.append("o", vec![Append { doc: "b".into(), write: DocWrite::Touch, view: None }]).unwrap();
+            assert_eq!(s.views_due(Some("o")).unwrap(), vec![("o".into(), "a".into(), c[0].seq), ("o".into(), "b".into(), c[1].seq)]);
+            assert_eq!(s.views_due(None).unwrap().len(), 3);
+            assert!(s.views("o").unwrap().is_empty());
+
+            assert!(s.put_view("o", "a", c[0].seq, Some(b"row-a".to_vec())).unwrap());
+            // A row computed before a newer write is not stored, and the row stays due.
+            let later = s.append("o", vec![Append { doc: "b".into(), write: DocWrite::Increment(b"i".to_vec()), view: None }]).unwrap();
+            assert!(!s.put_view("o", "b", c[1].seq, Some(b"row-b-old".to_vec())).unwrap());
+            assert_eq!(s.views_due(Some("o")).unwrap(), vec![("o".into(), "b".into(), later[0].seq)]);
+            assert!(s.put_view("o", "b", later[0].seq, Some(b"row-b".to_vec())).unwrap());
+            assert!(s.views_due(Some("o")).unwrap().is_empty());
+            assert_eq!(s.views("o").unwrap(), vec![("a".to_string(), b"row-a".to_vec()), ("b".to_string(), b"row-b".to_vec())]);
+
+            // Erasure takes the due mark with it: no row can come back.
+            s.append("p", vec![Append { doc: "c".into(), write: DocWrite::Erase, view: None }]).unwrap();
+            assert!(s.views_due(None).unwrap().is_empty());
+            assert!(!s.put_view("p", "c", 1, Some(b"row-c".to_vec())).unwrap());
             assert!(s.views("p").unwrap().is_empty());
         }
 
