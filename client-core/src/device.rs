@@ -360,12 +360,14 @@ impl Device {
         let (options, observer) = self.observed(options);
         observer.state(&SyncState::Connecting);
         let result = async {
-            let mut conn = self.connect(&options).await?;
+            // What to send first is prepared while the connection is set up.
+            let (conn, opening) = tokio::join!(self.connect(&options), crate::sync::open(&self.inner));
+            let (mut conn, opening) = (conn?, opening?);
             let mut r = SyncReport::default();
             crate::sync::FrameConn::account(&conn, &mut r);
             observer.progress(&SyncProgress::Connected { upgrade_bytes: r.upgrade_bytes_up + r.upgrade_bytes_down });
             observer.state(&SyncState::Syncing);
-            self.sync_over(&mut conn, &options).await
+            crate::sync::run_until(&self.inner, &mut conn, &options, None, Some(opening)).await
         }
         .await;
         observer.state(&end_state(&result));
@@ -389,7 +391,8 @@ impl Device {
         let task = tokio::spawn(async move {
             let _one_at_a_time = lock.lock().await;
             observer.state(&SyncState::Live);
-            let result = crate::sync::run_until(&inner, &mut conn, &options, Some(stop_rx)).await;
+            // The opening is prepared under the lock: a sync still running may move the cursor.
+            let result = crate::sync::run_until(&inner, &mut conn, &options, Some(stop_rx), None).await;
             observer.state(&end_state(&result));
             result
         });

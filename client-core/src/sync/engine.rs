@@ -51,22 +51,63 @@ struct Engine<'a, C: FrameConn> {
 /// durable on the device before the next is handled, so an interrupted sync resumes where it
 /// stopped.
 pub(crate) async fn run<C: FrameConn>(inner: &Arc<Inner>, conn: &mut C, opts: &SyncOptions) -> Result<SyncReport, SyncError> {
-    run_until(inner, conn, opts, None).await
+    run_until(inner, conn, opts, None, None).await
+}
+
+/// The start of an exchange: what the device will say first. It needs no connection, so the
+/// device prepares it while the connection is being set up (two round trips, 1.2 s on 2G):
+/// the phone's CPU works while its radio waits.
+pub(crate) struct Opening {
+    cursor: protocol::Cursor,
+    /// Documents to push after the first batch.
+    queue: VecDeque<String>,
+    /// Documents to push in all.
+    total: u64,
+    first: Vec<PreparedPush>,
+}
+
+/// Prepare an exchange's [`Opening`].
+pub(crate) async fn open(inner: &Arc<Inner>) -> Result<Opening, SyncError> {
+    blocking(inner, |i| {
+        let cursor = i.cursor()?;
+        let queue: VecDeque<String> = i.to_push()?.into();
+        let total = queue.len() as u64;
+        let (first, queue) = prepare_batch(i, queue)?;
+        Ok(Opening { cursor, queue, total, first })
+    })
+    .await
+}
+
+/// Pushes from the front of `queue` up to the batch size, in one trip to a blocking thread;
+/// returns them and what is left.
+fn prepare_batch(inner: &Inner, mut queue: VecDeque<String>) -> Result<(Vec<PreparedPush>, VecDeque<String>), CoreError> {
+    let mut batch = Vec::new();
+    let mut size = 0;
+    while size < TARGET_BATCH_BYTES {
+        let Some(id) = queue.pop_front() else { break };
+        if let Some(p) = inner.prepare_push(&id)? {
+            size += p.push.data.len();
+            batch.push(p);
+        }
+    }
+    Ok((batch, queue))
 }
 
 /// As [`run`]; with `live` set, stay connected after the exchange: receive what the server
-/// forwards and push local changes as they are made, until `live` resolves.
+/// forwards and push local changes as they are made, until `live` resolves. `opening`, if
+/// given, was prepared while connecting (see [`open`]).
 pub(crate) async fn run_until<C: FrameConn>(
     inner: &Arc<Inner>,
     conn: &mut C,
     opts: &SyncOptions,
     live: Option<tokio::sync::oneshot::Receiver<()>>,
+    opening: Option<Opening>,
 ) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
     let mut e = Engine { inner, conn, opts, report: SyncReport::default() };
     let result = match live {
-        None => e.exchange(false).await,
-        Some(stop) => match e.exchange(true).await {
+        None => e.exchange(false, opening).await,
+        Some(stop) => match e.exchange(true, opening).await {
             Ok(()) => e.live(stop).await,
             Err(err) => Err(err),
         },
@@ -103,26 +144,19 @@ impl<C: FrameConn> Engine<'_, C> {
 
     /// Prepare the next batch of pushes from `queue`, up to the batch size.
     async fn next_batch(&mut self, queue: &mut VecDeque<String>) -> Result<Vec<PreparedPush>, SyncError> {
-        let mut batch = Vec::new();
-        let mut size = 0;
-        while size < TARGET_BATCH_BYTES {
-            let Some(id) = queue.pop_front() else { break };
-            if let Some(p) = blocking(self.inner, move |i| i.prepare_push(&id)).await? {
-                size += p.push.data.len();
-                batch.push(p);
-            }
-        }
+        let q = std::mem::take(queue);
+        let (batch, rest) = blocking(self.inner, move |i| prepare_batch(i, q)).await?;
+        *queue = rest;
         Ok(batch)
     }
 
-    async fn exchange(&mut self, live: bool) -> Result<(), SyncError> {
-        let cursor = blocking(self.inner, |i| i.cursor()).await?;
-        let mut queue: VecDeque<String> = blocking(self.inner, |i| i.to_push()).await?.into();
-        let total = queue.len() as u64;
+    async fn exchange(&mut self, live: bool, opening: Option<Opening>) -> Result<(), SyncError> {
+        let Opening { cursor, mut queue, total, first } = match opening {
+            Some(o) => o,
+            None => open(self.inner).await?,
+        };
         let mut acked_docs = 0u64;
         let mut in_flight: VecDeque<Vec<(String, Vec<[u8; 32]>, u64)>> = VecDeque::new();
-
-        let first = self.next_batch(&mut queue).await?;
         let more = !queue.is_empty();
         let (docs, meta) = split(first);
         if !docs.is_empty() {

@@ -18,7 +18,7 @@ use crate::protocol::{ErrorCode, ProtocolError};
 
 pub use engine::FrameConn;
 pub use ws::WsConn;
-pub(crate) use engine::{run, run_until};
+pub(crate) use engine::{open, run, run_until};
 pub(crate) use identity::enroll;
 
 /// How to reach the server.
