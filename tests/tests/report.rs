@@ -132,3 +132,34 @@ async fn the_report_follows_every_definition() {
     assert_eq!(audit.as_array().unwrap().iter().filter(|e| e["action"] == "export").count(), 3);
     server.stop().await;
 }
+
+/// Pushes leave reporting rows due; the server computes them in the background once sync is
+/// quiet, without anyone asking for a report, and a later edit makes the row due again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reporting_rows_are_computed_in_the_background_once_sync_is_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    for id in ["p-1", "p-2"] {
+        a.register_person(sharing(id, true)).await.unwrap();
+        a.record_visit(id, v(&format!("v-{id}"), 2, 45, "in_person", "community", &["support"])).await.unwrap();
+    }
+    sync(&a, &server).await;
+    let store = server.state.hub.store().clone();
+    let rows = |org: &str| store.views(org).unwrap().into_iter().map(|(doc, _)| doc).collect::<Vec<_>>();
+    eventually("rows due after the sync are computed without a report", async || {
+        store.views_due(None).unwrap().is_empty() && rows(ORG) == ["p-1", "p-2"]
+    })
+    .await;
+    let before = store.views(ORG).unwrap();
+
+    a.record_visit("p-1", v("v-again", 3, 30, "phone", "home", &["advocacy"])).await.unwrap();
+    sync(&a, &server).await;
+    eventually("the edited person's row is computed again", async || {
+        store.views_due(None).unwrap().is_empty() && store.views(ORG).unwrap() != before
+    })
+    .await;
+    let (status, report) = server.admin("GET", &format!("/v1/report?org={ORG}"), None).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["totals"]["visits"], 3, "{report}");
+}
