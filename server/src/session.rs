@@ -17,6 +17,12 @@ use crate::auth::DeviceIdentity;
 use crate::docs::{DocsBatch, Pushed};
 use crate::store::DeviceSync;
 
+/// A download's first batch is smaller: the phone stores it while the rest is on its way,
+/// instead of waiting for one large frame and only then starting. (A fresh phone's 46-person
+/// restore at 50/2000 on 3g: wall over link limit 1.59-1.67 -> 1.48-1.51, for 2.5% more bytes,
+/// as a smaller frame compresses less well.)
+const FIRST_DOWNLOAD_BATCH_BYTES: usize = 32 << 10;
+
 /// A session with no frame from the device for this long is closed (not in live mode).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -287,11 +293,13 @@ impl<C: Conn> Session<C> {
         let mut download = blocking(move || state.hub.start_download(&org, since)).await?;
         // Hold one batch back so the last one can be marked `done`.
         let mut pending: Option<DocsBatch> = None;
+        let mut first = true;
         loop {
+            let target = if std::mem::take(&mut first) { FIRST_DOWNLOAD_BATCH_BYTES } else { TARGET_BATCH_BYTES };
             let permit = self.state.download_gate.acquire().await.map_err(|e| SessionEnd::protocol(ErrorCode::Internal, e.to_string()))?;
             let (state, who, pushed, skip) = (self.state.clone(), self.who.clone(), pushed.clone(), skip.clone());
             let (batch, back) = blocking(move || {
-                let b = state.hub.next_batch(&mut download, &who, state.access.as_ref(), &pushed, &skip, TARGET_BATCH_BYTES);
+                let b = state.hub.next_batch(&mut download, &who, state.access.as_ref(), &pushed, &skip, target);
                 b.map(|b| (b, download))
             })
             .await?;
