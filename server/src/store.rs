@@ -123,8 +123,8 @@ pub trait ServerStore: Send + Sync + 'static {
     /// due (see [`views_due`](Self::views_due)) are as of an earlier write.
     fn views(&self, org: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Documents whose data changed since their reporting row was computed, as
-    /// `(org, doc, seq of the change)`: of `org`, or of every organisation.
-    fn views_due(&self, org: Option<&str>) -> Result<Vec<(String, String, u64)>, StoreError>;
+    /// `(org, doc, seq of the change)`: of `org`, or of every organisation; at most `limit`.
+    fn views_due(&self, org: Option<&str>, limit: usize) -> Result<Vec<(String, String, u64)>, StoreError>;
     /// Store `doc`'s row computed from its data as of log position `due` (`None`: it has no
     /// row yet), if that is still the latest change; returns whether it was. A write since
     /// then leaves the row due, for a later call with the newer position.
@@ -396,13 +396,13 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
         Ok(out)
     }
 
-    fn views_due(&self, org: Option<&str>) -> Result<Vec<(String, String, u64)>, StoreError> {
+    fn views_due(&self, org: Option<&str>, limit: usize) -> Result<Vec<(String, String, u64)>, StoreError> {
         let prefix = match org {
             Some(org) => k(b'D', &[org.as_bytes(), b""]),
             None => vec![b'D'],
         };
         let mut out = Vec::new();
-        for (key, v) in self.kv.scan_prefix(&prefix)? {
+        for (key, v) in self.kv.scan_prefix_first(&prefix, limit)? {
             let mut parts = key[1..].splitn(2, |b| *b == 0);
             let (Some(o), Some(d)) = (parts.next(), parts.next()) else {
                 return Err(StoreError::Corrupt { key: String::from_utf8_lossy(&key).into_owned(), reason: "a due-row key without its document".into() });
@@ -546,22 +546,23 @@ macro_rules! server_store_suite {
             s.append("p", vec![snap("c")]).unwrap();
             // A touch (no new data) leaves nothing due.
             s.append("o", vec![Append { doc: "b".into(), write: DocWrite::Touch, view: None }]).unwrap();
-            assert_eq!(s.views_due(Some("o")).unwrap(), vec![("o".into(), "a".into(), c[0].seq), ("o".into(), "b".into(), c[1].seq)]);
-            assert_eq!(s.views_due(None).unwrap().len(), 3);
+            assert_eq!(s.views_due(Some("o"), 10).unwrap(), vec![("o".into(), "a".into(), c[0].seq), ("o".into(), "b".into(), c[1].seq)]);
+            assert_eq!(s.views_due(None, 10).unwrap().len(), 3);
+            assert_eq!(s.views_due(None, 2).unwrap().len(), 2);
             assert!(s.views("o").unwrap().is_empty());
 
             assert!(s.put_view("o", "a", c[0].seq, Some(b"row-a".to_vec())).unwrap());
             // A row computed before a newer write is not stored, and the row stays due.
             let later = s.append("o", vec![Append { doc: "b".into(), write: DocWrite::Increment(b"i".to_vec()), view: None }]).unwrap();
             assert!(!s.put_view("o", "b", c[1].seq, Some(b"row-b-old".to_vec())).unwrap());
-            assert_eq!(s.views_due(Some("o")).unwrap(), vec![("o".into(), "b".into(), later[0].seq)]);
+            assert_eq!(s.views_due(Some("o"), 10).unwrap(), vec![("o".into(), "b".into(), later[0].seq)]);
             assert!(s.put_view("o", "b", later[0].seq, Some(b"row-b".to_vec())).unwrap());
-            assert!(s.views_due(Some("o")).unwrap().is_empty());
+            assert!(s.views_due(Some("o"), 10).unwrap().is_empty());
             assert_eq!(s.views("o").unwrap(), vec![("a".to_string(), b"row-a".to_vec()), ("b".to_string(), b"row-b".to_vec())]);
 
             // Erasure takes the due mark with it: no row can come back.
             s.append("p", vec![Append { doc: "c".into(), write: DocWrite::Erase, view: None }]).unwrap();
-            assert!(s.views_due(None).unwrap().is_empty());
+            assert!(s.views_due(None, 10).unwrap().is_empty());
             assert!(!s.put_view("p", "c", 1, Some(b"row-c".to_vec())).unwrap());
             assert!(s.views("p").unwrap().is_empty());
         }

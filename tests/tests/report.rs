@@ -148,7 +148,7 @@ async fn reporting_rows_are_computed_in_the_background_once_sync_is_quiet() {
     let store = server.state.hub.store().clone();
     let rows = |org: &str| store.views(org).unwrap().into_iter().map(|(doc, _)| doc).collect::<Vec<_>>();
     eventually("rows due after the sync are computed without a report", async || {
-        store.views_due(None).unwrap().is_empty() && rows(ORG) == ["p-1", "p-2"]
+        store.views_due(None, 1).unwrap().is_empty() && rows(ORG) == ["p-1", "p-2"]
     })
     .await;
     let before = store.views(ORG).unwrap();
@@ -156,7 +156,7 @@ async fn reporting_rows_are_computed_in_the_background_once_sync_is_quiet() {
     a.record_visit("p-1", v("v-again", 3, 30, "phone", "home", &["advocacy"])).await.unwrap();
     sync(&a, &server).await;
     eventually("the edited person's row is computed again", async || {
-        store.views_due(None).unwrap().is_empty() && store.views(ORG).unwrap() != before
+        store.views_due(None, 1).unwrap().is_empty() && store.views(ORG).unwrap() != before
     })
     .await;
     let (status, report) = server.admin("GET", &format!("/v1/report?org={ORG}"), None).await;

@@ -32,6 +32,13 @@ pub trait LocalStore: Send + Sync + 'static {
     fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(self.scan_prefix(prefix)?.into_iter().map(|(k, _)| k).collect())
     }
+    /// The first `limit` pairs under `prefix`, in key order: for work taken a chunk at a time
+    /// from the front of a long list.
+    fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut all = self.scan_prefix(prefix)?;
+        all.truncate(limit);
+        Ok(all)
+    }
     /// Pairs with `from <= key < to`, in key order.
     fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
     fn apply(&self, batch: Vec<Write>) -> Result<(), StoreError>;
@@ -94,6 +101,10 @@ macro_rules! local_store_suite {
             assert_eq!(got, vec![("d/a".into(), "1".into()), ("d/b".into(), "2".into())]);
             assert_eq!(s.keys_with_prefix(b"d/").unwrap(), vec![b"d/a".to_vec(), b"d/b".to_vec()]);
             assert!(s.scan_prefix(b"q").unwrap().is_empty());
+            let first: Vec<_> = s.scan_prefix_first(b"d/", 1).unwrap().into_iter().map(|(k, _)| k).collect();
+            assert_eq!(first, vec![b"d/a".to_vec()]);
+            assert_eq!(s.scan_prefix_first(b"d/", 5).unwrap().len(), 2);
+            assert!(s.scan_prefix_first(b"d/", 0).unwrap().is_empty());
         }
 
         #[test]
@@ -181,6 +192,9 @@ impl<S: LocalStore + ?Sized> LocalStore for std::sync::Arc<S> {
     }
     fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
         (**self).keys_with_prefix(prefix)
+    }
+    fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        (**self).scan_prefix_first(prefix, limit)
     }
     fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         (**self).scan_range(from, to)
