@@ -360,9 +360,9 @@ impl Device {
         let (options, observer) = self.observed(options);
         observer.state(&SyncState::Connecting);
         let result = async {
-            // What to send first is prepared while the connection is set up.
-            let (conn, opening) = tokio::join!(self.connect(&options), crate::sync::open(&self.inner));
-            let (mut conn, opening) = (conn?, opening?);
+            // What to send first is prepared while the connection is set up; a failed connect
+            // (the usual case offline) is reported at once.
+            let (mut conn, opening) = tokio::try_join!(self.connect(&options), crate::sync::open(&self.inner))?;
             let mut r = SyncReport::default();
             crate::sync::FrameConn::account(&conn, &mut r);
             observer.progress(&SyncProgress::Connected { upgrade_bytes: r.upgrade_bytes_up + r.upgrade_bytes_down });

@@ -547,7 +547,8 @@ struct ReportQuery {
 }
 
 fn view_rows(state: &AppState, org: &str) -> Result<Vec<(String, crate::report::ViewRow)>, ApiError> {
-    // Rows the background has not reached yet: a report is always as of the last sync.
+    // Rows the background has not reached yet: a report is as of the syncs stored before it
+    // (a row that a concurrent sync makes due again shows that person as before that sync).
     state.hub.refresh_views(Some(org), usize::MAX)?;
     let rows = crate::report::decode_rows(state.hub.store().views(org)?);
     // A tombstone without its row removed yet (never expected) still counts nowhere.

@@ -233,8 +233,9 @@ pub async fn serve(
     shutdown_tx: watch::Sender<bool>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Lives exactly as long as serving does, so that nothing holds the store afterwards.
-    let refresher = tokio::spawn(crate::views::refresh_while_quiet(state.clone()));
+    // Ends at the shutdown signal once its current chunk is done (or is aborted below), so
+    // that nothing holds the store after serving.
+    let mut refresher = tokio::spawn(crate::views::refresh_while_quiet(state.clone()));
     let app = router(state).into_make_service_with_connect_info::<Peer>();
     let signal = async move {
         shutdown.await;
@@ -247,7 +248,10 @@ pub async fn serve(
             Err(e) => Err(e),
         },
     };
-    refresher.abort();
-    let _ = refresher.await;
+    // Serving also ends on an error, without the signal: then stop it here.
+    if tokio::time::timeout(Duration::from_secs(5), &mut refresher).await.is_err() {
+        refresher.abort();
+        let _ = refresher.await;
+    }
     served
 }

@@ -414,7 +414,6 @@ fn admin(state: &AppState, action: AdminAction) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Resolves when stdin reaches its end (or cannot be read): the parent has gone.
 /// A status line of a serving command, on stdout in one write. Write errors are ignored:
 /// a closed stdout (`peersync demo | head`, a supervisor that stopped reading) must not take
 /// the server down, which `println!` would by panicking on EPIPE.
@@ -429,6 +428,7 @@ fn tell(text: std::fmt::Arguments) {
     let _ = std::io::stderr().lock().write_all(format!("{text}").as_bytes());
 }
 
+/// Resolves when stdin reaches its end (or cannot be read): the parent has gone.
 async fn stdin_eof() {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     // Blocking reads on a thread of its own: tokio's stdin would hold a blocking-pool thread.

@@ -487,8 +487,12 @@ impl DocHub {
     pub fn refresh_views(&self, org: Option<&str>, limit: usize) -> Result<usize, StoreError> {
         let mut stored = 0;
         for (org, doc, due) in self.store.views_due(org, limit)? {
-            // Nothing stored (erased meanwhile): the erasure took the due mark with it.
-            let row = match self.loaded(&org, &doc) {
+            // From the store, not the cache: a writer updates the cache after its append, so a
+            // cached copy can be older than the due mark just read, while the store (data and
+            // mark written in one batch) is at least as new. Nothing stored: erased meanwhile,
+            // and the erasure took the due mark with it.
+            let loaded = self.store.load_doc(&org, &doc).and_then(|s| s.map(|s| load(&org, &doc, &s.concat())).transpose());
+            let row = match loaded {
                 Ok(am) => am.and_then(|am| crate::report::row_bytes(&doc, &am)),
                 // Stored data that no longer loads (damaged on disk, or tampered with: sealed
                 // values are checked) cannot give a row: its last good row stands, and one

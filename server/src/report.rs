@@ -2,9 +2,10 @@
 //! people themselves report, never more about a person than their consent allows.
 //!
 //! The server keeps a materialised view: one compact row per person (their current consent,
-//! visits and check-ins without notes or alias), rewritten whenever their document changes and
-//! sealed with the person's key, so erasure removes it with the rest. Reports read the rows,
-//! never the documents.
+//! visits and check-ins without notes or alias), sealed with the person's key, so erasure
+//! removes it with the rest. A write marks its person's row due; due rows are computed from
+//! the stored document in the background or, at the latest, when a report asks
+//! (`DocHub::refresh_views`). Reports then read the rows.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

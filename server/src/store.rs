@@ -125,9 +125,10 @@ pub trait ServerStore: Send + Sync + 'static {
     /// Documents whose data changed since their reporting row was computed, as
     /// `(org, doc, seq of the change)`: of `org`, or of every organisation; at most `limit`.
     fn views_due(&self, org: Option<&str>, limit: usize) -> Result<Vec<(String, String, u64)>, StoreError>;
-    /// Store `doc`'s row computed from its data as of log position `due` (`None`: it has no
-    /// row yet), if that is still the latest change; returns whether it was. A write since
-    /// then leaves the row due, for a later call with the newer position.
+    /// Store `doc`'s row computed from its data as of log position `due`, if that is still the
+    /// latest change, and clear the due mark; returns whether it was. `None` clears the mark
+    /// and leaves whatever row there is (a document without a readable profile has none yet).
+    /// A write since then leaves the row due, for a later call with the newer position.
     fn put_view(&self, org: &str, doc: &str, due: u64, view: Option<Vec<u8>>) -> Result<bool, StoreError>;
 }
 
@@ -428,7 +429,7 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
             let sealed = cipher.seal(&key, &view)?;
             batch.push(Write::Put(key, sealed));
         }
-        // Not flushed: if lost in a crash, the due mark is lost with it and the row is
+        // Not flushed: if a crash loses this write, the due mark survives and the row is
         // computed again.
         self.kv.apply_deferred(batch)?;
         Ok(true)

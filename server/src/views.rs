@@ -20,6 +20,8 @@ const QUIET_NO_DEVICES: Duration = Duration::from_secs(1);
 const QUIET_NO_WRITES: Duration = Duration::from_secs(10);
 /// Rows computed between two looks at whether sync is still quiet (a few milliseconds each).
 const CHUNK: usize = 32;
+/// After a failure, wait this long before trying again (reports still compute due rows).
+const AFTER_ERROR: Duration = Duration::from_secs(60);
 
 /// Run until the server shuts down.
 pub async fn refresh_while_quiet(state: Arc<AppState>) {
@@ -45,19 +47,28 @@ pub async fn refresh_while_quiet(state: Arc<AppState>) {
             }
             now - *devices_seen >= QUIET_NO_DEVICES || now - *writes_seen >= QUIET_NO_WRITES
         };
+        let mut failed = false;
         while quiet(&mut devices_seen, &mut writes, &mut writes_seen) && !*shutdown.borrow() {
             let st = state.clone();
             match tokio::task::spawn_blocking(move || st.hub.refresh_views(None, CHUNK)).await {
                 Ok(Ok(0)) => break,
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "could not refresh reporting rows; reports compute them when asked");
+                    tracing::warn!(error = %e, "could not refresh reporting rows; reports compute them when asked; trying again in a minute");
+                    failed = true;
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "the reporting-row refresh task failed");
+                    tracing::warn!(error = %e, "the reporting-row refresh task failed; trying again in a minute");
+                    failed = true;
                     break;
                 }
+            }
+        }
+        if failed {
+            tokio::select! {
+                _ = tokio::time::sleep(AFTER_ERROR) => {}
+                _ = shutdown.changed() => return,
             }
         }
     }

@@ -76,17 +76,17 @@ async fn the_demo_serves_a_team_and_reuses_its_data() {
 
     // Third start with a stdout whose reader is already gone: every line the demo prints
     // fails with EPIPE, and it must serve anyway (println! would panic and take it down).
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = Command::new(BIN)
         .args(["demo", "--listen", &format!("127.0.0.1:{port}"), "--data"])
         .arg(&data)
         .env("PEERSYNC_LOG", "warn")
-        .stdout(writer)
+        .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(data.with_extension("stderr.log")).unwrap()))
         .spawn()
         .unwrap();
+    // The read end closes here, long before the demo has opened its store and printed.
+    drop(child.stdout.take());
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
