@@ -19,8 +19,9 @@
 //! report is asked for, and in the background while sync is quiet (`crate::app::serve`). A
 //! phone on a short network window waits only for what it needs: its data stored.
 //!
-//! Cache rules: an entry always equals what the store holds. Entries are put in only by writers
-//! holding the writers' lock, after the append that wrote them (or, for a document loaded but
+//! Cache rules: an entry always equals what the store holds. A writer takes a document's entry
+//! out before the append that changes it and puts the new one in after (holding the writers'
+//! lock throughout; or, for a document loaded but
 //! left unchanged, straight from the store under that lock). Readers use an entry when there is
 //! one and otherwise read the store without caching what they read, so an older copy can never
 //! take the place of a newer one. As with the store's own reads, a reader may see a write a
@@ -462,6 +463,12 @@ impl DocHub {
                 access.created(who, &a.doc, &a.teammates, head + 1 + i as u64)?;
             }
             access.changed(org, &a.doc, a.consent.as_ref())?;
+        }
+        // Out of the cache before the append, back in after it: a reader that sees the new log
+        // entry must not then find the old data cached (a download would send a device less
+        // than the entry it moves the device past).
+        for a in &appends {
+            self.evict(org, &a.doc);
         }
         let cursors = match self.store.append_deferred(org, appends) {
             Ok(c) => c,
