@@ -21,26 +21,29 @@ pub enum Write {
     Delete(Vec<u8>),
 }
 
+/// Key-value pairs, in key order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A durable, ordered key-value store.
 ///
 /// `apply` is atomic (all writes of a batch or none survive a crash) and returns only once the
 /// batch is durable. Keys are compared as bytes; `scan_prefix` returns pairs in key order.
 pub trait LocalStore: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Pairs, StoreError>;
     /// Only the keys under `prefix`, in order (cheaper than `scan_prefix` where values are big).
     fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(self.scan_prefix(prefix)?.into_iter().map(|(k, _)| k).collect())
     }
     /// The first `limit` pairs under `prefix`, in key order: for work taken a chunk at a time
     /// from the front of a long list.
-    fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Pairs, StoreError> {
         let mut all = self.scan_prefix(prefix)?;
         all.truncate(limit);
         Ok(all)
     }
     /// Pairs with `from <= key < to`, in key order.
-    fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Pairs, StoreError>;
     fn apply(&self, batch: Vec<Write>) -> Result<(), StoreError>;
     /// As `apply`, atomic, but durable only at the next `flush` (or `apply`): for many small
     /// writes that must become durable together.
