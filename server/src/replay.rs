@@ -40,9 +40,12 @@ pub struct Outcome {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest API answer read: the all-time report grows with workers and weeks (a few hundred
+/// kilobytes for 50 workers over a year); far beyond that something is wrong.
+const MAX_API_RESPONSE: usize = 64 << 20;
 
 pub(crate) async fn api(opts: &SyncOptions, token: &str, method: &str, path: &str, body: Option<Value>) -> Result<Value, ReplayError> {
-    let (status, v) = request(opts, method, path, Some(token), body.as_ref(), TIMEOUT).await?;
+    let (status, v) = request(opts, method, path, Some(token), body.as_ref(), TIMEOUT, MAX_API_RESPONSE).await?;
     if !(200..300).contains(&status) {
         let message = v.get("error").and_then(|m| m.as_str()).unwrap_or("").to_string();
         return Err(ReplayError::Api { what: format!("{method} {path}"), status, message });

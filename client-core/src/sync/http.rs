@@ -1,22 +1,24 @@
-//! A minimal HTTP/1.1 client for the few JSON calls a device makes outside the sync socket
-//! (enrollment). One request per connection; bodies are small and bounded.
+//! A minimal HTTP/1.1 client for the few JSON calls made outside the sync socket: a device's
+//! enrollment, and the admin and report calls of `peersync replay`. One request per
+//! connection; every response is bounded by the caller's limit.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{SyncError, SyncOptions};
 
-/// Largest response accepted.
-const MAX_RESPONSE: usize = 64 << 10;
+/// Largest response a device accepts (enrollment answers are a few hundred bytes).
+const DEVICE_MAX_RESPONSE: usize = 64 << 10;
 
 /// POST `body` as JSON to `path`; returns the status and the JSON reply.
 pub(crate) async fn post_json(opts: &SyncOptions, path: &str, body: &serde_json::Value, timeout: Duration) -> Result<(u16, serde_json::Value), SyncError> {
-    request(opts, "POST", path, None, Some(body), timeout).await
+    request(opts, "POST", path, None, Some(body), timeout, DEVICE_MAX_RESPONSE).await
 }
 
 /// A JSON request to the server's HTTP API (`bearer`: an admin token), over the same
 /// connection rules as sync (TLS verified, plain HTTP only on loopback). Returns the status
-/// and the JSON reply (`Null` for an empty body).
+/// and the JSON reply (`Null` for an empty body). A response over `max_response` bytes is
+/// refused with `ProtocolError::TooLarge`.
 pub async fn request(
     opts: &SyncOptions,
     method: &str,
@@ -24,6 +26,7 @@ pub async fn request(
     bearer: Option<&str>,
     body: Option<&serde_json::Value>,
     timeout: Duration,
+    max_response: usize,
 ) -> Result<(u16, serde_json::Value), SyncError> {
     let url = format!("{}{path}", opts.server.trim_end_matches('/'));
     let e = super::transport::endpoint(&url)?;
@@ -39,9 +42,9 @@ pub async fn request(
         s.write_all(head.as_bytes()).await.map_err(|_| SyncError::Dropped)?;
         s.write_all(&payload).await.map_err(|_| SyncError::Dropped)?;
         let mut buf = Vec::new();
-        (&mut s).take(MAX_RESPONSE as u64 + 1).read_to_end(&mut buf).await.map_err(|_| SyncError::Dropped)?;
-        if buf.len() > MAX_RESPONSE {
-            return Err(SyncError::Protocol(crate::protocol::ProtocolError::TooLarge { size: buf.len(), limit: MAX_RESPONSE }));
+        (&mut s).take(max_response as u64 + 1).read_to_end(&mut buf).await.map_err(|_| SyncError::Dropped)?;
+        if buf.len() > max_response {
+            return Err(SyncError::Protocol(crate::protocol::ProtocolError::TooLarge { size: buf.len(), limit: max_response }));
         }
         parse_response(&buf)
     };
@@ -84,5 +87,31 @@ mod tests {
         let (s, j) = parse_response(b"HTTP/1.1 401 Unauthorized\r\ntransfer-encoding: chunked\r\n\r\n7\r\n{\"a\":2}\r\n0\r\n\r\n").unwrap();
         assert_eq!((s, j["a"].as_i64()), (401, Some(2)));
         assert!(parse_response(b"garbage").is_err());
+    }
+
+    /// A large answer (an organisation's document list, a report) is read whole under a
+    /// large enough limit, and refused, not cut, over it.
+    #[tokio::test]
+    async fn responses_are_bounded_by_the_callers_limit() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = format!("[{}0]", "1234567,".repeat(20_000));
+        let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut head = [0u8; 4096];
+                    let _ = s.read(&mut head).await;
+                    let _ = s.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        let opts = SyncOptions::new(format!("ws://{addr}"));
+        let t = Duration::from_secs(10);
+        let (status, json) = request(&opts, "GET", "/big", None, None, t, 1 << 20).await.unwrap();
+        assert_eq!((status, json.as_array().map(|a| a.len())), (200, Some(20_001)));
+        let refused = request(&opts, "GET", "/big", None, None, t, DEVICE_MAX_RESPONSE).await;
+        assert!(matches!(refused, Err(SyncError::Protocol(crate::protocol::ProtocolError::TooLarge { .. }))), "{refused:?}");
     }
 }
