@@ -432,7 +432,7 @@ impl DocHub {
         let complete = p.heads.iter().all(|h| w.doc.get_change_by_hash(&to_hash(h)).is_some());
         if after != before {
             let write = if complete && !w.stored && !w.written { w.write_as_pushed(&p.data) } else { w.write(&before) };
-            appends.push((Append { doc: p.doc.clone(), write, view: None }, applied(&p.doc, w)));
+            appends.push((Append { doc: p.doc.clone(), write }, applied(&p.doc, w)));
         }
         if !complete {
             // Changes waiting for dependencies sit in automerge's queue: drop them (what did
@@ -494,12 +494,10 @@ impl DocHub {
     pub fn refresh_views(&self, org: Option<&str>, limit: usize) -> Result<usize, StoreError> {
         let mut stored = 0;
         for (org, doc, due) in self.store.views_due(org, limit)? {
-            // From the store, not the cache: a writer updates the cache after its append, so a
-            // cached copy can be older than the due mark just read, while the store (data and
-            // mark written in one batch) is at least as new. Nothing stored: erased meanwhile,
-            // and the erasure took the due mark with it.
-            let loaded = self.store.load_doc(&org, &doc).and_then(|s| s.map(|s| load(&org, &doc, &s.concat())).transpose());
-            let row = match loaded {
+            // At least as new as the due mark just read: the store wrote data and mark in one
+            // batch, and a writer takes its cache entry out before the append (cache rules
+            // above). Nothing stored: erased meanwhile, and the erasure took the mark with it.
+            let row = match self.loaded(&org, &doc) {
                 Ok(am) => am.and_then(|am| crate::report::row_bytes(&doc, &am)),
                 // Stored data that no longer loads (damaged on disk, or tampered with: sealed
                 // values are checked) cannot give a row: its last good row stands, and one
@@ -660,7 +658,7 @@ impl DocHub {
     pub fn touch(&self, org: &str, doc: &str, before: impl FnOnce(u64) -> Result<(), StoreError>) -> Result<u64, StoreError> {
         let _w = lock(&self.write_lock);
         before(self.store.head(org)?.seq + 1)?;
-        let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Touch, view: None }])?;
+        let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Touch }])?;
         let seq = c.last().map_or(0, |c| c.seq);
         let _ = self.announce.send(Announcement { org: org.to_string(), seq });
         Ok(seq)
@@ -672,7 +670,7 @@ impl DocHub {
         let _w = lock(&self.write_lock);
         bury()?;
         self.evict(org, doc);
-        let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Erase, view: None }])?;
+        let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Erase }])?;
         self.evict(org, doc);
         if let Some(c) = c.last() {
             let _ = self.announce.send(Announcement { org: org.to_string(), seq: c.seq });
@@ -740,7 +738,7 @@ impl DocHub {
                 let after = w.doc.get_heads();
                 if after != before {
                     let write = w.write(&before);
-                    appends.push((Append { doc: m.doc.clone(), write, view: None }, applied(&m.doc, w)));
+                    appends.push((Append { doc: m.doc.clone(), write }, applied(&m.doc, w)));
                 }
             }
             if let Some(reply) = w.doc.generate_sync_message(state) {

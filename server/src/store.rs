@@ -71,10 +71,6 @@ pub enum DocWrite {
 pub struct Append {
     pub doc: String,
     pub write: DocWrite,
-    /// The document's new row in the reporting view (sealed like the data). `None` with new
-    /// data marks the row *due* instead: pushes leave the row to [`ServerStore::put_view`],
-    /// which fills it in later, off the sync path.
-    pub view: Option<Vec<u8>>,
 }
 
 /// What the server remembers of a device's syncs (for sync health on the dashboard).
@@ -237,7 +233,11 @@ impl<S: LocalStore> KvServerStore<S> {
             batch.push(Write::Put(seq_key(b'L', org, seq), d.to_vec()));
             batch.push(Write::Put(seq_key(b'T', org, seq), tag.to_be_bytes().to_vec()));
             batch.push(Write::Put(k(b'E', &[o, d]), seq.to_be_bytes().to_vec()));
-            let new_data = matches!(a.write, DocWrite::Increment(_) | DocWrite::Snapshot(_));
+            // New data marks the reporting row due (see `put_view`), in the same batch as the
+            // data: a crash cannot leave new data with a row nobody knows to recompute.
+            if matches!(a.write, DocWrite::Increment(_) | DocWrite::Snapshot(_)) {
+                batch.push(Write::Put(k(b'D', &[o, d]), seq.to_be_bytes().to_vec()));
+            }
             match a.write {
                 DocWrite::Increment(data) => {
                     let cipher = self.cipher(org, &a.doc)?.expect("ensured above");
@@ -266,20 +266,6 @@ impl<S: LocalStore> KvServerStore<S> {
                     batch.push(Write::Delete(k(b'D', &[o, d])));
                     erased.push(a.doc.clone());
                 }
-            }
-            match a.view {
-                Some(view) => {
-                    if let Some(cipher) = self.cipher(org, &a.doc)? {
-                        let key = k(b'R', &[o, d]);
-                        let sealed = cipher.seal(&key, &view)?;
-                        batch.push(Write::Put(key, sealed));
-                        batch.push(Write::Delete(k(b'D', &[o, d])));
-                    }
-                }
-                // In the same batch as the data: a crash cannot leave new data with a row
-                // nobody knows to recompute.
-                None if new_data => batch.push(Write::Put(k(b'D', &[o, d]), seq.to_be_bytes().to_vec())),
-                None => {}
             }
             out.push(Cursor { seq, tag });
         }
@@ -463,7 +449,7 @@ macro_rules! server_store_suite {
         use $crate::store::{Append, DeviceSync, DocWrite, ServerStore};
 
         fn inc(doc: &str, data: &[u8]) -> Append {
-            Append { doc: doc.into(), write: DocWrite::Increment(data.to_vec()), view: None }
+            Append { doc: doc.into(), write: DocWrite::Increment(data.to_vec()) }
         }
 
         #[test]
@@ -495,7 +481,7 @@ macro_rules! server_store_suite {
         fn documents_are_snapshot_plus_increments_by_sequence() {
             let s = $make();
             assert_eq!(s.load_doc("o", "a").unwrap(), None);
-            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S".to_vec()), view: None }]).unwrap();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S".to_vec()) }]).unwrap();
             s.append("o", vec![inc("a", b"i2"), inc("b", b"x"), inc("a", b"i4")]).unwrap();
             let d = s.load_doc("o", "a").unwrap().unwrap();
             assert_eq!(d.snapshot, Some((1, b"S".to_vec())));
@@ -507,7 +493,7 @@ macro_rules! server_store_suite {
             assert_eq!(d.snapshot, Some((2, b"S2".to_vec())));
             assert_eq!(d.increments, vec![(4, b"i4".to_vec())]);
             // A snapshot write replaces everything.
-            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S5".to_vec()), view: None }]).unwrap();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S5".to_vec()) }]).unwrap();
             let d = s.load_doc("o", "a").unwrap().unwrap();
             assert_eq!(d.snapshot, Some((5, b"S5".to_vec())));
             assert!(d.increments.is_empty());
@@ -518,10 +504,10 @@ macro_rules! server_store_suite {
         fn touch_moves_the_entry_and_erase_removes_the_data() {
             let s = $make();
             s.append("o", vec![inc("a", b"1"), inc("b", b"2")]).unwrap();
-            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Touch, view: None }]).unwrap();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Touch }]).unwrap();
             assert_eq!(s.changed_since("o", 2).unwrap(), vec![(3, "a".to_string())]);
             assert_eq!(s.load_doc("o", "a").unwrap().unwrap().increments, vec![(1, b"1".to_vec())]);
-            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Erase, view: None }]).unwrap();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Erase }]).unwrap();
             assert_eq!(s.load_doc("o", "a").unwrap(), None);
             assert_eq!(s.changed_since("o", 3).unwrap(), vec![(4, "a".to_string())]);
             assert!(s.load_doc("o", "b").unwrap().is_some());
@@ -530,11 +516,16 @@ macro_rules! server_store_suite {
         #[test]
         fn view_rows_are_kept_and_erased_with_the_document() {
             let s = $make();
-            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S".to_vec()), view: Some(b"row-a".to_vec()) }]).unwrap();
-            s.append("o", vec![Append { doc: "b".into(), write: DocWrite::Snapshot(b"S".to_vec()), view: Some(b"row-b".to_vec()) }]).unwrap();
-            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Increment(b"i".to_vec()), view: Some(b"row-a2".to_vec()) }]).unwrap();
+            // Each write's row, stored as the background would once it is due.
+            let write = |doc: &str, w: DocWrite, row: &[u8]| {
+                let seq = s.append("o", vec![Append { doc: doc.into(), write: w }]).unwrap()[0].seq;
+                assert!(s.put_view("o", doc, seq, Some(row.to_vec())).unwrap());
+            };
+            write("a", DocWrite::Snapshot(b"S".to_vec()), b"row-a");
+            write("b", DocWrite::Snapshot(b"S".to_vec()), b"row-b");
+            write("a", DocWrite::Increment(b"i".to_vec()), b"row-a2");
             assert_eq!(s.views("o").unwrap(), vec![("a".to_string(), b"row-a2".to_vec()), ("b".to_string(), b"row-b".to_vec())]);
-            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Erase, view: None }]).unwrap();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Erase }]).unwrap();
             assert_eq!(s.views("o").unwrap(), vec![("b".to_string(), b"row-b".to_vec())]);
             assert!(s.views("p").unwrap().is_empty());
         }
@@ -542,11 +533,11 @@ macro_rules! server_store_suite {
         #[test]
         fn rows_left_due_by_writes_are_filled_in_only_for_the_latest_change() {
             let s = $make();
-            let snap = |doc: &str| Append { doc: doc.into(), write: DocWrite::Snapshot(b"S".to_vec()), view: None };
+            let snap = |doc: &str| Append { doc: doc.into(), write: DocWrite::Snapshot(b"S".to_vec()) };
             let c = s.append("o", vec![snap("a"), snap("b")]).unwrap();
             s.append("p", vec![snap("c")]).unwrap();
             // A touch (no new data) leaves nothing due.
-            s.append("o", vec![Append { doc: "b".into(), write: DocWrite::Touch, view: None }]).unwrap();
+            s.append("o", vec![Append { doc: "b".into(), write: DocWrite::Touch }]).unwrap();
             assert_eq!(s.views_due(Some("o"), 10).unwrap(), vec![("o".into(), "a".into(), c[0].seq), ("o".into(), "b".into(), c[1].seq)]);
             assert_eq!(s.views_due(None, 10).unwrap().len(), 3);
             assert_eq!(s.views_due(None, 2).unwrap().len(), 2);
@@ -554,7 +545,7 @@ macro_rules! server_store_suite {
 
             assert!(s.put_view("o", "a", c[0].seq, Some(b"row-a".to_vec())).unwrap());
             // A row computed before a newer write is not stored, and the row stays due.
-            let later = s.append("o", vec![Append { doc: "b".into(), write: DocWrite::Increment(b"i".to_vec()), view: None }]).unwrap();
+            let later = s.append("o", vec![Append { doc: "b".into(), write: DocWrite::Increment(b"i".to_vec()) }]).unwrap();
             assert!(!s.put_view("o", "b", c[1].seq, Some(b"row-b-old".to_vec())).unwrap());
             assert_eq!(s.views_due(Some("o"), 10).unwrap(), vec![("o".into(), "b".into(), later[0].seq)]);
             assert!(s.put_view("o", "b", later[0].seq, Some(b"row-b".to_vec())).unwrap());
@@ -562,7 +553,7 @@ macro_rules! server_store_suite {
             assert_eq!(s.views("o").unwrap(), vec![("a".to_string(), b"row-a".to_vec()), ("b".to_string(), b"row-b".to_vec())]);
 
             // Erasure takes the due mark with it: no row can come back.
-            s.append("p", vec![Append { doc: "c".into(), write: DocWrite::Erase, view: None }]).unwrap();
+            s.append("p", vec![Append { doc: "c".into(), write: DocWrite::Erase }]).unwrap();
             assert!(s.views_due(None, 10).unwrap().is_empty());
             assert!(!s.put_view("p", "c", 1, Some(b"row-c".to_vec())).unwrap());
             assert!(s.views("p").unwrap().is_empty());

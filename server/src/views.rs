@@ -23,11 +23,37 @@ const CHUNK: usize = 32;
 /// After a failure, wait this long before trying again (reports still compute due rows).
 const AFTER_ERROR: Duration = Duration::from_secs(60);
 
+/// When a device was last connected and the hub last wrote, as seen at each look.
+struct Activity {
+    devices_seen: Instant,
+    writes: u64,
+    writes_seen: Instant,
+}
+
+impl Activity {
+    fn new(state: &AppState) -> Self {
+        let now = Instant::now();
+        Self { devices_seen: now, writes: state.hub.writes(), writes_seen: now }
+    }
+
+    /// Look again; whether sync is quiet now.
+    fn quiet(&mut self, state: &AppState) -> bool {
+        let now = Instant::now();
+        if state.metrics.connections_active.load(Relaxed) > 0 {
+            self.devices_seen = now;
+        }
+        let w = state.hub.writes();
+        if w != self.writes {
+            (self.writes, self.writes_seen) = (w, now);
+        }
+        now - self.devices_seen >= QUIET_NO_DEVICES || now - self.writes_seen >= QUIET_NO_WRITES
+    }
+}
+
 /// Run until the server shuts down.
 pub async fn refresh_while_quiet(state: Arc<AppState>) {
     let mut shutdown = state.shutdown.clone();
-    let mut devices_seen = Instant::now();
-    let (mut writes, mut writes_seen) = (state.hub.writes(), Instant::now());
+    let mut activity = Activity::new(&state);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -36,19 +62,8 @@ pub async fn refresh_while_quiet(state: Arc<AppState>) {
         if *shutdown.borrow() {
             return;
         }
-        let quiet = |devices_seen: &mut Instant, writes: &mut u64, writes_seen: &mut Instant| {
-            let now = Instant::now();
-            if state.metrics.connections_active.load(Relaxed) > 0 {
-                *devices_seen = now;
-            }
-            let w = state.hub.writes();
-            if w != *writes {
-                (*writes, *writes_seen) = (w, now);
-            }
-            now - *devices_seen >= QUIET_NO_DEVICES || now - *writes_seen >= QUIET_NO_WRITES
-        };
         let mut failed = false;
-        while quiet(&mut devices_seen, &mut writes, &mut writes_seen) && !*shutdown.borrow() {
+        while activity.quiet(&state) && !*shutdown.borrow() {
             let st = state.clone();
             match tokio::task::spawn_blocking(move || st.hub.refresh_views(None, CHUNK)).await {
                 Ok(Ok(0)) => break,

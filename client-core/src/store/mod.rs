@@ -196,7 +196,7 @@ impl<S: LocalStore + ?Sized> LocalStore for std::sync::Arc<S> {
     fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
         (**self).keys_with_prefix(prefix)
     }
-    fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Pairs, StoreError> {
         (**self).scan_prefix_first(prefix, limit)
     }
     fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {

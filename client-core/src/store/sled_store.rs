@@ -87,7 +87,7 @@ impl LocalStore for SledStore {
             .collect()
     }
 
-    fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<super::Pairs, StoreError> {
         self.tree
             .scan_prefix(prefix)
             .take(limit)
