@@ -15,6 +15,7 @@ pub mod document;
 pub mod error;
 mod listeners;
 pub mod model;
+mod packing;
 pub mod protocol;
 pub mod store;
 pub mod sync;

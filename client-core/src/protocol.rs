@@ -19,8 +19,9 @@ pub const PROTOCOL_VERSION: u8 = 1;
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
 /// Largest payload once decompressed: a compression bomb stops here.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
-/// Batches of pushes and downloads aim at this many raw bytes, so that a link that drops every
-/// minute still completes (and persists) batches, and progress can be shown.
+/// Batches of pushes aim at this many raw bytes (the server's download batches at most this),
+/// so that a link that drops every minute still completes (and persists) batches, and progress
+/// can be shown.
 pub const TARGET_BATCH_BYTES: usize = 128 << 10;
 /// Largest single document in a push (raw automerge bytes).
 pub const MAX_DOC_BYTES: usize = 2 << 20;
@@ -172,7 +173,7 @@ pub fn encode<M: Serialize>(msg: &M) -> Result<Vec<u8>, ProtocolError> {
     }
     let mut frame = Vec::with_capacity(raw.len() / 2 + 2);
     if raw.len() > COMPRESS_OVER {
-        let packed = zstd::bulk::compress(&raw, ZSTD_LEVEL).map_err(|e| ProtocolError::Garbled(e.to_string()))?;
+        let packed = crate::packing::compress(&raw, ZSTD_LEVEL).map_err(|e| ProtocolError::Garbled(e.to_string()))?;
         if packed.len() < raw.len() {
             frame.extend_from_slice(&[PROTOCOL_VERSION, COMPRESSED]);
             frame.extend_from_slice(&packed);
@@ -206,7 +207,7 @@ pub fn decode<M: DeserializeOwned>(frame: &[u8]) -> Result<M, ProtocolError> {
     let raw = match *flags {
         0 => payload,
         COMPRESSED => {
-            owned = zstd::bulk::decompress(payload, MAX_MESSAGE_BYTES)
+            owned = crate::packing::decompress(payload, MAX_MESSAGE_BYTES)
                 .map_err(|e| ProtocolError::Garbled(format!("decompression failed: {e}")))?;
             &owned[..]
         }

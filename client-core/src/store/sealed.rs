@@ -103,7 +103,7 @@ const MAX_BLOB_BYTES: usize = 64 << 20;
 /// values also keep sled's pages under its blob-file threshold.
 fn encode_blob(b: &DocBlob) -> Vec<u8> {
     let plain = encode(b);
-    match zstd::bulk::compress(&plain, 3) {
+    match crate::packing::compress(&plain, 3) {
         Ok(packed) if packed.len() + 1 < plain.len() => [&[ZSTD_BLOB][..], &packed].concat(),
         _ => plain,
     }
@@ -112,7 +112,7 @@ fn encode_blob(b: &DocBlob) -> Vec<u8> {
 fn decode_blob(k: &[u8], bytes: &[u8]) -> Result<DocBlob, StoreError> {
     match bytes.split_first() {
         Some((&ZSTD_BLOB, packed)) => {
-            let plain = zstd::bulk::decompress(packed, MAX_BLOB_BYTES)
+            let plain = crate::packing::decompress(packed, MAX_BLOB_BYTES)
                 .map_err(|e| StoreError::Corrupt { key: printable(k), reason: format!("cannot decompress: {e}") })?;
             decode(k, &plain)
         }
