@@ -344,6 +344,8 @@ impl DocHub {
             let status = self.apply_one(who, access, push, &mut p.appends, &mut p.batch)?;
             p.statuses.push(status);
         }
+        let written: Vec<&str> = p.appends.iter().map(|(a, _)| a.doc.as_str()).collect();
+        self.store.prepare_keys(&who.org, &written)?;
         Ok(p)
     }
 
@@ -816,6 +818,9 @@ mod tests {
         }
         fn flush(&self) -> Result<(), StoreError> {
             self.inner.flush()
+        }
+        fn prepare_keys(&self, org: &str, docs: &[&str]) -> Result<(), StoreError> {
+            self.inner.prepare_keys(org, docs)
         }
         fn load_doc(&self, org: &str, doc: &str) -> Result<Option<StoredDoc>, StoreError> {
             self.inner.load_doc(org, doc)

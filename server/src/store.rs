@@ -101,6 +101,11 @@ pub trait ServerStore: Send + Sync + 'static {
     fn append_deferred(&self, org: &str, appends: Vec<Append>) -> Result<Vec<Cursor>, StoreError>;
     /// Make every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// Make sure each of `docs` has its data key, durably (see [`crate::keyring`]). An append
+    /// does this itself, under the store's append lock; writers call this first, before the
+    /// writers' lock, so that new people's keys (a file write and sync) are not made one writer
+    /// at a time. A key left by a write that then did not happen seals nothing: harmless.
+    fn prepare_keys(&self, org: &str, docs: &[&str]) -> Result<(), StoreError>;
     fn load_doc(&self, org: &str, doc: &str) -> Result<Option<StoredDoc>, StoreError>;
     /// Replace the data with sequence numbers up to `upto` by `snapshot` (the log is unchanged).
     fn compact(&self, org: &str, doc: &str, snapshot: Vec<u8>, upto: u64) -> Result<(), StoreError>;
@@ -296,6 +301,10 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
 
     fn append_deferred(&self, org: &str, appends: Vec<Append>) -> Result<Vec<Cursor>, StoreError> {
         self.append_with(org, appends, false)
+    }
+
+    fn prepare_keys(&self, org: &str, docs: &[&str]) -> Result<(), StoreError> {
+        self.keyring.ensure(org, docs)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
