@@ -362,7 +362,7 @@ impl Device {
         let result = async {
             // What to send first is prepared while the connection is set up; a failed connect
             // (the usual case offline) is reported at once.
-            let (mut conn, opening) = tokio::try_join!(self.connect(&options), crate::sync::open(&self.inner))?;
+            let (mut conn, opening) = tokio::try_join!(self.connect(&options), crate::sync::open(&self.inner, false))?;
             let mut r = SyncReport::default();
             crate::sync::FrameConn::account(&conn, &mut r);
             observer.progress(&SyncProgress::Connected { upgrade_bytes: r.upgrade_bytes_up + r.upgrade_bytes_down });
