@@ -472,10 +472,10 @@ pub fn init_tracing() {
     // automerge instruments its loading with INFO spans whose fields include the document's
     // whole change graph, formatted on every load: 4% of the server's CPU in a first upload.
     // Its spans stay off unless PEERSYNC_LOG names automerge itself.
-    if !asked.is_some_and(|s| s.contains("automerge")) {
-        if let Ok(quiet) = "automerge=warn".parse() {
-            filter = filter.add_directive(quiet);
-        }
+    if !asked.is_some_and(|s| s.contains("automerge"))
+        && let Ok(quiet) = "automerge=warn".parse()
+    {
+        filter = filter.add_directive(quiet);
     }
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
