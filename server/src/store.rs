@@ -569,6 +569,23 @@ macro_rules! server_store_suite {
         }
 
         #[test]
+        fn keys_made_ahead_serve_the_write_and_an_unused_one_harms_nothing() {
+            let s = $make();
+            s.prepare_keys("o", &["a", "never"]).unwrap();
+            s.append("o", vec![Append { doc: "a".into(), write: DocWrite::Snapshot(b"S".to_vec()) }]).unwrap();
+            assert_eq!(s.load_doc("o", "a").unwrap().unwrap().concat(), b"S".to_vec());
+            // Made again: the key and what it seals stay as they were.
+            s.prepare_keys("o", &["a"]).unwrap();
+            s.append("o", vec![inc("a", b"i")]).unwrap();
+            assert_eq!(s.load_doc("o", "a").unwrap().unwrap().concat(), b"Si".to_vec());
+            // A key whose write never came: nothing to read, and the person can still be erased.
+            assert_eq!(s.load_doc("o", "never").unwrap(), None);
+            s.append("o", vec![Append { doc: "never".into(), write: DocWrite::Erase }]).unwrap();
+            assert_eq!(s.load_doc("o", "never").unwrap(), None);
+            assert_eq!(s.load_doc("o", "a").unwrap().unwrap().concat(), b"Si".to_vec());
+        }
+
+        #[test]
         fn device_records_round_trip() {
             let s = $make();
             let info = DeviceSync { cursor: 7, docs_received: 3, ..Default::default() };
