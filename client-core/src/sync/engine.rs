@@ -74,7 +74,8 @@ type Sent = (String, Vec<[u8; 32]>, u64);
 
 /// Prepare an exchange's [`Opening`], for a live session or not.
 pub(crate) async fn open(inner: &Arc<Inner>, live: bool) -> Result<Opening, SyncError> {
-    let (opening, encoded) = blocking(inner, move |i| {
+    // Encoding fails with a protocol error, not a store error: it travels inside the result.
+    let opening = blocking(inner, move |i| {
         let cursor = i.cursor()?;
         let mut queue: VecDeque<String> = i.to_push()?.into();
         let total = queue.len() as u64;
@@ -88,21 +89,20 @@ pub(crate) async fn open(inner: &Arc<Inner>, live: bool) -> Result<Opening, Sync
             }
         }
         let last = batches.len() - 1;
-        let mut frames = Vec::with_capacity(batches.len());
-        for (n, batch) in batches.into_iter().enumerate() {
-            let more = n < last || !queue.is_empty();
-            let (docs, sent) = split(batch);
-            let msg = if n == 0 { ClientMsg::Hello { cursor, live, docs, more } } else { ClientMsg::Push { docs, more } };
-            match protocol::encode(&msg) {
-                Ok(frame) => frames.push((frame, sent)),
-                Err(e) => return Ok((None, Err(e))),
-            }
-        }
-        Ok((Some(Opening { frames, queue, total }), Ok(())))
+        let frames = batches
+            .into_iter()
+            .enumerate()
+            .map(|(n, batch)| {
+                let more = n < last || !queue.is_empty();
+                let (docs, sent) = split(batch);
+                let msg = if n == 0 { ClientMsg::Hello { cursor, live, docs, more } } else { ClientMsg::Push { docs, more } };
+                protocol::encode(&msg).map(|frame| (frame, sent))
+            })
+            .collect::<Result<Vec<_>, _>>();
+        Ok(frames.map(|frames| Opening { frames, queue, total }))
     })
-    .await?;
-    encoded?;
-    Ok(opening.expect("set whenever encoding succeeded"))
+    .await??;
+    Ok(opening)
 }
 
 /// Pushes from the front of `queue` up to the batch size, in one trip to a blocking thread;
