@@ -127,13 +127,12 @@ fn digest(s: &str) -> Vec<u8> {
 }
 
 pub fn principal(state: &AppState, headers: &HeaderMap) -> Option<Principal> {
-    if let (Some(expected), Some(auth)) = (&state.admin_token, headers.get(header::AUTHORIZATION)) {
-        if let Some(given) = auth.to_str().ok().and_then(|a| a.strip_prefix("Bearer ")) {
-            // Compare digests: equal-length inputs, so the comparison time says nothing useful.
-            if digest(given) == digest(expected) {
-                return Some(Principal::Admin);
-            }
-        }
+    if let (Some(expected), Some(auth)) = (&state.admin_token, headers.get(header::AUTHORIZATION))
+        && let Some(given) = auth.to_str().ok().and_then(|a| a.strip_prefix("Bearer "))
+        // Compare digests: equal-length inputs, so the comparison time says nothing useful.
+        && digest(given) == digest(expected)
+    {
+        return Some(Principal::Admin);
     }
     let token = cookie(headers, SESSION_COOKIE)?;
     let (org, username) = state.sessions.get(token)?;

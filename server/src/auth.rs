@@ -168,10 +168,10 @@ impl<S: LocalStore> Access for Assignments<S> {
     }
 
     fn must_purge(&self, who: &DeviceIdentity, doc: &str, since: u64) -> Result<bool, StoreError> {
-        if let Some(t) = self.dir.tombstone(&who.org, doc)? {
-            if t.workers.contains(&who.worker) {
-                return Ok(true);
-            }
+        if let Some(t) = self.dir.tombstone(&who.org, doc)?
+            && t.workers.contains(&who.worker)
+        {
+            return Ok(true);
         }
         Ok(self.dir.unassigned_at(&who.org, &who.worker, doc)?.is_some_and(|at| at > since))
     }
@@ -194,10 +194,11 @@ impl<S: LocalStore> Access for Assignments<S> {
                 }
                 // Erased after it was taken from this worker: the tombstone does not name the
                 // worker, but its phones may still hold the person if they have not synced since.
-                if erased.is_none() && !who.revoked {
-                    if let Some(a) = self.dir.assignment(&who.org, doc, &who.worker)? {
-                        return Ok(Verdict::Read { granted: a.granted_seq });
-                    }
+                if erased.is_none()
+                    && !who.revoked
+                    && let Some(a) = self.dir.assignment(&who.org, doc, &who.worker)?
+                {
+                    return Ok(Verdict::Read { granted: a.granted_seq });
                 }
                 Ok(if unassigned.get(*doc).is_some_and(|at| *at > since) { Verdict::Purge } else { Verdict::Nothing })
             })

@@ -94,6 +94,9 @@ struct WorkerTotals {
 
 const DOMAINS: [&str; 5] = ["distress", "coping", "social_support", "self_efficacy", "quality_of_life"];
 
+/// A person's change from their first to their last check-in: the total, then each of [`DOMAINS`].
+type WellbeingChange = (i64, [i64; 5]);
+
 fn domain(c: &CheckinRow, name: &str) -> i64 {
     (match name {
         "distress" => c.distress,
@@ -113,7 +116,7 @@ fn round2(x: f64) -> f64 {
 pub fn report(workers: &[String], rows: &[(String, ViewRow)], period: Period) -> Value {
     let mut per: BTreeMap<String, WorkerTotals> = workers.iter().map(|w| (w.clone(), WorkerTotals::default())).collect();
     let mut all_people = BTreeSet::new();
-    let mut changes: Vec<(i64, [i64; 5])> = Vec::new();
+    let mut changes: Vec<WellbeingChange> = Vec::new();
     for (person, row) in rows {
         for v in row.visits.iter().filter(|v| period.contains(v.started_at)) {
             let w = per.entry(v.by.clone()).or_default();
@@ -157,7 +160,7 @@ pub fn report(workers: &[String], rows: &[(String, ViewRow)], period: Period) ->
         );
     }
     let n = changes.len();
-    let mean = |f: &dyn Fn(&(i64, [i64; 5])) -> i64| -> Value {
+    let mean = |f: &dyn Fn(&WellbeingChange) -> i64| -> Value {
         if n == 0 { Value::Null } else { json!(round2(changes.iter().map(f).sum::<i64>() as f64 / n as f64)) }
     };
     let mut domains = serde_json::Map::new();

@@ -144,7 +144,7 @@ pub fn simulate(p: &Params) -> Vec<Event> {
         }
         let tracks_use = rng.gen_bool(0.3);
         let mut wellbeing: Vec<i64> = (0..7).map(|_| rng.gen_range(1..=4)).collect();
-        let drift: &[i64] = *[&[-1, 0, 0, 1, 1][..], &[-1, 0, 0, 0, 1][..], &[-1, -1, 0, 0, 1][..]].choose(&mut rng).unwrap();
+        let drift: &[i64] = [&[-1, 0, 0, 1, 1][..], &[-1, 0, 0, 0, 1][..], &[-1, -1, 0, 0, 1][..]].choose(&mut rng).unwrap();
         let every = *[4.0, 7.0, 7.0, 7.0, 14.0].choose(&mut rng).unwrap();
         let lead_syncs = &syncs[&lead];
         let mut t = joined + Duration::hours(1);
@@ -205,7 +205,7 @@ pub fn simulate(p: &Params) -> Vec<Event> {
         }
         if rng.gen_bool(0.05) {
             let at = joined + days(rng.gen_range(3.0..30.0));
-            if at < end && !erased.get(&person).is_some_and(|e| at >= *e) {
+            if at < end && erased.get(&person).is_none_or(|e| at < *e) {
                 let mut set = serde_json::Map::new();
                 set.insert("share_with_coordinator".into(), Value::Bool(false));
                 push(&mut events, Event::Consent { at, by: lead.clone(), person: person.clone(), set });

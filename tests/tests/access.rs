@@ -11,7 +11,7 @@ async fn login(server: &TestServer, org: &str, user: &str, password: &str) -> (u
     let (status, head, _) = http_full(server.addr, "POST", "/v1/login", &[], Some(json!({ "org": org, "username": user, "password": password }))).await;
     let cookie = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().starts_with("set-cookie:").then(|| l.splitn(2, ':').nth(1).unwrap().trim().to_string()))
+        .find_map(|l| l.to_ascii_lowercase().starts_with("set-cookie:").then(|| l.split_once(':').unwrap().1.trim().to_string()))
         .unwrap_or_default();
     (status, cookie)
 }

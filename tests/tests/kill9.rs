@@ -12,12 +12,11 @@ struct KillOnFirstAck(Arc<Mutex<Option<ServerProcess>>>);
 
 impl SyncObserver for KillOnFirstAck {
     fn progress(&self, p: &SyncProgress) {
-        if let SyncProgress::Sending { done, .. } = p {
-            if *done > 0 {
-                if let Some(mut s) = self.0.lock().unwrap().take() {
-                    s.kill();
-                }
-            }
+        if let SyncProgress::Sending { done, .. } = p
+            && *done > 0
+            && let Some(mut s) = self.0.lock().unwrap().take()
+        {
+            s.kill();
         }
     }
 }

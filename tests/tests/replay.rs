@@ -65,26 +65,27 @@ fn expected_report(text: &str) -> Value {
             _ => {}
         }
     }
-    let mut per: BTreeMap<String, (i64, i64, BTreeSet<String>, i64, BTreeMap<String, i64>, BTreeMap<String, i64>, BTreeMap<String, i64>)> =
-        workers.iter().map(|w| (w.clone(), Default::default())).collect();
+    #[derive(Default)]
+    struct Tally { visits: i64, minutes: i64, people: BTreeSet<String>, checkins: i64, by_mode: BTreeMap<String, i64>, by_setting: BTreeMap<String, i64>, by_activity: BTreeMap<String, i64> }
+    let mut per: BTreeMap<String, Tally> = workers.iter().map(|w| (w.clone(), Tally::default())).collect();
     let mut people = BTreeSet::new();
     for (person, v) in visits.values().filter(|(p, _)| !erased.contains(p)) {
         let w = per.entry(v.by.clone()).or_default();
-        w.0 += 1;
-        w.1 += v.minutes;
-        *w.4.entry(v.mode.clone()).or_default() += 1;
-        *w.5.entry(v.setting.clone()).or_default() += 1;
+        w.visits += 1;
+        w.minutes += v.minutes;
+        *w.by_mode.entry(v.mode.clone()).or_default() += 1;
+        *w.by_setting.entry(v.setting.clone()).or_default() += 1;
         for a in &v.activities {
-            *w.6.entry(a.clone()).or_default() += 1;
+            *w.by_activity.entry(a.clone()).or_default() += 1;
         }
         if share[person] {
-            w.2.insert(person.clone());
+            w.people.insert(person.clone());
             people.insert(person.clone());
         }
     }
     let mut by_person: BTreeMap<String, Vec<&C>> = BTreeMap::new();
     for (person, c) in checkins.iter().filter(|(p, _)| !erased.contains(p)) {
-        per.entry(c.by.clone()).or_default().3 += 1;
+        per.entry(c.by.clone()).or_default().checkins += 1;
         by_person.entry(person.clone()).or_default().push(c);
     }
     let mut changes = Vec::new();
@@ -100,10 +101,10 @@ fn expected_report(text: &str) -> Value {
     let mut totals = (0, 0, 0);
     let mut wj = serde_json::Map::new();
     for (id, w) in per {
-        totals.0 += w.0;
-        totals.1 += w.1;
-        totals.2 += w.3;
-        wj.insert(id, json!({ "visits": w.0, "minutes": w.1, "people": w.2.len(), "checkins": w.3, "by_mode": w.4, "by_setting": w.5, "by_activity": w.6 }));
+        totals.0 += w.visits;
+        totals.1 += w.minutes;
+        totals.2 += w.checkins;
+        wj.insert(id, json!({ "visits": w.visits, "minutes": w.minutes, "people": w.people.len(), "checkins": w.checkins, "by_mode": w.by_mode, "by_setting": w.by_setting, "by_activity": w.by_activity }));
     }
     let names = ["distress", "coping", "social_support", "self_efficacy", "quality_of_life"];
     let domains: serde_json::Map<String, Value> = names.iter().enumerate().map(|(i, k)| (k.to_string(), mean(changes.iter().map(|c| c.1[i]).collect()))).collect();

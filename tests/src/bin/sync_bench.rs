@@ -47,11 +47,11 @@ async fn main() {
     let started = Instant::now();
     let mut worker = String::new();
     for e in &events {
-        if let Some(by) = e.phone() {
-            if by != worker {
-                phone.set_worker(by).await.unwrap();
-                worker = by.to_string();
-            }
+        if let Some(by) = e.phone()
+            && by != worker
+        {
+            phone.set_worker(by).await.unwrap();
+            worker = by.to_string();
         }
         clock.set(e.at());
         let r = match e {
