@@ -4,13 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use chrono::{DateTime, TimeZone, Utc};
 use peersync_core::sync::{SyncOptions, SyncReport};
-use peersync_core::{Device, ManualClock, NewCheckin, NewPerson, NewVisit};
+use peersync_core::{Device, ManualClock, NewPerson};
 use peersync_server::app::{AppState, Options, serve};
 use tokio::task::JoinHandle;
 
-pub const KEY: [u8; 32] = [42; 32];
+#[path = "../../client-core/tests/common/fixtures.rs"]
+mod fixtures;
+pub use fixtures::{KEY, checkin, person_with, t, visit};
+
 /// The organisation every test server holds, and its admin token.
 pub const ORG: &str = "org1";
 pub const ADMIN_TOKEN: &str = "test-admin-token";
@@ -177,10 +179,6 @@ pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, headers:
     (s, j)
 }
 
-pub fn t(day: u32, hour: u32) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 3, day, hour, 0, 0).unwrap()
-}
-
 /// A worker's phone with its own sled store under `dir`, not enrolled yet.
 pub async fn open_phone(dir: &Path, name: &str) -> (Device, ManualClock) {
     let clock = ManualClock::new(t(1, 9));
@@ -188,48 +186,9 @@ pub async fn open_phone(dir: &Path, name: &str) -> (Device, ManualClock) {
     (d, clock)
 }
 
+/// A person with every test worker as a teammate.
 pub fn person(id: &str, alias: &str) -> NewPerson {
-    NewPerson {
-        id: Some(id.into()),
-        alias: alias.into(),
-        year_of_birth: 1984,
-        workers: WORKERS.iter().map(|w| w.to_string()).collect(),
-        record: true,
-        share_with_coordinator: true,
-        research: false,
-    }
-}
-
-pub fn visit(id: &str, notes: &str) -> NewVisit {
-    NewVisit {
-        id: Some(id.into()),
-        started_at: t(2, 10),
-        duration_min: 45,
-        mode: "in_person".into(),
-        setting: "community".into(),
-        activities: vec!["support".into()],
-        goals: vec!["housing".into()],
-        referrals: vec![],
-        notes: notes.into(),
-        follow_up: None,
-    }
-}
-
-pub fn checkin(id: &str) -> NewCheckin {
-    NewCheckin {
-        id: Some(id.into()),
-        taken_at: None,
-        wellbeing: vec![3, 3, 2, 4, 3, 3, 3],
-        distress: 3,
-        coping: 3,
-        social_support: 2,
-        self_efficacy: 3,
-        quality_of_life: 3,
-        housing: "temporary".into(),
-        employment: "unemployed".into(),
-        hospital_nights_28d: 0,
-        substance_use_days_28d: Some(4),
-    }
+    person_with(id, alias, &WORKERS)
 }
 
 /// Sync, panicking with the error if it fails.

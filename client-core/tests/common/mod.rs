@@ -1,14 +1,10 @@
 #![allow(dead_code)]
 use std::sync::Arc;
 
-use chrono::{DateTime, TimeZone, Utc};
-use peersync_core::{Device, ManualClock, NewCheckin, NewPerson, NewVisit};
+use peersync_core::{Device, ManualClock, NewPerson};
 
-pub const KEY: [u8; 32] = [42; 32];
-
-pub fn t(day: u32, hour: u32) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 3, day, hour, 0, 0).unwrap()
-}
+mod fixtures;
+pub use fixtures::*;
 
 pub async fn device(worker: &str) -> (Device, ManualClock) {
     let clock = ManualClock::new(t(1, 9));
@@ -24,46 +20,7 @@ pub async fn exchange(a: &Device, b: &Device, id: &str) -> (bool, bool) {
     (a.import_document(id, from_b).await.unwrap(), b.import_document(id, from_a).await.unwrap())
 }
 
+/// A person with no teammates.
 pub fn person(id: &str, alias: &str) -> NewPerson {
-    NewPerson {
-        id: Some(id.into()),
-        alias: alias.into(),
-        year_of_birth: 1984,
-        workers: vec![],
-        record: true,
-        share_with_coordinator: true,
-        research: false,
-    }
-}
-
-pub fn visit(id: &str, notes: &str) -> NewVisit {
-    NewVisit {
-        id: Some(id.into()),
-        started_at: t(2, 10),
-        duration_min: 45,
-        mode: "in_person".into(),
-        setting: "community".into(),
-        activities: vec!["support".into()],
-        goals: vec!["housing".into()],
-        referrals: vec![],
-        notes: notes.into(),
-        follow_up: None,
-    }
-}
-
-pub fn checkin(id: &str) -> NewCheckin {
-    NewCheckin {
-        id: Some(id.into()),
-        taken_at: None,
-        wellbeing: vec![3, 3, 2, 4, 3, 3, 3],
-        distress: 3,
-        coping: 3,
-        social_support: 2,
-        self_efficacy: 3,
-        quality_of_life: 3,
-        housing: "temporary".into(),
-        employment: "unemployed".into(),
-        hospital_nights_28d: 0,
-        substance_use_days_28d: Some(4),
-    }
+    person_with(id, alias, &[])
 }
