@@ -30,6 +30,10 @@ fn check(link: &str) {
         assert!(l.d_bytes > 0);
         assert_eq!(l.refused, 0, "{l:?}");
         assert_eq!(l.wall_over_link_limit.is_some(), link != "lan", "{l:?}");
+        assert_eq!(l.median_wall_over_link_limit.is_some(), link != "lan", "{l:?}");
+        if let (Some(worst), Some(median)) = (l.wall_over_link_limit, l.median_wall_over_link_limit) {
+            assert!(0.0 < median && median <= worst, "{l:?}");
+        }
     }
     let [p1, p2, p3, p4] = &lines[..] else { unreachable!() };
     // P1: every person was uploaded (people two workers share by both phones), compressed.

@@ -614,12 +614,13 @@ fn summarise(phase: &str, what: &str, run: &AmRun, d: u64, profile: Profile, doc
     let max = |f: &dyn Fn(&Counts) -> u64| run.phones.iter().map(|(_, c)| f(c)).max().unwrap_or(0);
     let (up, down) = (sum(&|c| c.up), sum(&|c| c.down));
     let main = if phase == "P3" { down } else { up };
-    let ratio = profile.link().and_then(|link| {
+    let ratios = profile.link().map(|link| {
         run.phones
             .iter()
             .map(|(r, c)| r.wall_ms as f64 / 1000.0 / output::link_limit_bytes(c.up + c.upgrade_up, c.down + c.upgrade_down, link).as_secs_f64())
-            .max_by(f64::total_cmp)
+            .collect()
     });
+    let (ratio, median) = output::worst_and_median(ratios.unwrap_or_default());
     PhaseLine {
         system: "automerge-repo".into(),
         phase: phase.into(),
@@ -644,5 +645,6 @@ fn summarise(phase: &str, what: &str, run: &AmRun, d: u64, profile: Profile, doc
         d_bytes: d,
         bytes_over_d: if d == 0 { 0.0 } else { main as f64 / d as f64 },
         wall_over_link_limit: ratio,
+        median_wall_over_link_limit: median,
     }
 }

@@ -75,6 +75,21 @@ pub struct PhaseLine {
     /// The worst phone's wall time over its link limit: (set-up round trips + 1) x RTT + its
     /// bytes (upgrade included, the larger direction) over the bandwidth. `None` on lan.
     pub wall_over_link_limit: Option<f64>,
+    /// The median phone's: with every phone on the same cores, the worst one says when the last
+    /// finished, the median what a typical phone saw.
+    #[serde(default)]
+    pub median_wall_over_link_limit: Option<f64>,
+}
+
+/// The worst and the median of the phones' wall/limit ratios (`None`, `None` if there are none).
+pub fn worst_and_median(mut ratios: Vec<f64>) -> (Option<f64>, Option<f64>) {
+    if ratios.is_empty() {
+        return (None, None);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let median = if n % 2 == 1 { ratios[n / 2] } else { (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0 };
+    (ratios.last().copied(), Some(median))
 }
 
 /// A phone's physical limit on `link`: connection set-up and one round trip, plus its bytes
@@ -97,8 +112,8 @@ pub fn summarise(phase: &str, what: &str, run: &PhaseRun, d: u64, profile: Profi
     let max = |f: &dyn Fn(&SyncReport) -> u64| run.runs.iter().map(|p| f(&p.report)).max().unwrap_or(0);
     let (up, down) = (sum(&|r| r.bytes_up), sum(&|r| r.bytes_down));
     let main = if phase == "P3" { down } else { up };
-    let ratio =
-        profile.link().and_then(|link| run.runs.iter().map(|p| p.wall.as_secs_f64() / link_limit(&p.report, link).as_secs_f64()).max_by(f64::total_cmp));
+    let ratios = profile.link().map(|link| run.runs.iter().map(|p| p.wall.as_secs_f64() / link_limit(&p.report, link).as_secs_f64()).collect());
+    let (ratio, median) = worst_and_median(ratios.unwrap_or_default());
     PhaseLine {
         system: peersync(),
         phase: phase.into(),
@@ -123,6 +138,7 @@ pub fn summarise(phase: &str, what: &str, run: &PhaseRun, d: u64, profile: Profi
         d_bytes: d,
         bytes_over_d: if d == 0 { 0.0 } else { main as f64 / d as f64 },
         wall_over_link_limit: ratio,
+        median_wall_over_link_limit: median,
     }
 }
 
@@ -159,7 +175,11 @@ impl Printer {
         if let Some(ms) = l.client_cpu_ms {
             cpu.push_str(&format!("  phones CPU {ms} ms"));
         }
-        let limit = l.wall_over_link_limit.map(|r| format!("  wall/limit {r:.2}")).unwrap_or_default();
+        let limit = match (l.wall_over_link_limit, l.median_wall_over_link_limit) {
+            (Some(worst), Some(median)) => format!("  wall/limit {worst:.2} (median phone {median:.2})"),
+            (Some(worst), None) => format!("  wall/limit {worst:.2}"),
+            _ => String::new(),
+        };
         let who = if l.system == "peersync" { String::new() } else { format!("{} ", l.system) };
         println!(
             "{who}{} {:<40} docs {:>5}  wall {:>6} ms  up {:>10} B  down {:>10} B  round trips max {} (total {})  server peak RSS {rss}{cpu}  bytes/D {:.2}{limit}",
@@ -219,5 +239,18 @@ impl Printer {
             x(r.bytes_down),
             x(r.server_peak_rss)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worst_and_median;
+
+    #[test]
+    fn worst_and_median_of_the_phones() {
+        assert_eq!(worst_and_median(vec![]), (None, None));
+        assert_eq!(worst_and_median(vec![1.5]), (Some(1.5), Some(1.5)));
+        assert_eq!(worst_and_median(vec![1.9, 1.1, 1.3]), (Some(1.9), Some(1.3)));
+        assert_eq!(worst_and_median(vec![1.0, 2.0, 1.25, 1.75]), (Some(2.0), Some(1.5)));
     }
 }
