@@ -91,6 +91,9 @@ function sameHeads(a, b) {
 // How many of the phone's documents the warm-up syncs: enough for its first real sync to run
 // at its warm speed (measured: 10 of 45 documents left it at about twice that).
 const WARM_DOCS = 50
+// A phone not synced after this long says on stderr which documents it is waiting for, and
+// again every time this passes.
+const WAITING_REPORT_MS = 30_000
 
 // One end of an in-memory link between two Repos of this process, for the warm-up; messages
 // go through the same CBOR encoding as on the websocket.
@@ -203,6 +206,17 @@ async function syncPhone({ repo, handles }) {
     handles = await Promise.all(phone.docs.map(d => repo.find(docId(d.person))))
   }
   const before = handles.map(h => h.heads())
+  const waiting = new Set(handles)
+  // A phone still waiting after a while says on stderr what for (the bench passes it on), so
+  // that a phase that times out shows which documents never settled and how.
+  const report = setInterval(() => {
+    const shown = [...waiting].slice(0, 3).map(h => {
+      const info = h.getSyncInfo(storageId)
+      return `${h.documentId}: phone heads ${JSON.stringify(h.heads())}, server last said ${info ? JSON.stringify(info.lastHeads) : "nothing"}`
+    })
+    console.error(`still waiting for ${waiting.size} of ${handles.length} documents after ${Math.round(performance.now() - t0)} ms; ${shown.join("; ")}`)
+  }, WAITING_REPORT_MS)
+  const t0 = performance.now()
   await Promise.all(
     handles.map(
       h =>
@@ -211,6 +225,7 @@ async function syncPhone({ repo, handles }) {
             if (sameHeads(h.getSyncInfo(storageId)?.lastHeads, h.heads())) {
               h.off("remote-heads", check)
               h.off("heads-changed", check)
+              waiting.delete(h)
               resolve()
             }
           }
@@ -220,6 +235,7 @@ async function syncPhone({ repo, handles }) {
         }),
     ),
   )
+  clearInterval(report)
   const changed = mode === "restore" ? handles.length : handles.filter((h, i) => !sameHeads(before[i], h.heads())).length
   return { docs: handles.length, docs_changed: changed }
 }
