@@ -212,8 +212,35 @@ impl Conn for AxumConn {
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub std::net::SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
-    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+/// The plain listener as served: every accepted socket without Nagle's algorithm.
+pub struct PlainListener(tokio::net::TcpListener);
+
+impl axum::serve::Listener for PlainListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (mut tcp, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        no_delay(&mut tcp);
+        (tcp, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// A sync answer goes out as several websocket frames; with Nagle's algorithm on, a small frame
+/// after a large one waits for the device's delayed acknowledgement (40 ms on Linux) before it
+/// leaves, so every sync and request would pay that wait.
+pub(crate) fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not turn Nagle's algorithm off on an accepted socket");
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, PlainListener>> for Peer {
+    fn connect_info(s: axum::serve::IncomingStream<'_, PlainListener>) -> Self {
         Peer(*s.remote_addr())
     }
 }
@@ -242,7 +269,9 @@ pub async fn serve(
         let _ = shutdown_tx.send(true);
     };
     let served = match tls {
-        None => axum::serve(listener, app).with_graceful_shutdown(signal).await,
+        None => {
+            axum::serve(PlainListener(listener), app).with_graceful_shutdown(signal).await
+        }
         Some(acceptor) => match crate::tls::TlsListener::new(listener, acceptor) {
             Ok(listener) => axum::serve(listener, app).with_graceful_shutdown(signal).await,
             Err(e) => Err(e),
@@ -254,4 +283,18 @@ pub async fn serve(
         let _ = refresher.await;
     }
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::serve::Listener;
+
+    #[tokio::test]
+    async fn accepted_sockets_send_small_frames_at_once() {
+        let mut listener = super::PlainListener(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (tcp, _) = listener.accept().await;
+        assert!(tcp.nodelay().unwrap(), "Nagle's algorithm is still on for an accepted socket");
+    }
 }
