@@ -6,9 +6,12 @@
 //! at the end every device syncs once more. Then every device's copy of each person it holds
 //! must equal the server's, and every worker's device must hold exactly its assigned people.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
 
 use peersync_core::protocol::ErrorCode;
 use peersync_core::sync::{SyncOptions, http::request};
@@ -23,6 +26,8 @@ pub enum ReplayError {
     Api { what: String, status: u16, message: String },
     #[error(transparent)]
     Sync(#[from] peersync_core::sync::SyncError),
+    #[error("event {event}, {worker}'s sync: {source}")]
+    SyncAt { event: usize, worker: String, source: peersync_core::sync::SyncError },
     #[error(transparent)]
     Core(#[from] CoreError),
     #[error("{0}")]
@@ -53,8 +58,71 @@ pub(crate) async fn api(opts: &SyncOptions, token: &str, method: &str, path: &st
     Ok(v)
 }
 
+/// What the phones' tasks share with the loop that feeds them.
+#[derive(Default)]
+struct Shared {
+    erased: Mutex<HashSet<String>>,
+    /// (event index, what went wrong): sorted by index at the end, so the order is the scenario's.
+    problems: Mutex<Vec<(usize, String)>>,
+    /// The first error that stops the replay, with its event's index.
+    fatal: Mutex<Option<(usize, ReplayError)>>,
+    /// Events done, for progress.
+    done: AtomicUsize,
+}
+
+impl Shared {
+    fn problem(&self, i: usize, p: String) {
+        self.problems.lock().expect("problems lock").push((i, p));
+    }
+
+    fn stop(&self, i: usize, e: ReplayError) {
+        let mut fatal = self.fatal.lock().expect("fatal lock");
+        if fatal.as_ref().is_none_or(|(j, _)| i < *j) {
+            *fatal = Some((i, e));
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.fatal.lock().expect("fatal lock").is_some()
+    }
+
+    fn erased(&self, person: &str) -> bool {
+        self.erased.lock().expect("erased lock").contains(person)
+    }
+}
+
+/// Work for one phone's task, in the scenario's order.
+enum Job {
+    /// Record event `i` on the phone.
+    Record(usize, Box<Event>),
+    /// Sync at event `i`, once the scenario's previous sync (`after`) has finished; say so on
+    /// `finished`. A sync that fails drops `finished`, and every later sync then stops.
+    Sync { i: usize, at: chrono::DateTime<chrono::Utc>, after: Option<oneshot::Receiver<()>>, finished: oneshot::Sender<()> },
+    /// Answer once everything sent before is done.
+    Idle(oneshot::Sender<()>),
+}
+
+struct Phone {
+    device: Device,
+    jobs: mpsc::UnboundedSender<Job>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Phone {
+    /// A replay that stops early leaves no phone working on behind it.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Replay `events` against the server at `opts.server` (admin `token`), in organisation `org`,
 /// with device stores under `dir`. `progress` is told how far it got.
+///
+/// Each phone runs on a task of its own, in the scenario's order for that phone. What one phone
+/// records cannot affect another until it syncs, so phones record side by side; syncs keep the
+/// scenario's order among themselves (each waits for the one before it), and joining workers
+/// and erasures wait until every phone has done everything before them. The server therefore
+/// sees exactly the sequence a one-at-a-time replay gives it.
 pub async fn replay(
     events: &[Event],
     opts: &SyncOptions,
@@ -64,16 +132,16 @@ pub async fn replay(
     progress: &dyn Fn(usize, usize),
 ) -> Result<Outcome, ReplayError> {
     api(opts, token, "POST", "/v1/admin/orgs", Some(json!({ "id": org, "name": "Replayed field scenario" }))).await?;
-    let mut devices: BTreeMap<String, (Device, ManualClock)> = BTreeMap::new();
-    let mut problems = Vec::new();
-    let mut erased = std::collections::HashSet::new();
+    let shared = Arc::new(Shared::default());
+    let mut phones: BTreeMap<String, Phone> = BTreeMap::new();
+    let mut last_sync: Option<oneshot::Receiver<()>> = None;
     let mut syncs = 0u64;
     let q = format!("?org={org}");
+    let total = events.len();
+    progress(0, total);
     for (i, e) in events.iter().enumerate() {
-        if i % 500 == 0 {
-            progress(i, events.len());
-        }
         if let Event::Worker { worker, name, role, at } = e {
+            settle(&phones, &shared, total, progress).await?;
             api(opts, token, "POST", &format!("/v1/workers{q}"), Some(json!({ "id": worker, "name": name, "role": role }))).await?;
             let code = api(opts, token, "POST", &format!("/v1/workers/{worker}/enrollment{q}"), None).await?;
             let code = code["code"].as_str().ok_or_else(|| ReplayError::Other("no enrollment code".into()))?.to_string();
@@ -82,65 +150,47 @@ pub async fn replay(
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).map_err(|_| ReplayError::Other("no randomness".into()))?;
             let device = Device::open(dir.join(worker), &key, Arc::new(clock.clone())).await?;
             device.enroll(opts, &code, &format!("{name}'s phone")).await?;
-            devices.insert(worker.clone(), (device, clock));
+            let (jobs, rx) = mpsc::unbounded_channel();
+            let task = tokio::spawn(run_phone(worker.clone(), device.clone(), clock, opts.clone(), shared.clone(), rx));
+            phones.insert(worker.clone(), Phone { device, jobs, task });
+            shared.done.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         if let Event::Erase { person, .. } = e {
+            settle(&phones, &shared, total, progress).await?;
             api(opts, token, "POST", &format!("/v1/people/{person}/erase{q}"), None).await?;
-            erased.insert(person.clone());
+            shared.erased.lock().expect("erased lock").insert(person.clone());
+            shared.done.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let Some(by) = e.phone() else { continue };
-        let Some((device, clock)) = devices.get(by) else {
-            problems.push(format!("event {i}: no worker {by:?} joined before it"));
+        let phone = e.phone().map(|by| (by, phones.get(by)));
+        let Some((by, Some(phone))) = phone else {
+            if let Some((by, None)) = phone {
+                shared.problem(i, format!("event {i}: no worker {by:?} joined before it"));
+            }
+            shared.done.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        clock.set(e.at());
-        let result = match e {
-            Event::Person { .. } => device.register_person(e.new_person().expect("person")).await.map(|_| ()),
-            Event::Visit { person, .. } => device.record_visit(person, e.new_visit().expect("visit")).await.map(|_| ()),
-            Event::Checkin { person, .. } => device.record_checkin(person, e.new_checkin().expect("checkin")).await.map(|_| ()),
-            Event::Edit { person, visit, .. } => match e.visit_edit().expect("edit") {
-                Ok(edit) => device.edit_visit(person, visit, edit).await.map(|_| ()),
-                Err(m) => {
-                    problems.push(format!("event {i}: {m}"));
-                    Ok(())
-                }
-            },
-            Event::Consent { person, .. } => match e.consent_change().expect("consent") {
-                Ok(c) => device.set_consent(person, c).await.map(|_| ()),
-                Err(m) => {
-                    problems.push(format!("event {i}: {m}"));
-                    Ok(())
-                }
-            },
-            Event::Sync { .. } => {
-                syncs += 1;
-                let r = device.sync(opts).await?;
-                for refusal in r.refused {
-                    if !(refusal.code == ErrorCode::Erased && erased.contains(&refusal.person)) {
-                        problems.push(format!("{by}: push of {} refused: {}", refusal.person, refusal.message));
-                    }
-                }
-                Ok(())
-            }
-            Event::Worker { .. } | Event::Erase { .. } => Ok(()),
+        let job = if let Event::Sync { .. } = e {
+            syncs += 1;
+            let (finished, next) = oneshot::channel();
+            Job::Sync { i, at: e.at(), after: last_sync.replace(next), finished }
+        } else {
+            Job::Record(i, Box::new(e.clone()))
         };
-        if let Err(err) = result {
-            // A phone that learnt of an erasure records nothing more for that person; anything
-            // else failing is a problem.
-            let person = match e {
-                Event::Visit { person, .. } | Event::Checkin { person, .. } | Event::Edit { person, .. } | Event::Consent { person, .. } => Some(person),
-                _ => None,
-            };
-            if !(matches!(err, CoreError::UnknownPerson(_)) && person.is_some_and(|p| erased.contains(p))) {
-                problems.push(format!("event {i} ({by}): {err}"));
-            }
+        if phone.jobs.send(job).is_err() {
+            return Err(ReplayError::Other(format!("{by}'s phone stopped before event {i}")));
         }
     }
-    progress(events.len(), events.len());
+    settle(&phones, &shared, total, progress).await?;
+    progress(total, total);
+    let devices: BTreeMap<String, Device> = phones.iter().map(|(w, p)| (w.clone(), p.device.clone())).collect();
+    drop(phones);
+    let mut problems = std::mem::take(&mut *shared.problems.lock().expect("problems lock"));
+    problems.sort_by_key(|(i, _)| *i);
+    let mut problems: Vec<String> = problems.into_iter().map(|(_, p)| p).collect();
     // Everyone syncs once more, so that all converge.
-    for (_, (device, _)) in devices.iter() {
+    for device in devices.values() {
         device.sync(opts).await?;
         syncs += 1;
     }
@@ -155,7 +205,7 @@ pub async fn replay(
             expected.entry(w.to_string()).or_default().push((id.clone(), heads.clone()));
         }
     }
-    for (worker, (device, _)) in &devices {
+    for (worker, device) in &devices {
         let held: std::collections::BTreeSet<String> = device.people().await?.into_iter().map(|p| p.id).collect();
         let want = expected.remove(worker).unwrap_or_default();
         for (id, heads) in &want {
@@ -172,4 +222,104 @@ pub async fn replay(
     }
     let report = api(opts, token, "GET", &format!("/v1/report{q}"), None).await?;
     Ok(Outcome { report, problems, devices: devices.len(), documents: docs.len(), syncs })
+}
+
+/// Wait until every phone has done all it was given, telling `progress` meanwhile; then stop if
+/// anything failed.
+async fn settle(phones: &BTreeMap<String, Phone>, shared: &Shared, total: usize, progress: &dyn Fn(usize, usize)) -> Result<(), ReplayError> {
+    let idle = futures_util::future::join_all(phones.iter().map(|(worker, p)| {
+        let (tx, rx) = oneshot::channel();
+        let _ = p.jobs.send(Job::Idle(tx));
+        async move { rx.await.map_err(|_| worker) }
+    }));
+    tokio::pin!(idle);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let answers = loop {
+        tokio::select! {
+            answers = &mut idle => break answers,
+            _ = tick.tick() => progress(shared.done.load(Ordering::Relaxed), total),
+        }
+    };
+    if let Some((_, e)) = shared.fatal.lock().expect("fatal lock").take() {
+        return Err(e);
+    }
+    // A phone's task only ends early by panicking.
+    if let Some(Err(worker)) = answers.into_iter().find(Result::is_err) {
+        return Err(ReplayError::Other(format!("{worker}'s phone stopped unexpectedly (see the panic message above)")));
+    }
+    Ok(())
+}
+
+/// One phone: its jobs in order, until the replay drops its queue. After a failure anywhere it
+/// only answers `Idle`, so that the replay can stop.
+async fn run_phone(worker: String, device: Device, clock: ManualClock, opts: SyncOptions, shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    while let Some(job) = jobs.recv().await {
+        match job {
+            Job::Idle(tx) => {
+                let _ = tx.send(());
+                continue;
+            }
+            Job::Sync { i, at, after, finished } => {
+                let ready = match after {
+                    Some(before) => before.await.is_ok(),
+                    None => true,
+                };
+                if ready && !shared.stopped() {
+                    clock.set(at);
+                    match device.sync(&opts).await {
+                        Ok(r) => {
+                            for refusal in r.refused {
+                                if !(refusal.code == ErrorCode::Erased && shared.erased(&refusal.person)) {
+                                    shared.problem(i, format!("{worker}: push of {} refused: {}", refusal.person, refusal.message));
+                                }
+                            }
+                            let _ = finished.send(());
+                        }
+                        Err(source) => shared.stop(i, ReplayError::SyncAt { event: i, worker: worker.clone(), source }),
+                    }
+                }
+            }
+            Job::Record(i, e) => {
+                if !shared.stopped() {
+                    clock.set(e.at());
+                    record(&worker, &device, &shared, i, &e).await;
+                }
+            }
+        }
+        shared.done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Record event `i` (not a sync) on `device`; what fails is a problem unless the phone had learnt
+/// that the person was erased.
+async fn record(worker: &str, device: &Device, shared: &Shared, i: usize, e: &Event) {
+    let result = match e {
+        Event::Person { .. } => device.register_person(e.new_person().expect("person")).await.map(|_| ()),
+        Event::Visit { person, .. } => device.record_visit(person, e.new_visit().expect("visit")).await.map(|_| ()),
+        Event::Checkin { person, .. } => device.record_checkin(person, e.new_checkin().expect("checkin")).await.map(|_| ()),
+        Event::Edit { person, visit, .. } => match e.visit_edit().expect("edit") {
+            Ok(edit) => device.edit_visit(person, visit, edit).await.map(|_| ()),
+            Err(m) => {
+                shared.problem(i, format!("event {i}: {m}"));
+                Ok(())
+            }
+        },
+        Event::Consent { person, .. } => match e.consent_change().expect("consent") {
+            Ok(c) => device.set_consent(person, c).await.map(|_| ()),
+            Err(m) => {
+                shared.problem(i, format!("event {i}: {m}"));
+                Ok(())
+            }
+        },
+        Event::Sync { .. } | Event::Worker { .. } | Event::Erase { .. } => Ok(()),
+    };
+    if let Err(err) = result {
+        let person = match e {
+            Event::Visit { person, .. } | Event::Checkin { person, .. } | Event::Edit { person, .. } | Event::Consent { person, .. } => Some(person),
+            _ => None,
+        };
+        if !(matches!(err, CoreError::UnknownPerson(_)) && person.is_some_and(|p| shared.erased(p))) {
+            shared.problem(i, format!("event {i} ({worker}): {err}"));
+        }
+    }
 }

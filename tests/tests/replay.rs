@@ -140,6 +140,40 @@ async fn other_sizes_and_seeds_replay_and_their_reports_are_right() {
     replay_and_check(&["--workers", "3", "--people", "150", "--weeks", "4", "--seed", "42"]).await;
 }
 
+/// Twenty workers over ten weeks: phones record side by side while their syncs keep the
+/// scenario's order, and teammates' edits of what they received still find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_larger_team_replays_and_its_report_is_right() {
+    replay_and_check(&["--workers", "20", "--people", "600", "--weeks", "10", "--seed", "7"]).await;
+}
+
+/// A replay whose connections are cut part-way stops with the sync's error; it neither hangs
+/// nor reports success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_loses_the_server_stops_with_an_error() {
+    let text = generate(&[]);
+    let events = scenario::parse(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let proxy = CuttingProxy::start(server.addr).await;
+    // Every worker joins first; once a tenth of the events are done, connections opened from
+    // then on are cut at once, so the next sync fails.
+    let cut = |done: usize, total: usize| {
+        if done > total / 10 {
+            proxy.cut_after(Some(0));
+        }
+    };
+    let replayed = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        peersync_server::replay::replay(&events, &proxy.options(), ADMIN_TOKEN, "field", &dir.path().join("phones"), &cut),
+    )
+    .await
+    .expect("the replay stops within two minutes");
+    let err = replayed.err().expect("a replay that lost its server fails");
+    assert!(matches!(err, peersync_server::replay::ReplayError::SyncAt { .. }), "{err}");
+    server.stop().await;
+}
+
 /// `peersync simulate` writes scenarios in the same format and by the same rules: they replay
 /// cleanly too, and the report matches the independent computation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
