@@ -687,8 +687,7 @@ impl Inner {
     }
 
     fn check_may_record(&self, st: &mut State, person: &str) -> Result<(), CoreError> {
-        let record = self.loaded(st, person)?.doc.record()?;
-        if !record.consent.record {
+        if !self.loaded(st, person)?.doc.consent()?.record {
             return Err(CoreError::NoConsentToRecord(person.to_string()));
         }
         Ok(())
@@ -770,7 +769,7 @@ impl Inner {
         self.worker(&st)?;
         let now = self.clock.now();
         self.write(&mut st, person, true, |doc| {
-            let current = doc.record()?.consent;
+            let current = doc.consent()?;
             let next = Consent {
                 record: change.record.unwrap_or(current.record),
                 share_with_coordinator: change.share_with_coordinator.unwrap_or(current.share_with_coordinator),

@@ -295,6 +295,11 @@ impl PersonDoc {
         read_record(&self.id, &self.doc)
     }
 
+    /// `self.record()?.consent`, for less reading.
+    pub fn consent(&self) -> Result<Consent, CoreError> {
+        RecordReader { id: &self.id, doc: &self.doc }.consent()
+    }
+
     /// The caseload line: what `PersonSummary::of(&self.record()?)` gives, for less reading.
     pub fn summary(&self) -> Result<PersonSummary, CoreError> {
         RecordReader { id: &self.id, doc: &self.doc }.summary()
@@ -375,6 +380,16 @@ impl RecordReader<'_> {
         })
     }
 
+    /// The consent alone, as [`Self::record`] reads it: recording asks for it before every
+    /// change, and reading the whole record for that cost a replay 7% of its CPU.
+    fn consent(&self) -> Result<Consent, CoreError> {
+        let r = Reader { doc: self.doc };
+        let profile = r.fields(&self.section("profile")?);
+        let consent = r.fields(&self.section("consent")?);
+        let created_at = r.time(&profile, "created_at").ok_or_else(|| CoreError::document(self.id, "created_at is missing or damaged"))?;
+        Ok(consent_of(&r, &consent, created_at))
+    }
+
     fn record(&self) -> Result<PersonRecord, CoreError> {
         let r = Reader { doc: self.doc };
         let profile = r.fields(&self.section("profile")?);
@@ -388,12 +403,7 @@ impl RecordReader<'_> {
             created_by: r.str(&profile, "created_by").unwrap_or_default(),
             created_at: r.time(&profile, "created_at").ok_or_else(|| bad("created_at"))?,
         };
-        let consent_rec = Consent {
-            record: r.bool(&consent, "record").unwrap_or(true),
-            share_with_coordinator: r.bool(&consent, "share_with_coordinator").unwrap_or(false),
-            research: r.bool(&consent, "research").unwrap_or(false),
-            updated_at: r.time(&consent, "updated_at").unwrap_or(person.created_at),
-        };
+        let consent_rec = consent_of(&r, &consent, person.created_at);
         let mut conflicts = Vec::new();
         r.conflicts(&profile, "profile", &mut conflicts);
         r.conflicts(&consent, "consent", &mut conflicts);
@@ -428,6 +438,16 @@ impl RecordReader<'_> {
         }
         checkins.sort_by(|a, b| b.taken_at.cmp(&a.taken_at).then_with(|| a.id.cmp(&b.id)));
         Ok(PersonRecord { person, consent: consent_rec, visits, checkins, conflicts })
+    }
+}
+
+/// Consent as read from its fields; `created_at` (the profile's) dates consent never changed.
+fn consent_of(r: &Reader<'_>, fields: &Fields<'_>, created_at: DateTime<Utc>) -> Consent {
+    Consent {
+        record: r.bool(fields, "record").unwrap_or(true),
+        share_with_coordinator: r.bool(fields, "share_with_coordinator").unwrap_or(false),
+        research: r.bool(fields, "research").unwrap_or(false),
+        updated_at: r.time(fields, "updated_at").unwrap_or(created_at),
     }
 }
 
