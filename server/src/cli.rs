@@ -276,7 +276,8 @@ async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
         say(format_args!("setting up the demo organisation: a small team records offline for 8 weeks and syncs..."));
         let events = crate::simulate::simulate(&crate::simulate::Params { workers: 6, people: 60, weeks: 8, seed: 1 });
         let opts = peersync_core::sync::SyncOptions::new(format!("ws://{addr}"));
-        let progress = |done: usize, total: usize| tell(format_args!("\r  replaying {done} of {total} events"));
+        let started = std::time::Instant::now();
+        let progress = |done: usize, total: usize| tell(format_args!("\r  replaying {:<60}", crate::replay::progress_line(done, total, started.elapsed())));
         let outcome = crate::replay::replay(&events, &opts, &token, DEMO_ORG, &data.join("demo-phones"), &progress)
             .await
             .map_err(|e| CliError::Usage(format!("demo setup failed: {e}")))?;
@@ -331,7 +332,7 @@ async fn replay(file: PathBuf, server: Option<String>, admin_token: Option<Strin
     let org = org.unwrap_or_else(|| format!("replay-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
     let opts = peersync_core::sync::SyncOptions::new(url);
     let started = std::time::Instant::now();
-    let progress = |done: usize, total: usize| eprint!("\rreplaying: {done} of {total} events");
+    let progress = |done: usize, total: usize| eprint!("\rreplaying: {:<60}", crate::replay::progress_line(done, total, started.elapsed()));
     let outcome = crate::replay::replay(&events, &opts, &token, &org, work.path(), &progress).await;
     eprintln!();
     if let Some((stop, task)) = embedded {

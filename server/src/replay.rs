@@ -338,3 +338,36 @@ async fn record(worker: &str, device: &Device, shared: &Shared, i: usize, e: &Ev
         }
     }
 }
+
+/// A progress line for a replay `elapsed` into it: events done and, once enough is done to
+/// judge, about how long is left (a large scenario takes minutes).
+pub fn progress_line(done: usize, total: usize, elapsed: Duration) -> String {
+    let mut line = format!("{done} of {total} events");
+    if done >= total.div_ceil(20).max(1) && done < total && elapsed >= Duration::from_secs(5) {
+        let left = elapsed.as_secs_f64() * (total - done) as f64 / done as f64;
+        if left >= 90.0 {
+            line += &format!(", about {} min left", (left / 60.0).round());
+        } else {
+            line += &format!(", about {} s left", left.ceil());
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::progress_line;
+
+    #[test]
+    fn progress_tells_the_time_left_once_it_can_judge() {
+        assert_eq!(progress_line(0, 1000, Duration::from_secs(0)), "0 of 1000 events");
+        // Too early to judge: under a twentieth done, or under five seconds in.
+        assert_eq!(progress_line(40, 1000, Duration::from_secs(10)), "40 of 1000 events");
+        assert_eq!(progress_line(500, 1000, Duration::from_secs(4)), "500 of 1000 events");
+        assert_eq!(progress_line(500, 1000, Duration::from_secs(30)), "500 of 1000 events, about 30 s left");
+        assert_eq!(progress_line(250, 1000, Duration::from_secs(60)), "250 of 1000 events, about 3 min left");
+        assert_eq!(progress_line(1000, 1000, Duration::from_secs(60)), "1000 of 1000 events");
+    }
+}
