@@ -193,6 +193,9 @@ pub async fn replay(
             Job::Record(i, Box::new(e.clone()))
         };
         if phone.jobs.send(job).is_err() {
+            // Its task is gone (it panicked): wait for the others, and report what stopped the
+            // replay first if that was something else.
+            settle(&phones, &shared, total, progress).await?;
             return Err(ReplayError::Other(format!("{by}'s phone stopped before event {i}")));
         }
     }

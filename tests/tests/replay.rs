@@ -170,7 +170,10 @@ async fn a_replay_that_loses_the_server_stops_with_an_error() {
     .await
     .expect("the replay stops within two minutes");
     let err = replayed.err().expect("a replay that lost its server fails");
-    assert!(matches!(err, peersync_server::replay::ReplayError::SyncAt { .. }), "{err}");
+    // Almost always a phone's sync meets the cut; if every phone happened to be idle before
+    // an erasure, the erasure's request does.
+    use peersync_server::replay::ReplayError;
+    assert!(matches!(err, ReplayError::SyncAt { .. } | ReplayError::Sync(_)), "{err}");
     server.stop().await;
 }
 
