@@ -311,35 +311,52 @@ async fn run_phone(worker: String, device: Device, clock: ManualClock, opts: Syn
 /// Record event `i` (not a sync) on `device`; what fails is a problem unless the phone had learnt
 /// that the person was erased.
 async fn record(worker: &str, device: &Device, shared: &Shared, i: usize, e: &Event) {
-    let result = match e {
-        Event::Person { .. } => device.register_person(e.new_person().expect("person")).await.map(|_| ()),
-        Event::Visit { person, .. } => device.record_visit(person, e.new_visit().expect("visit")).await.map(|_| ()),
-        Event::Checkin { person, .. } => device.record_checkin(person, e.new_checkin().expect("checkin")).await.map(|_| ()),
-        Event::Edit { person, visit, .. } => match e.visit_edit().expect("edit") {
-            Ok(edit) => device.edit_visit(person, visit, edit).await.map(|_| ()),
-            Err(m) => {
-                shared.problem(i, format!("event {i}: {m}"));
-                Ok(())
+    match apply(device, e).await {
+        Ok(()) => {}
+        Err(NotRecorded::Scenario(m)) => shared.problem(i, format!("event {i}: {m}")),
+        Err(NotRecorded::Device(err)) => {
+            if !(matches!(err, CoreError::UnknownPerson(_)) && e.person().is_some_and(|p| shared.erased(p))) {
+                shared.problem(i, format!("event {i} ({worker}): {err}"));
             }
-        },
-        Event::Consent { person, .. } => match e.consent_change().expect("consent") {
-            Ok(c) => device.set_consent(person, c).await.map(|_| ()),
-            Err(m) => {
-                shared.problem(i, format!("event {i}: {m}"));
-                Ok(())
-            }
-        },
-        Event::Sync { .. } | Event::Worker { .. } | Event::Erase { .. } => Ok(()),
-    };
-    if let Err(err) = result {
-        let person = match e {
-            Event::Visit { person, .. } | Event::Checkin { person, .. } | Event::Edit { person, .. } | Event::Consent { person, .. } => Some(person),
-            _ => None,
-        };
-        if !(matches!(err, CoreError::UnknownPerson(_)) && person.is_some_and(|p| shared.erased(p))) {
-            shared.problem(i, format!("event {i} ({worker}): {err}"));
         }
     }
+}
+
+/// Why a scenario event was not recorded on its phone.
+#[derive(Debug, thiserror::Error)]
+pub enum NotRecorded {
+    /// The event itself cannot be applied (a field the product does not know, a wrong type).
+    #[error("{0}")]
+    Scenario(String),
+    #[error(transparent)]
+    Device(#[from] CoreError),
+}
+
+/// One scenario event as the call a worker's app makes on the phone (nothing for syncs, joins
+/// and erasures, which are not phone calls).
+pub(crate) async fn apply(d: &Device, e: &Event) -> Result<(), NotRecorded> {
+    let not = |what: &str| NotRecorded::Scenario(format!("not {what}"));
+    match e {
+        Event::Person { .. } => {
+            d.register_person(e.new_person().ok_or_else(|| not("a person"))?).await?;
+        }
+        Event::Visit { person, .. } => {
+            d.record_visit(person, e.new_visit().ok_or_else(|| not("a visit"))?).await?;
+        }
+        Event::Checkin { person, .. } => {
+            d.record_checkin(person, e.new_checkin().ok_or_else(|| not("a check-in"))?).await?;
+        }
+        Event::Edit { person, visit, .. } => {
+            let edit = e.visit_edit().ok_or_else(|| not("an edit"))?.map_err(NotRecorded::Scenario)?;
+            d.edit_visit(person, visit, edit).await?;
+        }
+        Event::Consent { person, .. } => {
+            let change = e.consent_change().ok_or_else(|| not("a consent change"))?.map_err(NotRecorded::Scenario)?;
+            d.set_consent(person, change).await?;
+        }
+        Event::Worker { .. } | Event::Erase { .. } | Event::Sync { .. } => {}
+    }
+    Ok(())
 }
 
 /// A progress line for a replay `elapsed` into it: events done and, once enough is done to

@@ -94,6 +94,14 @@ impl Event {
         }
     }
 
+    /// The person a phone event is about.
+    pub fn person(&self) -> Option<&str> {
+        match self {
+            Event::Person { person, .. } | Event::Visit { person, .. } | Event::Checkin { person, .. } | Event::Edit { person, .. } | Event::Consent { person, .. } => Some(person),
+            Event::Worker { .. } | Event::Erase { .. } | Event::Sync { .. } => None,
+        }
+    }
+
     pub fn new_person(&self) -> Option<NewPerson> {
         let Event::Person { person, alias, year_of_birth, workers, consent, by, .. } = self else { return None };
         Some(NewPerson {

@@ -177,6 +177,39 @@ async fn a_replay_that_loses_the_server_stops_with_an_error() {
     server.stop().await;
 }
 
+/// Events that cannot be recorded are reported, each with its event number and in the
+/// scenario's order, and the rest of the replay still converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_cannot_be_recorded_are_reported_in_order() {
+    let text = generate(&["--workers", "5", "--people", "80", "--weeks", "8", "--seed", "7"]);
+    let mut lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let consent = lines.iter().position(|e| e["type"] == "consent").unwrap();
+    lines[consent]["set"] = json!({ "colour": true });
+    let visit = lines.iter().rposition(|e| e["type"] == "visit").unwrap();
+    let mut stranger = lines[visit].clone();
+    stranger["by"] = json!("w-999");
+    let mut unknown = lines[visit].clone();
+    unknown["person"] = json!("p-99999");
+    unknown["visit"] = json!("v-unknown");
+    lines.insert(visit + 1, unknown);
+    lines.insert(visit + 1, stranger);
+    let text: String = lines.iter().map(|e| format!("{e}\n")).collect();
+    let events = scenario::parse(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let outcome = peersync_server::replay::replay(&events, &server.options(), ADMIN_TOKEN, "field", &dir.path().join("phones"), &|_, _| {}).await.unwrap();
+    let by = lines[visit]["by"].as_str().unwrap();
+    assert_eq!(
+        outcome.problems,
+        [
+            format!("event {consent}: unknown consent field \"colour\""),
+            format!("event {}: no worker \"w-999\" joined before it", visit + 1),
+            format!("event {} ({by}): no person with id \"p-99999\" on this device", visit + 2),
+        ],
+    );
+    server.stop().await;
+}
+
 /// `peersync simulate` writes scenarios in the same format and by the same rules: they replay
 /// cleanly too, and the report matches the independent computation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use peersync_core::sync::SyncOptions;
-use peersync_core::{CoreError, Device, ManualClock};
+use peersync_core::{Device, ManualClock};
 use serde_json::json;
 
 use super::{BenchError, Phone};
@@ -51,17 +51,6 @@ pub async fn enrolled_phone(dir: &Path, worker: &str, code: &str, direct: &SyncO
     Ok(Phone { worker: worker.to_string(), device: Arc::new(device), clock, opts: link })
 }
 
-fn person_of(e: &Event) -> Option<&str> {
-    match e {
-        Event::Person { person, .. }
-        | Event::Visit { person, .. }
-        | Event::Checkin { person, .. }
-        | Event::Edit { person, .. }
-        | Event::Consent { person, .. } => Some(person),
-        Event::Worker { .. } | Event::Erase { .. } | Event::Sync { .. } => None,
-    }
-}
-
 /// Record every phone event of the scenario on its phone, without syncing. Returns how many
 /// were recorded; events a phone refuses are counted on stderr, not fatal.
 pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize, BenchError> {
@@ -74,7 +63,7 @@ pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize,
         if n % 500 == 0 {
             eprint!("\rrecording offline: {n} of {total} events ");
         }
-        let (Some(by), Some(person)) = (e.phone(), person_of(e)) else {
+        let (Some(by), Some(person)) = (e.phone(), e.person()) else {
             continue;
         };
         let Some(&me) = index.get(by) else { continue };
@@ -90,7 +79,7 @@ pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize,
             }
         }
         phone.clock.set(e.at());
-        let result = apply(&phone.device, e).await;
+        let result = crate::replay::apply(&phone.device, e).await;
         match result {
             Ok(()) => {
                 recorded += 1;
@@ -112,25 +101,4 @@ pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize,
         eprintln!("{refused} events could not be recorded offline (see above)");
     }
     Ok(recorded)
-}
-
-/// One scenario event as a call on the phone.
-async fn apply(d: &Device, e: &Event) -> Result<(), CoreError> {
-    let not = |what: &str| CoreError::Task(format!("not {what}"));
-    match e {
-        Event::Person { .. } => d.register_person(e.new_person().ok_or_else(|| not("a person"))?).await.map(|_| ()),
-        Event::Visit { person, .. } => d.record_visit(person, e.new_visit().ok_or_else(|| not("a visit"))?).await.map(|_| ()),
-        Event::Checkin { person, .. } => d.record_checkin(person, e.new_checkin().ok_or_else(|| not("a check-in"))?).await.map(|_| ()),
-        Event::Edit { person, visit, .. } => match e.visit_edit() {
-            Some(Ok(edit)) => d.edit_visit(person, visit, edit).await.map(|_| ()),
-            Some(Err(m)) => Err(CoreError::Task(m)),
-            None => Err(not("an edit")),
-        },
-        Event::Consent { person, .. } => match e.consent_change() {
-            Some(Ok(c)) => d.set_consent(person, c).await.map(|_| ()),
-            Some(Err(m)) => Err(CoreError::Task(m)),
-            None => Err(not("a consent change")),
-        },
-        Event::Worker { .. } | Event::Erase { .. } | Event::Sync { .. } => Ok(()),
-    }
 }
