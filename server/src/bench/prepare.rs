@@ -59,9 +59,10 @@ pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize,
     let mut holders: HashMap<String, Vec<usize>> = HashMap::new();
     let (mut recorded, mut refused) = (0usize, 0usize);
     let total = events.len();
+    let started = std::time::Instant::now();
     for (n, e) in events.iter().enumerate() {
         if n % 500 == 0 {
-            eprint!("\rrecording offline: {n} of {total} events ");
+            eprint!("\rrecording offline: {:<60}", crate::replay::progress_line(n, total, started.elapsed()));
         }
         let (Some(by), Some(person)) = (e.phone(), e.person()) else {
             continue;
@@ -96,7 +97,7 @@ pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize,
             }
         }
     }
-    eprintln!("\rrecording offline: {total} of {total} events ");
+    eprintln!("\rrecording offline: {:<60}", crate::replay::progress_line(total, total, started.elapsed()));
     if refused > 0 {
         eprintln!("{refused} events could not be recorded offline (see above)");
     }
