@@ -4,7 +4,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
 
 use peersync_core::sync::SyncOptions;
 use peersync_core::{Device, ManualClock};
@@ -53,53 +56,152 @@ pub async fn enrolled_phone(dir: &Path, worker: &str, code: &str, direct: &SyncO
 
 /// Record every phone event of the scenario on its phone, without syncing. Returns how many
 /// were recorded; events a phone refuses are counted on stderr, not fatal.
+///
+/// Each phone works through its own events in order, on a task of its own, at most one phone
+/// per core at a time. Events on one person keep the scenario's order across phones (each
+/// waits for the one before it), because a phone takes in its teammates' current copy of the
+/// person first: every phone then holds exactly what a one-at-a-time recording gives it.
 pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize, BenchError> {
     let index: HashMap<&str, usize> = phones.iter().enumerate().map(|(i, p)| (p.worker.as_str(), i)).collect();
-    // Which phones hold each person.
-    let mut holders: HashMap<String, Vec<usize>> = HashMap::new();
-    let (mut recorded, mut refused) = (0usize, 0usize);
+    let devices: Arc<Vec<Arc<Device>>> = Arc::new(phones.iter().map(|p| p.device.clone()).collect());
+    let shared = Arc::new(Offline::new());
+    let mut queues = Vec::new();
+    let mut tasks = Vec::new();
+    for (me, p) in phones.iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        queues.push(tx);
+        tasks.push(tokio::spawn(offline_phone(me, p.worker.clone(), p.clock.clone(), devices.clone(), shared.clone(), rx)));
+    }
     let total = events.len();
-    let started = std::time::Instant::now();
+    let mut last_on: HashMap<&str, oneshot::Receiver<()>> = HashMap::new();
     for (n, e) in events.iter().enumerate() {
-        if n % 500 == 0 {
-            eprint!("\rrecording offline: {:<60}", crate::replay::progress_line(n, total, started.elapsed()));
-        }
-        let (Some(by), Some(person)) = (e.phone(), e.person()) else {
-            continue;
+        let job = match (e.phone().and_then(|by| index.get(by)), e.person()) {
+            (Some(&me), Some(person)) => {
+                let (finished, next) = oneshot::channel();
+                Some((me, OfflineJob { n, event: Box::new(e.clone()), after: last_on.insert(person, next), finished }))
+            }
+            _ => None,
         };
-        let Some(&me) = index.get(by) else { continue };
-        let phone = &phones[me];
-        let err = |source| BenchError::Phone { worker: phone.worker.clone(), source };
-        // A teammate's records reach this phone first, as they would have at its last sync.
-        if !matches!(e, Event::Person { .. }) {
-            for &other in holders.get(person).map(Vec::as_slice).unwrap_or_default() {
-                if other != me {
-                    let data = phones[other].device.export_document(person).await.map_err(err)?;
-                    phone.device.import_document(person, data).await.map_err(err)?;
+        match job {
+            // A phone's task ends only by panicking; what it was given is then never done.
+            Some((me, job)) => drop(queues[me].send(job)),
+            None => drop(shared.done.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+    drop(queues);
+    let started = std::time::Instant::now();
+    let all = futures_util::future::join_all(tasks);
+    tokio::pin!(all);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    let ended = loop {
+        tokio::select! {
+            ended = &mut all => break ended,
+            _ = tick.tick() => eprint!("\rrecording offline: {:<60}", crate::replay::progress_line(shared.done.load(Ordering::Relaxed), total, started.elapsed())),
+        }
+    };
+    eprintln!("\rrecording offline: {:<60}", crate::replay::progress_line(shared.done.load(Ordering::Relaxed), total, started.elapsed()));
+    if let Some((_, e)) = shared.fatal.lock().expect("fatal lock").take() {
+        return Err(e);
+    }
+    if let Some(Err(e)) = ended.into_iter().find(Result::is_err) {
+        return Err(BenchError::Server(format!("a phone's offline recording failed: {e}")));
+    }
+    let mut refused = std::mem::take(&mut *shared.refused.lock().expect("refused lock"));
+    refused.sort_by_key(|(n, _)| *n);
+    for (_, message) in refused.iter().take(5) {
+        eprintln!("{message}");
+    }
+    if !refused.is_empty() {
+        eprintln!("{} events could not be recorded offline (the first five above)", refused.len());
+    }
+    Ok(shared.recorded.load(Ordering::Relaxed))
+}
+
+/// What the phones' tasks share while recording offline.
+struct Offline {
+    /// Which phones hold each person, in the order they came to.
+    holders: Mutex<HashMap<String, Vec<usize>>>,
+    recorded: AtomicUsize,
+    /// (event index, message) of events a phone refused.
+    refused: Mutex<Vec<(usize, String)>>,
+    /// The first error that stops the recording, with its event's index.
+    fatal: Mutex<Option<(usize, BenchError)>>,
+    done: AtomicUsize,
+    /// Phones recording at once: one per core (as in replay).
+    recording: tokio::sync::Semaphore,
+}
+
+impl Offline {
+    fn new() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Offline {
+            holders: Mutex::default(),
+            recorded: AtomicUsize::new(0),
+            refused: Mutex::default(),
+            fatal: Mutex::default(),
+            done: AtomicUsize::new(0),
+            recording: tokio::sync::Semaphore::new(cores),
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.fatal.lock().expect("fatal lock").is_some()
+    }
+}
+
+/// Event `n` for one phone, once the scenario's previous event on the same person (`after`) is
+/// done; `finished` says this one is.
+struct OfflineJob {
+    n: usize,
+    event: Box<Event>,
+    after: Option<oneshot::Receiver<()>>,
+    finished: oneshot::Sender<()>,
+}
+
+async fn offline_phone(me: usize, worker: String, clock: ManualClock, devices: Arc<Vec<Arc<Device>>>, shared: Arc<Offline>, mut jobs: mpsc::UnboundedReceiver<OfflineJob>) {
+    while let Some(job) = jobs.recv().await {
+        if let Some(before) = job.after {
+            // Done or abandoned (after a failure, when nothing more is recorded): either way
+            // nothing will change that person any more before this event.
+            let _ = before.await;
+        }
+        if !shared.stopped() {
+            let _permit = shared.recording.acquire().await.expect("never closed");
+            if let Err(e) = offline_event(me, &worker, &clock, &devices, &shared, job.n, &job.event).await {
+                let mut fatal = shared.fatal.lock().expect("fatal lock");
+                if fatal.as_ref().is_none_or(|(m, _)| job.n < *m) {
+                    *fatal = Some((job.n, e));
                 }
             }
         }
-        phone.clock.set(e.at());
-        let result = crate::replay::apply(&phone.device, e).await;
-        match result {
-            Ok(()) => {
-                recorded += 1;
-                let h = holders.entry(person.to_string()).or_default();
-                if !h.contains(&me) {
-                    h.push(me);
-                }
-            }
-            Err(e) => {
-                refused += 1;
-                if refused <= 5 {
-                    eprintln!("\nevent {n} on {by}'s phone not recorded: {e}");
-                }
-            }
+        shared.done.fetch_add(1, Ordering::Relaxed);
+        let _ = job.finished.send(());
+    }
+}
+
+/// Record event `n` on phone `me`, after taking in what its teammates hold of the person.
+async fn offline_event(me: usize, worker: &str, clock: &ManualClock, devices: &[Arc<Device>], shared: &Offline, n: usize, e: &Event) -> Result<(), BenchError> {
+    let Some(person) = e.person() else { return Ok(()) };
+    let err = |source| BenchError::Phone { worker: worker.to_string(), source };
+    // A teammate's records reach this phone first, as they would have at its last sync.
+    if !matches!(e, Event::Person { .. }) {
+        let holders = shared.holders.lock().expect("holders lock").get(person).cloned().unwrap_or_default();
+        for other in holders.into_iter().filter(|&o| o != me) {
+            let data = devices[other].export_document(person).await.map_err(err)?;
+            devices[me].import_document(person, data).await.map_err(err)?;
         }
     }
-    eprintln!("\rrecording offline: {:<60}", crate::replay::progress_line(total, total, started.elapsed()));
-    if refused > 0 {
-        eprintln!("{refused} events could not be recorded offline (see above)");
+    clock.set(e.at());
+    match crate::replay::apply(&devices[me], e).await {
+        Ok(()) => {
+            shared.recorded.fetch_add(1, Ordering::Relaxed);
+            let mut holders = shared.holders.lock().expect("holders lock");
+            let h = holders.entry(person.to_string()).or_default();
+            if !h.contains(&me) {
+                h.push(me);
+            }
+        }
+        Err(x) => shared.refused.lock().expect("refused lock").push((n, format!("event {n} on {worker}'s phone not recorded: {x}"))),
     }
-    Ok(recorded)
+    Ok(())
 }
