@@ -83,9 +83,13 @@ pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize,
             _ => None,
         };
         match job {
-            // A phone's task ends only by panicking; what it was given is then never done.
-            Some((me, job)) => drop(queues[me].send(job)),
-            None => drop(shared.done.fetch_add(1, Ordering::Relaxed)),
+            // A phone's task ends early only by panicking, which the end reports.
+            Some((me, job)) => {
+                let _ = queues[me].send(job);
+            }
+            None => {
+                shared.done.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
     drop(queues);
