@@ -104,12 +104,6 @@ pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize,
         }
     };
     eprintln!("\rrecording offline: {:<60}", crate::replay::progress_line(shared.done.load(Ordering::Relaxed), total, started.elapsed()));
-    if let Some((_, e)) = shared.fatal.lock().expect("fatal lock").take() {
-        return Err(e);
-    }
-    if let Some(Err(e)) = ended.into_iter().find(Result::is_err) {
-        return Err(BenchError::Server(format!("a phone's offline recording failed: {e}")));
-    }
     let mut refused = std::mem::take(&mut *shared.refused.lock().expect("refused lock"));
     refused.sort_by_key(|(n, _)| *n);
     for (_, message) in refused.iter().take(5) {
@@ -117,6 +111,12 @@ pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize,
     }
     if !refused.is_empty() {
         eprintln!("{} events could not be recorded offline (the first five above)", refused.len());
+    }
+    if let Some(Err(e)) = ended.into_iter().find(Result::is_err) {
+        return Err(BenchError::Server(format!("a phone's offline recording failed: {e}")));
+    }
+    if let Some((_, e)) = shared.fatal.lock().expect("fatal lock").take() {
+        return Err(e);
     }
     Ok(shared.recorded.load(Ordering::Relaxed))
 }
@@ -151,6 +151,14 @@ impl Offline {
     fn stopped(&self) -> bool {
         self.fatal.lock().expect("fatal lock").is_some()
     }
+
+    /// Stop recording because of event `n`; the earliest event's error is the one reported.
+    fn stop(&self, n: usize, e: BenchError) {
+        let mut fatal = self.fatal.lock().expect("fatal lock");
+        if fatal.as_ref().is_none_or(|(m, _)| n < *m) {
+            *fatal = Some((n, e));
+        }
+    }
 }
 
 /// Event `n` for one phone, once the scenario's previous event on the same person (`after`) is
@@ -164,18 +172,18 @@ struct OfflineJob {
 
 async fn offline_phone(me: usize, worker: String, clock: ManualClock, devices: Arc<Vec<Arc<Device>>>, shared: Arc<Offline>, mut jobs: mpsc::UnboundedReceiver<OfflineJob>) {
     while let Some(job) = jobs.recv().await {
-        if let Some(before) = job.after {
-            // Done or abandoned (after a failure, when nothing more is recorded): either way
-            // nothing will change that person any more before this event.
-            let _ = before.await;
+        // The scenario's previous event on this person is done, or was skipped after a failure
+        // (it says so too); a dropped answer means its phone's task panicked: stop everything,
+        // since this phone would go on from a copy missing that event.
+        if let Some(before) = job.after
+            && before.await.is_err()
+        {
+            shared.stop(job.n, BenchError::Server("another phone's task stopped unexpectedly (see the panic message above)".into()));
         }
         if !shared.stopped() {
             let _permit = shared.recording.acquire().await.expect("never closed");
             if let Err(e) = offline_event(me, &worker, &clock, &devices, &shared, job.n, &job.event).await {
-                let mut fatal = shared.fatal.lock().expect("fatal lock");
-                if fatal.as_ref().is_none_or(|(m, _)| job.n < *m) {
-                    *fatal = Some((job.n, e));
-                }
+                shared.stop(job.n, e);
             }
         }
         shared.done.fetch_add(1, Ordering::Relaxed);
