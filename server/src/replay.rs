@@ -257,12 +257,12 @@ async fn settle(phones: &BTreeMap<String, Phone>, shared: &Shared, total: usize,
             _ = tick.tick() => progress(shared.done.load(Ordering::Relaxed), total),
         }
     };
-    if let Some((_, e)) = shared.fatal.lock().expect("fatal lock").take() {
-        return Err(e);
-    }
-    // A phone's task only ends early by panicking.
+    // A phone's task only ends early by panicking: name it, rather than what that stopped.
     if let Some(Err(worker)) = answers.into_iter().find(Result::is_err) {
         return Err(ReplayError::Other(format!("{worker}'s phone stopped unexpectedly (see the panic message above)")));
+    }
+    if let Some((_, e)) = shared.fatal.lock().expect("fatal lock").take() {
+        return Err(e);
     }
     Ok(())
 }
@@ -281,6 +281,11 @@ async fn run_phone(worker: String, device: Device, clock: ManualClock, opts: Syn
                     Some(before) => before.await.is_ok(),
                     None => true,
                 };
+                // The sync before failed (the replay is stopping already) or its phone's task
+                // panicked: nothing after it can be replayed as the scenario says.
+                if !ready && !shared.stopped() {
+                    shared.stop(i, ReplayError::Other("a phone's task stopped unexpectedly before this sync (see the panic message above)".into()));
+                }
                 if ready && !shared.stopped() {
                     clock.set(at);
                     match device.sync(&opts).await {
