@@ -58,13 +58,41 @@ pub(crate) async fn api(opts: &SyncOptions, token: &str, method: &str, path: &st
     Ok(v)
 }
 
+/// The error of the earliest event that failed, when events run on several tasks at once: the
+/// one a one-at-a-time run would have stopped at, if it had got that far.
+pub(crate) struct Earliest<E>(Mutex<Option<(usize, E)>>);
+
+impl<E> Default for Earliest<E> {
+    fn default() -> Self {
+        Earliest(Mutex::new(None))
+    }
+}
+
+impl<E> Earliest<E> {
+    /// Event `n` failed with `e`.
+    pub(crate) fn set(&self, n: usize, e: E) {
+        let mut first = self.0.lock().expect("error lock");
+        if first.as_ref().is_none_or(|(m, _)| n < *m) {
+            *first = Some((n, e));
+        }
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.lock().expect("error lock").is_some()
+    }
+
+    pub(crate) fn take(&self) -> Option<E> {
+        self.0.lock().expect("error lock").take().map(|(_, e)| e)
+    }
+}
+
 /// What the phones' tasks share with the loop that feeds them.
 struct Shared {
     erased: Mutex<HashSet<String>>,
     /// (event index, what went wrong): sorted by index at the end, so the order is the scenario's.
     problems: Mutex<Vec<(usize, String)>>,
-    /// The first error that stops the replay, with its event's index.
-    fatal: Mutex<Option<(usize, ReplayError)>>,
+    /// What stops the replay.
+    fatal: Earliest<ReplayError>,
     /// Events done, for progress.
     done: AtomicUsize,
     /// Phones recording at once: one per core. Syncs are the replay's critical path (each waits
@@ -79,7 +107,7 @@ impl Shared {
         Shared {
             erased: Mutex::default(),
             problems: Mutex::default(),
-            fatal: Mutex::default(),
+            fatal: Earliest::default(),
             done: AtomicUsize::new(0),
             recording: tokio::sync::Semaphore::new(cores),
         }
@@ -90,14 +118,11 @@ impl Shared {
     }
 
     fn stop(&self, i: usize, e: ReplayError) {
-        let mut fatal = self.fatal.lock().expect("fatal lock");
-        if fatal.as_ref().is_none_or(|(j, _)| i < *j) {
-            *fatal = Some((i, e));
-        }
+        self.fatal.set(i, e);
     }
 
     fn stopped(&self) -> bool {
-        self.fatal.lock().expect("fatal lock").is_some()
+        self.fatal.is_set()
     }
 
     fn erased(&self, person: &str) -> bool {
@@ -261,10 +286,10 @@ async fn settle(phones: &BTreeMap<String, Phone>, shared: &Shared, total: usize,
     if let Some(Err(worker)) = answers.into_iter().find(Result::is_err) {
         return Err(ReplayError::Other(format!("{worker}'s phone stopped unexpectedly (see the panic message above)")));
     }
-    if let Some((_, e)) = shared.fatal.lock().expect("fatal lock").take() {
-        return Err(e);
+    match shared.fatal.take() {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// One phone: its jobs in order, until the replay drops its queue. After a failure anywhere it

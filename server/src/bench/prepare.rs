@@ -115,7 +115,7 @@ pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize,
     if let Some(Err(e)) = ended.into_iter().find(Result::is_err) {
         return Err(BenchError::Server(format!("a phone's offline recording failed: {e}")));
     }
-    if let Some((_, e)) = shared.fatal.lock().expect("fatal lock").take() {
+    if let Some(e) = shared.fatal.take() {
         return Err(e);
     }
     Ok(shared.recorded.load(Ordering::Relaxed))
@@ -128,8 +128,8 @@ struct Offline {
     recorded: AtomicUsize,
     /// (event index, message) of events a phone refused.
     refused: Mutex<Vec<(usize, String)>>,
-    /// The first error that stops the recording, with its event's index.
-    fatal: Mutex<Option<(usize, BenchError)>>,
+    /// What stops the recording.
+    fatal: crate::replay::Earliest<BenchError>,
     done: AtomicUsize,
     /// Phones recording at once: one per core (as in replay).
     recording: tokio::sync::Semaphore,
@@ -142,22 +142,19 @@ impl Offline {
             holders: Mutex::default(),
             recorded: AtomicUsize::new(0),
             refused: Mutex::default(),
-            fatal: Mutex::default(),
+            fatal: crate::replay::Earliest::default(),
             done: AtomicUsize::new(0),
             recording: tokio::sync::Semaphore::new(cores),
         }
     }
 
     fn stopped(&self) -> bool {
-        self.fatal.lock().expect("fatal lock").is_some()
+        self.fatal.is_set()
     }
 
-    /// Stop recording because of event `n`; the earliest event's error is the one reported.
+    /// Stop recording because of event `n`.
     fn stop(&self, n: usize, e: BenchError) {
-        let mut fatal = self.fatal.lock().expect("fatal lock");
-        if fatal.as_ref().is_none_or(|(m, _)| n < *m) {
-            *fatal = Some((n, e));
-        }
+        self.fatal.set(n, e);
     }
 }
 
