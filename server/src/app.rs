@@ -269,9 +269,7 @@ pub async fn serve(
         let _ = shutdown_tx.send(true);
     };
     let served = match tls {
-        None => {
-            axum::serve(PlainListener(listener), app).with_graceful_shutdown(signal).await
-        }
+        None => axum::serve(PlainListener(listener), app).with_graceful_shutdown(signal).await,
         Some(acceptor) => match crate::tls::TlsListener::new(listener, acceptor) {
             Ok(listener) => axum::serve(listener, app).with_graceful_shutdown(signal).await,
             Err(e) => Err(e),

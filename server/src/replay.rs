@@ -103,26 +103,17 @@ struct Shared {
 
 impl Shared {
     fn new() -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Shared {
             erased: Mutex::default(),
             problems: Mutex::default(),
             fatal: Earliest::default(),
             done: AtomicUsize::new(0),
-            recording: tokio::sync::Semaphore::new(cores),
+            recording: one_per_core(),
         }
     }
 
     fn problem(&self, i: usize, p: String) {
         self.problems.lock().expect("problems lock").push((i, p));
-    }
-
-    fn stop(&self, i: usize, e: ReplayError) {
-        self.fatal.set(i, e);
-    }
-
-    fn stopped(&self) -> bool {
-        self.fatal.is_set()
     }
 
     fn erased(&self, person: &str) -> bool {
@@ -274,14 +265,7 @@ async fn settle(phones: &BTreeMap<String, Phone>, shared: &Shared, total: usize,
         let _ = p.jobs.send(Job::Idle(tx));
         async move { rx.await.map_err(|_| worker) }
     }));
-    tokio::pin!(idle);
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let answers = loop {
-        tokio::select! {
-            answers = &mut idle => break answers,
-            _ = tick.tick() => progress(shared.done.load(Ordering::Relaxed), total),
-        }
-    };
+    let answers = ticking(idle, || progress(shared.done.load(Ordering::Relaxed), total)).await;
     // A phone's task only ends early by panicking: name it, rather than what that stopped.
     if let Some(Err(worker)) = answers.into_iter().find(Result::is_err) {
         return Err(ReplayError::Other(format!("{worker}'s phone stopped unexpectedly (see the panic message above)")));
@@ -289,6 +273,23 @@ async fn settle(phones: &BTreeMap<String, Phone>, shared: &Shared, total: usize,
     match shared.fatal.take() {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Permits for work that should take no more than one core each (phones recording).
+pub(crate) fn one_per_core() -> tokio::sync::Semaphore {
+    tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Wait for `work`, calling `tick` every half second meanwhile (for progress lines).
+pub(crate) async fn ticking<T>(work: impl std::future::Future<Output = T>, tick: impl Fn()) -> T {
+    tokio::pin!(work);
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = every.tick() => tick(),
+        }
     }
 }
 
@@ -308,10 +309,10 @@ async fn run_phone(worker: String, device: Device, clock: ManualClock, opts: Syn
                 };
                 // The sync before failed (the replay is stopping already) or its phone's task
                 // panicked: nothing after it can be replayed as the scenario says.
-                if !ready && !shared.stopped() {
-                    shared.stop(i, ReplayError::Other("a phone's task stopped unexpectedly before this sync (see the panic message above)".into()));
+                if !ready && !shared.fatal.is_set() {
+                    shared.fatal.set(i, ReplayError::Other("a phone's task stopped unexpectedly before this sync (see the panic message above)".into()));
                 }
-                if ready && !shared.stopped() {
+                if ready && !shared.fatal.is_set() {
                     clock.set(at);
                     match device.sync(&opts).await {
                         Ok(r) => {
@@ -322,12 +323,12 @@ async fn run_phone(worker: String, device: Device, clock: ManualClock, opts: Syn
                             }
                             let _ = finished.send(());
                         }
-                        Err(source) => shared.stop(i, ReplayError::SyncAt { event: i, worker: worker.clone(), source }),
+                        Err(source) => shared.fatal.set(i, ReplayError::SyncAt { event: i, worker: worker.clone(), source }),
                     }
                 }
             }
             Job::Record(i, e) => {
-                if !shared.stopped() {
+                if !shared.fatal.is_set() {
                     let _permit = shared.recording.acquire().await.expect("never closed");
                     clock.set(e.at());
                     record(&worker, &device, &shared, i, &e).await;

@@ -94,16 +94,9 @@ pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize,
     }
     drop(queues);
     let started = std::time::Instant::now();
-    let all = futures_util::future::join_all(tasks);
-    tokio::pin!(all);
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
-    let ended = loop {
-        tokio::select! {
-            ended = &mut all => break ended,
-            _ = tick.tick() => eprint!("\rrecording offline: {:<60}", crate::replay::progress_line(shared.done.load(Ordering::Relaxed), total, started.elapsed())),
-        }
-    };
-    eprintln!("\rrecording offline: {:<60}", crate::replay::progress_line(shared.done.load(Ordering::Relaxed), total, started.elapsed()));
+    let line = || crate::replay::progress_line(shared.done.load(Ordering::Relaxed), total, started.elapsed());
+    let ended = crate::replay::ticking(futures_util::future::join_all(tasks), || eprint!("\rrecording offline: {:<60}", line())).await;
+    eprintln!("\rrecording offline: {:<60}", line());
     let mut refused = std::mem::take(&mut *shared.refused.lock().expect("refused lock"));
     refused.sort_by_key(|(n, _)| *n);
     for (_, message) in refused.iter().take(5) {
@@ -137,24 +130,14 @@ struct Offline {
 
 impl Offline {
     fn new() -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Offline {
             holders: Mutex::default(),
             recorded: AtomicUsize::new(0),
             refused: Mutex::default(),
             fatal: crate::replay::Earliest::default(),
             done: AtomicUsize::new(0),
-            recording: tokio::sync::Semaphore::new(cores),
+            recording: crate::replay::one_per_core(),
         }
-    }
-
-    fn stopped(&self) -> bool {
-        self.fatal.is_set()
-    }
-
-    /// Stop recording because of event `n`.
-    fn stop(&self, n: usize, e: BenchError) {
-        self.fatal.set(n, e);
     }
 }
 
@@ -175,12 +158,12 @@ async fn offline_phone(me: usize, worker: String, clock: ManualClock, devices: A
         if let Some(before) = job.after
             && before.await.is_err()
         {
-            shared.stop(job.n, BenchError::Server("another phone's task stopped unexpectedly (see the panic message above)".into()));
+            shared.fatal.set(job.n, BenchError::Server("another phone's task stopped unexpectedly (see the panic message above)".into()));
         }
-        if !shared.stopped() {
+        if !shared.fatal.is_set() {
             let _permit = shared.recording.acquire().await.expect("never closed");
             if let Err(e) = offline_event(me, &worker, &clock, &devices, &shared, job.n, &job.event).await {
-                shared.stop(job.n, e);
+                shared.fatal.set(job.n, e);
             }
         }
         shared.done.fetch_add(1, Ordering::Relaxed);
