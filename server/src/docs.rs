@@ -154,6 +154,48 @@ impl Working {
     }
 }
 
+/// What one session's reconciliation keeps between rounds, per document.
+#[derive(Default)]
+pub struct SyncRounds {
+    states: HashMap<String, SyncState>,
+    /// Changes a device sent in a round whose dependencies the server lacked. A phone sends a
+    /// change without the one before it when automerge's Bloom filter wrongly counts the
+    /// earlier one as held here. Automerge queues such a change in the loaded document, but
+    /// each round loads the document afresh, which drops the queue; and the device, having
+    /// sent the change once, never sends it again, so the sync would go round in circles
+    /// until it gave up. They are applied again from here each round until their
+    /// dependencies arrive.
+    waiting: HashMap<String, Vec<u8>>,
+    /// Bytes in `waiting`, bounded by [`MAX_WAITING_BYTES`].
+    waiting_bytes: usize,
+}
+
+/// Bytes of changes one session holds back for dependencies the server lacks. A device that
+/// sends more, or never the dependencies, gets asked for those changes again instead
+/// (automerge's `need`), so the bound costs round trips, never data.
+const MAX_WAITING_BYTES: usize = MAX_DOC_BYTES;
+
+impl SyncRounds {
+    fn state(&mut self, doc: &str) -> &mut SyncState {
+        self.states.entry(doc.to_string()).or_default()
+    }
+
+    /// The changes held back for `doc`, no longer held.
+    fn take_waiting(&mut self, doc: &str) -> Vec<u8> {
+        let bytes = self.waiting.remove(doc).unwrap_or_default();
+        self.waiting_bytes -= bytes.len();
+        bytes
+    }
+
+    /// Hold `changes` back for `doc`, unless that would go over the session's bound.
+    fn hold(&mut self, doc: &str, changes: Vec<u8>) {
+        if self.waiting_bytes + changes.len() <= MAX_WAITING_BYTES {
+            self.waiting_bytes += changes.len();
+            self.waiting.insert(doc.to_string(), changes);
+        }
+    }
+}
+
 /// Documents loaded by one batch, by id.
 type Batch = HashMap<String, Working>;
 
@@ -699,13 +741,13 @@ impl DocHub {
     }
 
     /// One round of automerge's sync protocol for each document in `msgs`, with per-session
-    /// state in `states`. Changes received are stored durably before the replies go out.
+    /// state in `rounds`. Changes received are stored durably before the replies go out.
     pub fn sync_round(
         &self,
         who: &DeviceIdentity,
         access: &dyn Access,
         msgs: Vec<DocSync>,
-        states: &mut HashMap<String, SyncState>,
+        rounds: &mut SyncRounds,
     ) -> Result<Vec<DocSync>, StoreError> {
         let org = who.org.as_str();
         let _w = lock(&self.write_lock);
@@ -723,19 +765,26 @@ impl DocHub {
                 continue;
             }
             let may_write = access.check_write(who, &m.doc, w.stored)?.is_none();
-            let state = states.entry(m.doc.clone()).or_default();
             if !m.msg.is_empty() {
                 let Ok(msg) = SyncMessage::decode(&m.msg) else { continue };
                 let before = w.doc.get_heads();
+                peersync_core::sync::send_needed_again(rounds.state(&m.doc), &msg);
                 if may_write {
-                    if w.doc.receive_sync_message(state, msg).is_err() {
+                    let held = rounds.take_waiting(&m.doc);
+                    let incoming: Vec<u8> = msg.changes.iter().flatten().copied().collect();
+                    // What was held back goes in first: this message may bring what it lacks.
+                    let received = if held.is_empty() { Ok(0) } else { w.doc.load_incremental(&held) };
+                    if received.and_then(|_| w.doc.receive_sync_message(rounds.state(&m.doc), msg)).is_err() {
                         w.reset(org, &m.doc)?;
                         continue;
+                    }
+                    if !w.doc.get_missing_deps(&[]).is_empty() {
+                        rounds.hold(&m.doc, [held, incoming].concat());
                     }
                 } else {
                     // Read-only: learn what the device has without taking its changes.
                     let mut scratch = w.doc.fork();
-                    let _ = scratch.receive_sync_message(state, msg);
+                    let _ = scratch.receive_sync_message(rounds.state(&m.doc), msg);
                 }
                 let after = w.doc.get_heads();
                 if after != before {
@@ -743,7 +792,7 @@ impl DocHub {
                     appends.push((Append { doc: m.doc.clone(), write }, applied(&m.doc, w)));
                 }
             }
-            if let Some(reply) = w.doc.generate_sync_message(state) {
+            if let Some(reply) = w.doc.generate_sync_message(rounds.state(&m.doc)) {
                 replies.push(DocSync { doc: m.doc, msg: reply.encode() });
             }
         }
@@ -1066,6 +1115,84 @@ mod tests {
         assert!(matches!(acks[0].status, AckStatus::Refused { code: ErrorCode::Erased, .. }), "{acks:?}");
         assert!(store.load_doc("o", "p-1").unwrap().is_none(), "nothing stored");
         assert!(hub.heads("o", "p-1").unwrap().is_none());
+    }
+
+    /// A device's sync round that brings a change without the one it builds on (automerge's
+    /// Bloom filter wrongly counted that one as held here): the change is kept, and stored as
+    /// soon as a later round brings the missing one, though every round loads the document
+    /// afresh. The device, having sent the change once, does not send it again.
+    #[test]
+    fn a_change_synced_before_the_one_it_builds_on_is_stored_when_that_one_arrives() {
+        let (hub, store) = hub(100, 1 << 20);
+        let mut phone = Phone(Automerge::new());
+        phone.edit("base");
+        phone.push(&hub, "p-1", None).unwrap();
+        let base = phone.edit("second");
+        phone.edit("third");
+        let changes: Vec<Vec<u8>> = phone.0.get_changes(&base).iter().map(|c| c.raw_bytes().to_vec()).collect();
+        let hashes: Vec<ChangeHash> = phone.0.get_changes(&base).iter().map(|c| c.hash()).collect();
+        assert_eq!(changes.len(), 2);
+        let carrying = |chunk: &Vec<u8>| {
+            let mut msg = phone.0.generate_sync_message(&mut SyncState::new()).unwrap();
+            msg.changes = automerge::sync::ChunkList::from(vec![chunk.clone()]);
+            vec![DocSync { doc: "p-1".into(), msg: msg.encode() }]
+        };
+        let mut rounds = SyncRounds::default();
+        let replies = hub.sync_round(&who(), &Open::default(), carrying(&changes[1]), &mut rounds).unwrap();
+        let reply = SyncMessage::decode(&replies[0].msg).unwrap();
+        assert_eq!(reply.need, vec![hashes[0]], "the server asks for the change it lacks");
+        assert_eq!(stored_heads(&store, "p-1").len(), 1);
+        hub.sync_round(&who(), &Open::default(), carrying(&changes[0]), &mut rounds).unwrap();
+        let mut expected: Vec<String> = phone.0.get_heads().iter().map(|h| h.to_string()).collect();
+        expected.sort();
+        assert_eq!(stored_heads(&store, "p-1"), expected, "both changes are stored");
+        assert_eq!(rounds.waiting_bytes, 0, "nothing is held back any more");
+    }
+
+    /// The other way round: the server's change reaches a device without the one it builds on,
+    /// and the device, loading its document afresh, asks for it again: the server sends it
+    /// again, though it counts it as sent, and the device ends up with everything.
+    #[test]
+    fn a_change_a_device_asks_for_again_is_sent_again() {
+        let (hub, _) = hub(100, 1 << 20);
+        let mut writer = Phone(Automerge::new());
+        writer.edit("base");
+        let mut saved = writer.0.save();
+        writer.push(&hub, "p-1", None).unwrap();
+        let acked = writer.edit("second");
+        let second = writer.0.get_heads();
+        writer.push(&hub, "p-1", Some(&acked)).unwrap();
+        writer.edit("third");
+        writer.push(&hub, "p-1", Some(&second)).unwrap();
+        let third = writer.0.get_changes(&second)[0].raw_bytes().to_vec();
+        let (mut rounds, mut state) = (SyncRounds::default(), SyncState::new());
+        for round in 0..8 {
+            let mut reader = Automerge::load(&saved).unwrap();
+            let Some(msg) = reader.generate_sync_message(&mut state) else { break };
+            let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: msg.encode() }], &mut rounds).unwrap();
+            let Some(reply) = replies.first() else { break };
+            let mut reply = SyncMessage::decode(&reply.msg).unwrap();
+            if round == 0 {
+                assert!(!reply.changes.is_empty(), "the first answer carries the changes");
+                reply.changes = automerge::sync::ChunkList::from(vec![third.clone()]);
+            }
+            reader.receive_sync_message(&mut state, reply).unwrap();
+            saved = reader.save();
+        }
+        assert_eq!(Automerge::load(&saved).unwrap().get_heads(), writer.0.get_heads());
+    }
+
+    #[test]
+    fn a_session_holds_back_a_bounded_amount() {
+        let mut rounds = SyncRounds::default();
+        rounds.hold("p-1", vec![0; MAX_WAITING_BYTES - 10]);
+        rounds.hold("p-2", vec![0; 11]);
+        assert_eq!(rounds.waiting_bytes, MAX_WAITING_BYTES - 10);
+        assert!(rounds.take_waiting("p-2").is_empty(), "over the bound: not held");
+        assert_eq!(rounds.take_waiting("p-1").len(), MAX_WAITING_BYTES - 10);
+        assert_eq!(rounds.waiting_bytes, 0);
+        rounds.hold("p-2", vec![0; 11]);
+        assert_eq!(rounds.take_waiting("p-2").len(), 11);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Generic over [`Conn`] so that it runs over an axum websocket in production and over plain
 //! channels in tests.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -80,7 +80,7 @@ struct Session<C: Conn> {
     /// An exchange is complete once its download has been sent.
     exchanged: bool,
     pushed: Pushed,
-    sync_states: HashMap<String, automerge::sync::State>,
+    sync_rounds: crate::docs::SyncRounds,
     started: Instant,
     docs_in: u64,
     docs_out: u64,
@@ -113,7 +113,7 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
         live: false,
         exchanged: false,
         pushed: Pushed::new(),
-        sync_states: HashMap::new(),
+        sync_rounds: Default::default(),
         started: Instant::now(),
         docs_in: 0,
         docs_out: 0,
@@ -224,15 +224,15 @@ impl<C: Conn> Session<C> {
             ClientMsg::Sync { msgs } => {
                 self.require_hello()?;
                 let (state, who) = (self.state.clone(), self.who.clone());
-                let mut states = std::mem::take(&mut self.sync_states);
+                let mut rounds = std::mem::take(&mut self.sync_rounds);
                 let gate = self.state.write_gate.lock().await;
-                let (replies, states) = blocking(move || {
-                    let r = state.hub.sync_round(&who, state.access.as_ref(), msgs, &mut states);
-                    r.map(|r| (r, states))
+                let (replies, rounds) = blocking(move || {
+                    let r = state.hub.sync_round(&who, state.access.as_ref(), msgs, &mut rounds);
+                    r.map(|r| (r, rounds))
                 })
                 .await?;
                 drop(gate);
-                self.sync_states = states;
+                self.sync_rounds = rounds;
                 self.send(&ServerMsg::Sync { msgs: replies }).await
             }
             ClientMsg::Fetch { skip } => {

@@ -17,6 +17,7 @@ use crate::error::CoreError;
 use crate::protocol::{ErrorCode, ProtocolError};
 
 pub use engine::FrameConn;
+pub use state::send_needed_again;
 pub use ws::WsConn;
 pub(crate) use engine::{open, run, run_until};
 pub(crate) use identity::enroll;

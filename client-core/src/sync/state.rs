@@ -19,6 +19,18 @@ pub(crate) struct PreparedPush {
     pub pending_at: u64,
 }
 
+/// Before taking in the peer's `msg`: the changes it asks for go again, even those already
+/// sent. automerge sends each change once per sync state, and a peer that did not keep one
+/// would otherwise ask for it round after round until reconciliation gave up. Both sides load
+/// documents afresh between rounds (evicted from a cache, or read from the store each round),
+/// which drops a change automerge queued because the one it builds on had not arrived; that
+/// happens when automerge's Bloom filter wrongly counts the earlier change as held.
+pub fn send_needed_again(state: &mut SyncState, msg: &SyncMessage) {
+    for hash in &msg.need {
+        state.sent_hashes.remove(hash);
+    }
+}
+
 fn parse_heads(hex: &[String]) -> Vec<ChangeHash> {
     hex.iter().filter_map(|h| h.parse().ok()).collect()
 }
@@ -195,6 +207,7 @@ impl Inner {
     /// Take in the server's sync message for `id`; what it brings is stored durably.
     pub(crate) fn sync_receive(&self, id: &str, state: &mut SyncState, msg: &[u8]) -> Result<bool, CoreError> {
         let msg = SyncMessage::decode(msg).map_err(|e| CoreError::document(id, e))?;
+        send_needed_again(state, &msg);
         let mut st = self.lock();
         let mut changed = false;
         self.write(&mut st, id, false, |doc| {
@@ -268,5 +281,55 @@ impl Inner {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+    use automerge::{Automerge, ROOT, ReadDoc};
+
+    use super::*;
+
+    fn edit(doc: &mut Automerge, key: &str) {
+        let mut tx = doc.transaction();
+        tx.put(ROOT, key, key).unwrap();
+        tx.commit();
+    }
+
+    /// The phone syncs with a peer that loads its document afresh every round (dropping what
+    /// automerge queued), and whose first message from the phone lost the earlier of two new
+    /// changes: returns whether they converged.
+    fn sync_with_forgetful_peer(resend: bool) -> bool {
+        let mut phone = Automerge::new();
+        edit(&mut phone, "base");
+        let mut saved = phone.save();
+        edit(&mut phone, "second");
+        let second = phone.get_heads();
+        edit(&mut phone, "third");
+        let third = phone.get_changes(&second)[0].raw_bytes().to_vec();
+        let (mut ours, mut theirs) = (SyncState::new(), SyncState::new());
+        for round in 0..12 {
+            let Some(mut msg) = phone.generate_sync_message(&mut ours) else { break };
+            if round == 1 {
+                assert!(!msg.changes.is_empty(), "the second round carries the new changes");
+                msg.changes = automerge::sync::ChunkList::from(vec![third.clone()]);
+            }
+            let mut peer = Automerge::load(&saved).unwrap();
+            peer.receive_sync_message(&mut theirs, msg).unwrap();
+            saved = peer.save();
+            let Some(reply) = peer.generate_sync_message(&mut theirs) else { break };
+            if resend {
+                send_needed_again(&mut ours, &reply);
+            }
+            phone.receive_sync_message(&mut ours, reply).unwrap();
+        }
+        Automerge::load(&saved).unwrap().get_heads() == phone.get_heads()
+    }
+
+    #[test]
+    fn a_change_the_server_asks_for_again_is_sent_again() {
+        assert!(!sync_with_forgetful_peer(false), "automerge alone goes round in circles");
+        assert!(sync_with_forgetful_peer(true));
     }
 }
