@@ -312,25 +312,37 @@ impl<C: Conn> Session<C> {
             download = back;
             let Some(batch) = batch else { break };
             if let Some(prev) = pending.replace(batch) {
-                self.send_batch(prev, false).await?;
+                let msg = self.sending(prev, false);
+                self.send(&msg).await?;
             }
         }
         let last = pending.ok_or_else(|| SessionEnd::protocol(ErrorCode::Internal, "a download ended without its last batch"))?;
-        self.send_batch(last, true).await?;
-        self.exchanged = true;
+        let msg = self.sending(last, true);
+        // The exchange's sync record goes in before the device gets its `done`: a coordinator
+        // who looks at sync health once the phone says it synced sees this sync. It is made
+        // durable after sending, so the phone does not wait for the disk.
         if record {
             self.record_device(None).await;
+        }
+        self.send(&msg).await?;
+        self.exchanged = true;
+        if record {
+            let state = self.state.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || state.hub.flush()).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                tracing::warn!(error = %e, "could not make the device's sync record durable");
+            }
         }
         Ok(())
     }
 
-    async fn send_batch(&mut self, b: DocsBatch, done: bool) -> Result<(), SessionEnd> {
+    /// Count batch `b` as sent and make it a message.
+    fn sending(&mut self, b: DocsBatch, done: bool) -> ServerMsg {
         self.docs_out += b.docs.len() as u64;
         self.state.metrics.docs_sent.fetch_add(b.docs.len() as u64, Relaxed);
         self.cursor = b.cursor;
         self.who.since = b.cursor.seq;
         self.read.extend(b.docs.iter().map(|d| d.doc.clone()));
-        self.send(&ServerMsg::Docs { docs: b.docs, purge: b.purge, cursor: b.cursor, remaining: b.remaining, done }).await
+        ServerMsg::Docs { docs: b.docs, purge: b.purge, cursor: b.cursor, remaining: b.remaining, done }
     }
 
     /// Remember the error that ended this device's sync, for the dashboard's sync health.
@@ -341,7 +353,8 @@ impl<C: Conn> Session<C> {
             let mut info = store.device(&who.org, &who.device)?.unwrap_or_default();
             info.last_error = Some(error);
             info.last_error_at = Some(chrono::Utc::now());
-            store.put_device(&who.org, &who.device, &info)
+            store.put_device(&who.org, &who.device, &info)?;
+            store.flush()
         })
         .await;
     }
@@ -354,8 +367,8 @@ impl<C: Conn> Session<C> {
         let (state, who) = (self.state.clone(), self.who.clone());
         let (cursor, docs_in, docs_out) = (self.cursor.seq, self.docs_in, self.docs_out);
         let r = tokio::task::spawn_blocking(move || {
-            // The exchange's audit entries go in deferred: the device record's durable write
-            // below (same store) makes them durable with it, one flush instead of three.
+            // The exchange's audit entries and the device record go in deferred: the caller's
+            // one flush makes them durable together.
             let actor = format!("device:{} (worker {})", who.device, who.worker);
             for (action, people, what) in [("write", written, "stored"), ("read", read, "sent")] {
                 if !people.is_empty() {

@@ -115,6 +115,8 @@ pub trait ServerStore: Send + Sync + 'static {
     fn head(&self, org: &str) -> Result<Cursor, StoreError>;
     /// The tag drawn for log entry `seq`, if this log has written it.
     fn tag_at(&self, org: &str, seq: u64) -> Result<Option<u32>, StoreError>;
+    /// A device's sync record: readers see it at once, it is durable at the next
+    /// [`flush`](Self::flush).
     fn put_device(&self, org: &str, device: &str, info: &DeviceSync) -> Result<(), StoreError>;
     fn devices(&self, org: &str) -> Result<Vec<(String, DeviceSync)>, StoreError>;
     /// One device's sync record (every session reads its own at the end: one read, not the
@@ -377,7 +379,7 @@ impl<S: LocalStore> ServerStore for KvServerStore<S> {
 
     fn put_device(&self, org: &str, device: &str, info: &DeviceSync) -> Result<(), StoreError> {
         let v = serde_json::to_vec(info).expect("plain data serializes");
-        self.kv.apply(vec![Write::Put(k(b'V', &[org.as_bytes(), device.as_bytes()]), v)])
+        self.kv.apply_deferred(vec![Write::Put(k(b'V', &[org.as_bytes(), device.as_bytes()]), v)])
     }
 
     fn views(&self, org: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
