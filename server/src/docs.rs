@@ -32,7 +32,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use automerge::sync::{Message as SyncMessage, State as SyncState, SyncDoc};
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use automerge::{Automerge, ChangeHash, ReadDoc, SaveOptions};
 use lru::LruCache;
 use peersync_core::protocol::{AckStatus, Cursor, DocAck, DocDown, DocPush, DocSync, ErrorCode, Hash, MAX_DOC_BYTES};
 use peersync_core::StoreError;
@@ -146,7 +146,9 @@ impl Working {
             DocWrite::Increment(inc)
         } else {
             // New to the store, or enough increments: the whole document, replacing them.
-            let snapshot = self.doc.save();
+            // Without changes still waiting for dependencies: those are a session's to keep
+            // (see `SyncRounds`), and once applied they come in an increment.
+            let snapshot = self.doc.save_with_options(SaveOptions { deflate: true, retain_orphans: false });
             self.data.clone_from(&snapshot);
             self.increments = 0;
             DocWrite::Snapshot(snapshot)
@@ -164,7 +166,7 @@ pub struct SyncRounds {
     /// each round loads the document afresh, which drops the queue; and the device, having
     /// sent the change once, never sends it again, so the sync would go round in circles
     /// until it gave up. They are applied again from here each round until their
-    /// dependencies arrive.
+    /// dependencies arrive: per document, what automerge's queue held after the last round.
     waiting: HashMap<String, Vec<u8>>,
     /// Bytes in `waiting`, bounded by [`MAX_WAITING_BYTES`].
     waiting_bytes: usize,
@@ -193,6 +195,22 @@ impl SyncRounds {
             self.waiting_bytes += changes.len();
             self.waiting.insert(doc.to_string(), changes);
         }
+    }
+}
+
+/// The changes automerge keeps in `doc`'s queue for dependencies it lacks, as stored bytes
+/// (`save` writes them after the document). Only called when there are some, which is rare:
+/// it encodes the document twice.
+fn queued(doc: &Automerge) -> Vec<u8> {
+    let with = doc.save_with_options(SaveOptions { deflate: false, retain_orphans: true });
+    let without = doc.save_with_options(SaveOptions { deflate: false, retain_orphans: false });
+    with.strip_prefix(without.as_slice()).map(<[u8]>::to_vec).unwrap_or_default()
+}
+
+/// The server's next sync message for `doc`, if it has something to say.
+fn reply_for(w: &Working, doc: &str, rounds: &mut SyncRounds, replies: &mut Vec<DocSync>) {
+    if let Some(reply) = w.doc.generate_sync_message(rounds.state(doc)) {
+        replies.push(DocSync { doc: doc.to_string(), msg: reply.encode() });
     }
 }
 
@@ -766,20 +784,27 @@ impl DocHub {
             }
             let may_write = access.check_write(who, &m.doc, w.stored)?.is_none();
             if !m.msg.is_empty() {
-                let Ok(msg) = SyncMessage::decode(&m.msg) else { continue };
                 let before = w.doc.get_heads();
+                let Ok(msg) = SyncMessage::decode(&m.msg) else {
+                    // Answered all the same, from a fresh start, so that the device does not
+                    // take the silence for agreement.
+                    *rounds.state(&m.doc) = SyncState::new();
+                    reply_for(w, &m.doc, rounds, &mut replies);
+                    continue;
+                };
                 peersync_core::sync::send_needed_again(rounds.state(&m.doc), &msg);
                 if may_write {
                     let held = rounds.take_waiting(&m.doc);
-                    let incoming: Vec<u8> = msg.changes.iter().flatten().copied().collect();
                     // What was held back goes in first: this message may bring what it lacks.
                     let received = if held.is_empty() { Ok(0) } else { w.doc.load_incremental(&held) };
                     if received.and_then(|_| w.doc.receive_sync_message(rounds.state(&m.doc), msg)).is_err() {
                         w.reset(org, &m.doc)?;
+                        *rounds.state(&m.doc) = SyncState::new();
+                        reply_for(w, &m.doc, rounds, &mut replies);
                         continue;
                     }
                     if !w.doc.get_missing_deps(&[]).is_empty() {
-                        rounds.hold(&m.doc, [held, incoming].concat());
+                        rounds.hold(&m.doc, queued(&w.doc));
                     }
                 } else {
                     // Read-only: learn what the device has without taking its changes.
@@ -792,9 +817,7 @@ impl DocHub {
                     appends.push((Append { doc: m.doc.clone(), write }, applied(&m.doc, w)));
                 }
             }
-            if let Some(reply) = w.doc.generate_sync_message(rounds.state(&m.doc)) {
-                replies.push(DocSync { doc: m.doc, msg: reply.encode() });
-            }
+            reply_for(w, &m.doc, rounds, &mut replies);
         }
         self.commit(who, access, appends, batch)?;
         self.flush()?;
@@ -1142,6 +1165,7 @@ mod tests {
         let reply = SyncMessage::decode(&replies[0].msg).unwrap();
         assert_eq!(reply.need, vec![hashes[0]], "the server asks for the change it lacks");
         assert_eq!(stored_heads(&store, "p-1").len(), 1);
+        assert_eq!(rounds.waiting_bytes, changes[1].len(), "exactly the waiting change is held");
         hub.sync_round(&who(), &Open::default(), carrying(&changes[0]), &mut rounds).unwrap();
         let mut expected: Vec<String> = phone.0.get_heads().iter().map(|h| h.to_string()).collect();
         expected.sort();
@@ -1180,6 +1204,23 @@ mod tests {
             saved = reader.save();
         }
         assert_eq!(Automerge::load(&saved).unwrap().get_heads(), writer.0.get_heads());
+    }
+
+    /// A sync message the server cannot read still gets an answer: silence would let the
+    /// device take the document for reconciled.
+    #[test]
+    fn an_unreadable_sync_message_is_answered() {
+        let (hub, _) = hub(100, 1 << 20);
+        let mut phone = Phone(Automerge::new());
+        phone.edit("base");
+        phone.push(&hub, "p-1", None).unwrap();
+        let mut rounds = SyncRounds::default();
+        let first = phone.0.generate_sync_message(&mut SyncState::new()).unwrap();
+        let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: first.encode() }], &mut rounds).unwrap();
+        assert_eq!(replies.len(), 1);
+        let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: b"not a sync message".to_vec() }], &mut rounds).unwrap();
+        assert_eq!(replies.len(), 1);
+        assert!(SyncMessage::decode(&replies[0].msg).is_ok());
     }
 
     #[test]

@@ -167,7 +167,7 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
             if !matches!(code, ErrorCode::ShuttingDown | ErrorCode::Timeout) {
                 state.metrics.errors.fetch_add(1, Relaxed);
                 tracing::info!(device = %s.who.device, %code, %message, "sync session ended with an error");
-                s.record_error(format!("{code}: {message}")).await;
+                s.record_error(format!("{code}: {message}"), None).await;
             }
             let frame = protocol::encode(&ServerMsg::Error { code: *code, message: message.clone() });
             if let Ok(frame) = frame {
@@ -321,14 +321,18 @@ impl<C: Conn> Session<C> {
         // The exchange's sync record goes in before the device gets its `done`: a coordinator
         // who looks at sync health once the phone says it synced sees this sync. It is made
         // durable after sending, so the phone does not wait for the disk.
-        if record {
-            self.record_device(None).await;
+        let previous = if record { self.record_device().await } else { None };
+        if let Err(e) = self.send(&msg).await {
+            // Not delivered: the device will fetch the batch again, so the sync did not happen.
+            if let Some(previous) = previous {
+                self.record_error("the connection closed before the sync finished".into(), Some(previous)).await;
+            }
+            return Err(e);
         }
-        self.send(&msg).await?;
         self.exchanged = true;
         if record {
             let state = self.state.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || state.hub.flush()).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || state.hub.flush()).await {
                 tracing::warn!(error = %e, "could not make the device's sync record durable");
             }
         }
@@ -345,12 +349,16 @@ impl<C: Conn> Session<C> {
         ServerMsg::Docs { docs: b.docs, purge: b.purge, cursor: b.cursor, remaining: b.remaining, done }
     }
 
-    /// Remember the error that ended this device's sync, for the dashboard's sync health.
-    async fn record_error(&mut self, error: String) {
+    /// Remember the error that ended this device's sync, for the dashboard's sync health, on
+    /// the device's stored sync record or on `base`.
+    async fn record_error(&mut self, error: String, base: Option<DeviceSync>) {
         let (state, who) = (self.state.clone(), self.who.clone());
         let _ = tokio::task::spawn_blocking(move || {
             let store = state.hub.store();
-            let mut info = store.device(&who.org, &who.device)?.unwrap_or_default();
+            let mut info = match base {
+                Some(info) => info,
+                None => store.device(&who.org, &who.device)?.unwrap_or_default(),
+            };
             info.last_error = Some(error);
             info.last_error_at = Some(chrono::Utc::now());
             store.put_device(&who.org, &who.device, &info)?;
@@ -359,7 +367,9 @@ impl<C: Conn> Session<C> {
         .await;
     }
 
-    async fn record_device(&mut self, error: Option<String>) {
+    /// Write this exchange's sync record and audit entries (durable at the next flush);
+    /// returns the record it replaced, if it could read it.
+    async fn record_device(&mut self) -> Option<DeviceSync> {
         self.state.metrics.observe_sync(self.started.elapsed());
         let written = std::mem::take(&mut self.written);
         let read = std::mem::take(&mut self.read);
@@ -379,7 +389,6 @@ impl<C: Conn> Session<C> {
                 }
             }
             let store = state.hub.store();
-            // Keep the last error visible until a later one replaces it.
             let previous = store.device(&who.org, &who.device)?.unwrap_or_default();
             let info = DeviceSync {
                 cursor,
@@ -387,19 +396,26 @@ impl<C: Conn> Session<C> {
                 docs_received: docs_in,
                 docs_sent: docs_out,
                 pending,
-                last_error: error.or(previous.last_error),
+                // Keep the last error visible until a later one replaces it.
+                last_error: previous.last_error.clone(),
                 last_error_at: previous.last_error_at,
             };
-            store.put_device(&who.org, &who.device, &info)
+            store.put_device(&who.org, &who.device, &info).map(|()| previous)
         })
         .await;
-        if let Ok(Err(e)) = r {
-            tracing::warn!(error = %e, "could not record device sync");
-        }
+        let previous = match r {
+            Ok(Ok(previous)) => Some(previous),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not record device sync");
+                None
+            }
+            Err(_) => None,
+        };
         self.started = Instant::now();
         self.docs_in = 0;
         self.docs_out = 0;
         self.docs_stored = 0;
+        previous
     }
 }
 
