@@ -167,7 +167,7 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
             if !matches!(code, ErrorCode::ShuttingDown | ErrorCode::Timeout) {
                 state.metrics.errors.fetch_add(1, Relaxed);
                 tracing::info!(device = %s.who.device, %code, %message, "sync session ended with an error");
-                s.record_error(format!("{code}: {message}"), None).await;
+                s.record_error(format!("{code}: {message}")).await;
             }
             let frame = protocol::encode(&ServerMsg::Error { code: *code, message: message.clone() });
             if let Ok(frame) = frame {
@@ -321,11 +321,11 @@ impl<C: Conn> Session<C> {
         // The exchange's sync record goes in before the device gets its `done`: a coordinator
         // who looks at sync health once the phone says it synced sees this sync. It is made
         // durable after sending, so the phone does not wait for the disk.
-        let previous = if record { self.record_device().await } else { None };
+        let recorded = if record { self.record_device().await } else { None };
         if let Err(e) = self.send(&msg).await {
             // Not delivered: the device will fetch the batch again, so the sync did not happen.
-            if let Some(previous) = previous {
-                self.record_error("the connection closed before the sync finished".into(), Some(previous)).await;
+            if let Some((previous, written)) = recorded {
+                self.undo_record(previous, written).await;
             }
             return Err(e);
         }
@@ -349,16 +349,32 @@ impl<C: Conn> Session<C> {
         ServerMsg::Docs { docs: b.docs, purge: b.purge, cursor: b.cursor, remaining: b.remaining, done }
     }
 
-    /// Remember the error that ended this device's sync, for the dashboard's sync health, on
-    /// the device's stored sync record or on `base`.
-    async fn record_error(&mut self, error: String, base: Option<DeviceSync>) {
+    /// Put back the sync record `written` replaced, with the error, unless a later sync of the
+    /// device (on another connection, while this one's last send hung) has replaced it since.
+    async fn undo_record(&mut self, previous: DeviceSync, written: DeviceSync) {
         let (state, who) = (self.state.clone(), self.who.clone());
         let _ = tokio::task::spawn_blocking(move || {
             let store = state.hub.store();
-            let mut info = match base {
-                Some(info) => info,
-                None => store.device(&who.org, &who.device)?.unwrap_or_default(),
+            if store.device(&who.org, &who.device)? != Some(written) {
+                return Ok(());
+            }
+            let info = DeviceSync {
+                last_error: Some("the connection closed before the sync finished".into()),
+                last_error_at: Some(chrono::Utc::now()),
+                ..previous
             };
+            store.put_device(&who.org, &who.device, &info)?;
+            store.flush()
+        })
+        .await;
+    }
+
+    /// Remember the error that ended this device's sync, for the dashboard's sync health.
+    async fn record_error(&mut self, error: String) {
+        let (state, who) = (self.state.clone(), self.who.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            let store = state.hub.store();
+            let mut info = store.device(&who.org, &who.device)?.unwrap_or_default();
             info.last_error = Some(error);
             info.last_error_at = Some(chrono::Utc::now());
             store.put_device(&who.org, &who.device, &info)?;
@@ -368,8 +384,8 @@ impl<C: Conn> Session<C> {
     }
 
     /// Write this exchange's sync record and audit entries (durable at the next flush);
-    /// returns the record it replaced, if it could read it.
-    async fn record_device(&mut self) -> Option<DeviceSync> {
+    /// returns the record it replaced and the one it wrote, if it could.
+    async fn record_device(&mut self) -> Option<(DeviceSync, DeviceSync)> {
         self.state.metrics.observe_sync(self.started.elapsed());
         let written = std::mem::take(&mut self.written);
         let read = std::mem::take(&mut self.read);
@@ -400,11 +416,11 @@ impl<C: Conn> Session<C> {
                 last_error: previous.last_error.clone(),
                 last_error_at: previous.last_error_at,
             };
-            store.put_device(&who.org, &who.device, &info).map(|()| previous)
+            store.put_device(&who.org, &who.device, &info).map(|()| (previous, info))
         })
         .await;
-        let previous = match r {
-            Ok(Ok(previous)) => Some(previous),
+        let recorded = match r {
+            Ok(Ok(recorded)) => Some(recorded),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not record device sync");
                 None
@@ -415,7 +431,7 @@ impl<C: Conn> Session<C> {
         self.docs_in = 0;
         self.docs_out = 0;
         self.docs_stored = 0;
-        previous
+        recorded
     }
 }
 

@@ -196,15 +196,18 @@ pub async fn sync(d: &Device, server: &TestServer) -> SyncReport {
     d.sync(&server.options()).await.expect("sync succeeds")
 }
 
-/// Wait until `check` holds, polling for up to 5 s; panics naming `what` otherwise.
+/// Wait until `check` holds, polling for up to 15 s; panics naming `what` otherwise.
 pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..100 {
+    // Generous: it returns as soon as `check` holds, and background work (the reporting rows
+    // wait for a second of quiet) can be slow on a busy 2-core CI machine.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
         if check().await {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    panic!("timed out waiting until {what}");
+    panic!("timed out after 15 s waiting until {what}");
 }
 
 /// Visit ids of a person on a device, sorted.
