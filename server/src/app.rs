@@ -184,7 +184,7 @@ impl Conn for AxumConn {
                         message: format!("unreadable websocket frame: {e}"),
                     });
                     let _ = self.0.send(Message::Binary(frame.unwrap_or_default().into())).await;
-                    Incoming::Closed
+                    Incoming::Broken(e.to_string())
                 }
             };
         }

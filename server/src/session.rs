@@ -36,6 +36,8 @@ pub enum Incoming {
     /// A text frame: not part of the protocol.
     Text,
     Closed,
+    /// The connection failed: a frame the websocket layer could not read, or the network.
+    Broken(String),
 }
 
 /// A framed, bidirectional connection.
@@ -54,6 +56,8 @@ enum SessionEnd {
     Protocol { code: ErrorCode, message: String },
     #[error("connection closed")]
     Gone,
+    #[error("connection failed: {0}")]
+    Broken(String),
 }
 
 impl SessionEnd {
@@ -82,6 +86,9 @@ struct Session<C: Conn> {
     pushed: Pushed,
     sync_rounds: crate::docs::SyncRounds,
     started: Instant,
+    /// The newest sync record of this device this session knows of (its own, or none newer than
+    /// the connection): a newer one was written by another connection of the device.
+    record_seen: chrono::DateTime<chrono::Utc>,
     docs_in: u64,
     docs_out: u64,
     docs_stored: u64,
@@ -115,6 +122,7 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
         pushed: Pushed::new(),
         sync_rounds: Default::default(),
         started: Instant::now(),
+        record_seen: chrono::Utc::now(),
         docs_in: 0,
         docs_out: 0,
         docs_stored: 0,
@@ -130,6 +138,7 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
                 let step = match incoming {
                     Err(_) => Err(SessionEnd::protocol(ErrorCode::Timeout, "no frame for too long")),
                     Ok(Incoming::Closed) => Err(SessionEnd::Gone),
+                    Ok(Incoming::Broken(e)) => Err(SessionEnd::Broken(e)),
                     Ok(Incoming::Text) => Err(SessionEnd::protocol(ErrorCode::BadFrame, "text frames are not part of the protocol; send binary frames")),
                     Ok(Incoming::Frame(bytes)) => match s.still_enrolled() {
                         Ok(()) => s.on_frame(bytes).await,
@@ -156,7 +165,12 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
         }
     };
     match &end {
+        // A phone that keeps losing its connection part-way (a weak 2G signal) shows in sync
+        // health; one that closes once its exchange is done is simply finished.
+        SessionEnd::Gone if s.hello_seen && !s.exchanged => s.record_error("the connection was lost before the sync finished".into()).await,
         SessionEnd::Gone => {}
+        SessionEnd::Broken(e) if !s.exchanged => s.record_error(format!("the connection failed before the sync finished: {e}")).await,
+        SessionEnd::Broken(_) => {}
         SessionEnd::Revoked => {
             state.audit_device(&s.who, "wipe", vec![], true, "device revoked while connected; told to wipe");
             if let Ok(frame) = protocol::encode(&ServerMsg::Wipe { message: "this device was revoked by a coordinator".into() }) {
@@ -164,7 +178,10 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
             }
         }
         SessionEnd::Protocol { code, message } => {
-            if !matches!(code, ErrorCode::ShuttingDown | ErrorCode::Timeout) {
+            // A device quiet after its exchange is done is no error; one that goes quiet
+            // part-way (a link that stopped carrying anything) is.
+            let routine = *code == ErrorCode::ShuttingDown || (*code == ErrorCode::Timeout && s.exchanged);
+            if !routine {
                 state.metrics.errors.fetch_add(1, Relaxed);
                 tracing::info!(device = %s.who.device, %code, %message, "sync session ended with an error");
                 s.record_error(format!("{code}: {message}")).await;
@@ -349,8 +366,9 @@ impl<C: Conn> Session<C> {
         ServerMsg::Docs { docs: b.docs, purge: b.purge, cursor: b.cursor, remaining: b.remaining, done }
     }
 
-    /// Put back the sync record `written` replaced, with the error, unless a later sync of the
-    /// device (on another connection, while this one's last send hung) has replaced it since.
+    /// Put back the sync record `written` replaced (the session's end records why), unless a
+    /// later sync of the device, on another connection while this one's last send hung, has
+    /// replaced it since.
     async fn undo_record(&mut self, previous: DeviceSync, written: DeviceSync) {
         let (state, who) = (self.state.clone(), self.who.clone());
         let _ = tokio::task::spawn_blocking(move || {
@@ -358,23 +376,21 @@ impl<C: Conn> Session<C> {
             if store.device(&who.org, &who.device)? != Some(written) {
                 return Ok(());
             }
-            let info = DeviceSync {
-                last_error: Some("the connection closed before the sync finished".into()),
-                last_error_at: Some(chrono::Utc::now()),
-                ..previous
-            };
-            store.put_device(&who.org, &who.device, &info)?;
-            store.flush()
+            store.put_device(&who.org, &who.device, &previous)
         })
         .await;
     }
 
-    /// Remember the error that ended this device's sync, for the dashboard's sync health.
+    /// Remember the error that ended this device's sync, for the dashboard's sync health;
+    /// not if the device has since completed a sync on another connection.
     async fn record_error(&mut self, error: String) {
-        let (state, who) = (self.state.clone(), self.who.clone());
+        let (state, who, seen) = (self.state.clone(), self.who.clone(), self.record_seen);
         let _ = tokio::task::spawn_blocking(move || {
             let store = state.hub.store();
             let mut info = store.device(&who.org, &who.device)?.unwrap_or_default();
+            if info.last_sync_at.is_some_and(|at| at > seen) {
+                return Ok(());
+            }
             info.last_error = Some(error);
             info.last_error_at = Some(chrono::Utc::now());
             store.put_device(&who.org, &who.device, &info)?;
@@ -420,7 +436,10 @@ impl<C: Conn> Session<C> {
         })
         .await;
         let recorded = match r {
-            Ok(Ok(recorded)) => Some(recorded),
+            Ok(Ok(recorded)) => {
+                self.record_seen = recorded.1.last_sync_at.unwrap_or(self.record_seen);
+                Some(recorded)
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not record device sync");
                 None

@@ -69,3 +69,51 @@ async fn cutting_the_stream_after_k_bytes_never_loses_or_duplicates() {
     }
     server.stop().await;
 }
+
+/// A coordinator sees a phone whose syncs break off part-way (a weak signal) in sync health,
+/// and sees it recover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_cut_part_way_shows_in_sync_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let proxy = CuttingProxy::start(server.addr).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let health = async || {
+        let (_, devices) = server.admin("GET", &format!("/v1/devices?org={ORG}"), None).await;
+        let id = a.device_id().await.unwrap();
+        devices.as_array().unwrap().iter().find(|x| x["id"] == id.as_str()).unwrap()["sync"].clone()
+    };
+    // Once the server has seen the connection close: a sync's end is not taken for an error.
+    let closed = async || {
+        eventually("the server has closed the session", async || server.state.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed) == 0).await
+    };
+    a.sync(&proxy.options()).await.unwrap();
+    closed().await;
+    let h = health().await;
+    assert!(h["last_error"].is_null() && h["last_sync_at"].is_string(), "a finished sync is no error: {h}");
+    for i in 0..20u64 {
+        let p = format!("p-{i:03}");
+        a.register_person(person(&p, &format!("AB-{i:03}"))).await.unwrap();
+        // Notes that do not compress away: the first frame must outlast the cut.
+        let note: String = (0..150u64).map(|j| format!("{} ", (i * 7_919 + j * 104_729).pow(2) % 1_000_003)).collect();
+        a.record_visit(&p, visit(&format!("v-{i}"), &note)).await.unwrap();
+    }
+    let first = h["last_sync_at"].clone();
+    // Past the websocket upgrade, inside the phone's first frame.
+    proxy.cut_after(Some(3_000));
+    assert!(a.sync(&proxy.options()).await.is_err());
+    eventually("sync health shows the broken sync", async || {
+        let h = health().await;
+        h["last_error"].as_str().is_some_and(|e| e.contains("before the sync finished")) && h["last_sync_at"] == first
+    })
+    .await;
+    proxy.cut_after(None);
+    a.sync(&proxy.options()).await.unwrap();
+    closed().await;
+    let h = health().await;
+    let (synced, failed) = (h["last_sync_at"].as_str().unwrap(), h["last_error_at"].as_str().unwrap());
+    let parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap();
+    assert!(parse(synced) > parse(failed), "the later sync shows as the latest: {h}");
+    assert_eq!(h["pending"], 0, "{h}");
+    server.stop().await;
+}
