@@ -72,6 +72,9 @@ pub struct AppState {
     pub push_gate: tokio::sync::Semaphore,
     /// Download batches produced at once, across sessions (see `session::send_download`).
     pub download_gate: tokio::sync::Semaphore,
+    /// Held while a session reads a device's sync record and writes it back, so that two
+    /// connections of one device cannot interleave (one putting back an older record).
+    pub device_records: std::sync::Mutex<()>,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +109,7 @@ impl AppState {
             code_throttle: Throttle::new(10, Duration::from_secs(10 * 60)),
             tls: opts.tls,
             write_gate: tokio::sync::Mutex::new(()),
+            device_records: std::sync::Mutex::new(()),
             push_gate: tokio::sync::Semaphore::new(PUSHES_AT_ONCE),
             download_gate: tokio::sync::Semaphore::new(DOWNLOAD_BATCHES_AT_ONCE),
         }

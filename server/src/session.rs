@@ -28,7 +28,8 @@ const FIRST_DOWNLOAD_BATCH_BYTES: usize = 32 << 10;
 /// 0.64 and was no faster.)
 const DOWNLOAD_BATCH_BYTES: usize = 48 << 10;
 
-/// A session with no frame from the device for this long is closed (not in live mode).
+/// A session with no frame from the device for this long is closed (not in live mode), and so
+/// is one whose frame cannot be sent for this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub enum Incoming {
@@ -83,6 +84,8 @@ struct Session<C: Conn> {
     live: bool,
     /// An exchange is complete once its download has been sent.
     exchanged: bool,
+    /// This connection has completed an exchange (a live one goes on to others).
+    synced: bool,
     pushed: Pushed,
     sync_rounds: crate::docs::SyncRounds,
     started: Instant,
@@ -119,6 +122,7 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
         hello_seen: false,
         live: false,
         exchanged: false,
+        synced: false,
         pushed: Pushed::new(),
         sync_rounds: Default::default(),
         started: Instant::now(),
@@ -164,13 +168,22 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
             }
         }
     };
+    // Losing the connection, or its going quiet, is routine once the session has completed a
+    // sync (a phone that closes after it, or a live one put away with a push in flight: what
+    // it recorded stays pending on it); before that it is what a weak 2G signal looks like, and
+    // sync health shows it.
+    let unfinished = match &end {
+        SessionEnd::Gone if !s.synced => Some("the connection was lost before the sync finished".to_string()),
+        SessionEnd::Broken(e) if !s.synced => Some(format!("the connection broke off before the sync finished ({e})")),
+        _ => None,
+    };
+    if let Some(error) = unfinished {
+        state.metrics.errors.fetch_add(1, Relaxed);
+        tracing::info!(device = %s.who.device, %error, "sync session ended early");
+        s.record_error(error).await;
+    }
     match &end {
-        // A phone that keeps losing its connection part-way (a weak 2G signal) shows in sync
-        // health; one that closes once its exchange is done is simply finished.
-        SessionEnd::Gone if s.hello_seen && !s.exchanged => s.record_error("the connection was lost before the sync finished".into()).await,
-        SessionEnd::Gone => {}
-        SessionEnd::Broken(e) if !s.exchanged => s.record_error(format!("the connection failed before the sync finished: {e}")).await,
-        SessionEnd::Broken(_) => {}
+        SessionEnd::Gone | SessionEnd::Broken(_) => {}
         SessionEnd::Revoked => {
             state.audit_device(&s.who, "wipe", vec![], true, "device revoked while connected; told to wipe");
             if let Ok(frame) = protocol::encode(&ServerMsg::Wipe { message: "this device was revoked by a coordinator".into() }) {
@@ -178,9 +191,7 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
             }
         }
         SessionEnd::Protocol { code, message } => {
-            // A device quiet after its exchange is done is no error; one that goes quiet
-            // part-way (a link that stopped carrying anything) is.
-            let routine = *code == ErrorCode::ShuttingDown || (*code == ErrorCode::Timeout && s.exchanged);
+            let routine = *code == ErrorCode::ShuttingDown || (*code == ErrorCode::Timeout && s.synced);
             if !routine {
                 state.metrics.errors.fetch_add(1, Relaxed);
                 tracing::info!(device = %s.who.device, %code, %message, "sync session ended with an error");
@@ -191,6 +202,17 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
                 s.send_raw(frame).await;
             }
         }
+    }
+    // What the session wrote or sent outside a recorded exchange (changes forwarded to a live
+    // phone, or an exchange cut off part-way) is audited all the same.
+    let (written, read) = (std::mem::take(&mut s.written), std::mem::take(&mut s.read));
+    if !written.is_empty() || !read.is_empty() {
+        let (st, who) = (state.clone(), s.who.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            audit_exchange(&st, &who, written, read);
+            st.hub.flush()
+        })
+        .await;
     }
     s.conn.close().await;
     state.metrics.connections_active.fetch_sub(1, Relaxed);
@@ -205,10 +227,13 @@ impl<C: Conn> Session<C> {
         }
     }
 
+    /// False once the connection is gone, or if the frame found no room for as long as a
+    /// device may stay silent (a phone that stopped reading, on a link that still holds the
+    /// connection open): the session then ends instead of waiting on it for ever.
     async fn send_raw(&mut self, frame: Vec<u8>) -> bool {
         self.state.metrics.frames_out.fetch_add(1, Relaxed);
         self.state.metrics.bytes_out.fetch_add(frame.len() as u64, Relaxed);
-        self.conn.send(frame).await
+        tokio::time::timeout(IDLE_TIMEOUT, self.conn.send(frame)).await.unwrap_or(false)
     }
 
     async fn send(&mut self, msg: &ServerMsg) -> Result<(), SessionEnd> {
@@ -347,11 +372,16 @@ impl<C: Conn> Session<C> {
             return Err(e);
         }
         self.exchanged = true;
+        self.synced = true;
         if record {
             let state = self.state.clone();
             if let Ok(Err(e)) = tokio::task::spawn_blocking(move || state.hub.flush()).await {
                 tracing::warn!(error = %e, "could not make the device's sync record durable");
             }
+        } else if !self.read.is_empty() {
+            // Changes forwarded to a live phone are audited as they go, not at its next sync.
+            let (state, who, read) = (self.state.clone(), self.who.clone(), std::mem::take(&mut self.read));
+            let _ = tokio::task::spawn_blocking(move || audit_exchange(&state, &who, vec![], read)).await;
         }
         Ok(())
     }
@@ -372,6 +402,7 @@ impl<C: Conn> Session<C> {
     async fn undo_record(&mut self, previous: DeviceSync, written: DeviceSync) {
         let (state, who) = (self.state.clone(), self.who.clone());
         let _ = tokio::task::spawn_blocking(move || {
+            let _records = lock(&state.device_records);
             let store = state.hub.store();
             if store.device(&who.org, &who.device)? != Some(written) {
                 return Ok(());
@@ -386,6 +417,7 @@ impl<C: Conn> Session<C> {
     async fn record_error(&mut self, error: String) {
         let (state, who, seen) = (self.state.clone(), self.who.clone(), self.record_seen);
         let _ = tokio::task::spawn_blocking(move || {
+            let _records = lock(&state.device_records);
             let store = state.hub.store();
             let mut info = store.device(&who.org, &who.device)?.unwrap_or_default();
             if info.last_sync_at.is_some_and(|at| at > seen) {
@@ -411,15 +443,8 @@ impl<C: Conn> Session<C> {
         let r = tokio::task::spawn_blocking(move || {
             // The exchange's audit entries and the device record go in deferred: the caller's
             // one flush makes them durable together.
-            let actor = format!("device:{} (worker {})", who.device, who.worker);
-            for (action, people, what) in [("write", written, "stored"), ("read", read, "sent")] {
-                if !people.is_empty() {
-                    let n = people.len();
-                    if let Err(e) = state.audit.record_deferred(&who.org, &actor, action, people, true, format!("{n} person documents {what}")) {
-                        tracing::error!(error = %e, "audit log write failed");
-                    }
-                }
-            }
+            audit_exchange(&state, &who, written, read);
+            let _records = lock(&state.device_records);
             let store = state.hub.store();
             let previous = store.device(&who.org, &who.device)?.unwrap_or_default();
             let info = DeviceSync {
@@ -460,5 +485,25 @@ async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(SessionEnd::from),
         Err(e) => Err(SessionEnd::protocol(ErrorCode::Internal, format!("task failed: {e}"))),
+    }
+}
+
+/// A poisoned lock only means another session's thread panicked while holding it; the sync
+/// record it guards is still a whole value.
+fn lock(m: &std::sync::Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The audit entries for people a device's exchange wrote and was sent, deferred: durable at
+/// the store's next flush.
+fn audit_exchange(state: &AppState, who: &DeviceIdentity, written: Vec<String>, read: Vec<String>) {
+    let actor = format!("device:{} (worker {})", who.device, who.worker);
+    for (action, people, what) in [("write", written, "stored"), ("read", read, "sent")] {
+        if !people.is_empty() {
+            let n = people.len();
+            if let Err(e) = state.audit.record_deferred(&who.org, &actor, action, people, true, format!("{n} person documents {what}")) {
+                tracing::error!(error = %e, "audit log write failed");
+            }
+        }
     }
 }

@@ -100,6 +100,27 @@ async fn a_coordinator_uses_the_dashboard_in_a_real_browser() {
     assert_eq!(lines.len(), 1 + 9);
     assert_eq!(lines.iter().filter(|l| l.contains(",w-002,")).count(), 3);
     assert!(lines.iter().any(|l| l.starts_with("p-0,va-0,w-001,2026-03-02T10:00:00+00:00,45,in_person,community,support,housing,")), "{csv}");
+
+    // 5. Sync health: B's sync broke off once and then went through; A's latest broke off.
+    let proxy = CuttingProxy::start(server.addr).await;
+    for (phone, worker) in [(&b, "w-002"), (&a, "w-001")] {
+        // A note that does not compress away: the phone's first frame outlasts the cut.
+        let note: String = (0..2_000u64).map(|j| format!("{} ", (j * 104_729).pow(2) % 1_000_003)).collect();
+        phone.record_visit("p-0", visit(&format!("late-{worker}"), &note)).await.unwrap();
+        proxy.cut_after(Some(3_000));
+        assert!(phone.sync(&proxy.options()).await.is_err());
+        eventually("the broken sync is recorded", async || {
+            let (_, devices) = server.admin("GET", &format!("/v1/devices?org={ORG}"), None).await;
+            devices.as_array().unwrap().iter().any(|d| d["worker"] == worker && d["sync"]["last_error"].is_string())
+        })
+        .await;
+    }
+    proxy.cut_after(None);
+    b.sync(&proxy.options()).await.unwrap();
+    browser.click("#t-team").await;
+    browser.click("#t-devices").await;
+    let rows = "Array.from(document.querySelectorAll('#devices-table tbody tr')).map((r) => r.textContent)";
+    browser.wait_for("the errors show", &format!("{rows}.some((t) => t.includes('w-001') && t.includes('before the sync finished') && !t.includes('synced fine since')) && {rows}.some((t) => t.includes('w-002') && t.includes('synced fine since'))")).await;
     browser.quit().await;
     server.stop().await;
 }

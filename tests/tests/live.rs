@@ -34,6 +34,13 @@ async fn connected_phones_receive_changes_as_they_happen() {
     sync(&a, &server).await;
     eventually("B receives v-a", async || visit_ids(&b, "p-1").await == ["v-a"]).await;
     assert!(seen.0.lock().unwrap().contains(&"p-1".to_string()));
+    // The audit log shows p-1 sent to B twice: in its first exchange, and forwarded.
+    eventually("the forwarded record is audited", async || {
+        let (_, audit) = server.admin("GET", &format!("/v1/audit?org={ORG}"), None).await;
+        let sent_to_b = |e: &&serde_json::Value| e["action"] == "read" && e["actor"].as_str().is_some_and(|a| a.contains("w-002")) && e["people"].as_array().is_some_and(|p| p.iter().any(|p| p == "p-1"));
+        audit.as_array().unwrap().iter().filter(sent_to_b).count() == 2
+    })
+    .await;
 
     // B records while connected: it goes out at once, and A gets it at its next sync.
     b.record_visit("p-1", visit("v-b", "")).await.unwrap();
