@@ -208,10 +208,26 @@ fn queued(doc: &Automerge) -> Vec<u8> {
 }
 
 /// The server's next sync message for `doc`, if it has something to say.
-fn reply_for(w: &Working, doc: &str, rounds: &mut SyncRounds, replies: &mut Vec<DocSync>) {
+fn reply_for(w: &Working, doc: &str, rounds: &mut SyncRounds, out: &mut RoundOutcome) {
     if let Some(reply) = w.doc.generate_sync_message(rounds.state(doc)) {
-        replies.push(DocSync { doc: doc.to_string(), msg: reply.encode() });
+        if !reply.changes.is_empty() {
+            out.sent.push(doc.to_string());
+        }
+        out.replies.push(DocSync { doc: doc.to_string(), msg: reply.encode() });
     }
+}
+
+/// What one sync round did.
+#[derive(Debug, Default)]
+pub struct RoundOutcome {
+    /// The server's answers, to send to the device.
+    pub replies: Vec<DocSync>,
+    /// Documents the device's changes were stored in, and documents whose answer carries
+    /// changes to the device (for the audit log).
+    pub stored: Vec<String>,
+    pub sent: Vec<String>,
+    /// Documents of which the server now holds everything the device has.
+    pub caught_up: Vec<String>,
 }
 
 /// Documents loaded by one batch, by id.
@@ -766,12 +782,12 @@ impl DocHub {
         access: &dyn Access,
         msgs: Vec<DocSync>,
         rounds: &mut SyncRounds,
-    ) -> Result<Vec<DocSync>, StoreError> {
+    ) -> Result<RoundOutcome, StoreError> {
         let org = who.org.as_str();
         let _w = lock(&self.write_lock);
         let mut appends = Vec::new();
         let mut batch = Batch::new();
-        let mut replies = Vec::new();
+        let mut out = RoundOutcome::default();
         for m in msgs {
             if peersync_core::model::validate_id("doc", &m.doc).is_err() {
                 continue;
@@ -789,10 +805,11 @@ impl DocHub {
                     // Answered all the same, from a fresh start, so that the device does not
                     // take the silence for agreement.
                     *rounds.state(&m.doc) = SyncState::new();
-                    reply_for(w, &m.doc, rounds, &mut replies);
+                    reply_for(w, &m.doc, rounds, &mut out);
                     continue;
                 };
                 peersync_core::sync::send_needed_again(rounds.state(&m.doc), &msg);
+                let heads = msg.heads.clone();
                 if may_write {
                     let held = rounds.take_waiting(&m.doc);
                     // What was held back goes in first: this message may bring what it lacks.
@@ -800,11 +817,14 @@ impl DocHub {
                     if received.and_then(|_| w.doc.receive_sync_message(rounds.state(&m.doc), msg)).is_err() {
                         w.reset(org, &m.doc)?;
                         *rounds.state(&m.doc) = SyncState::new();
-                        reply_for(w, &m.doc, rounds, &mut replies);
+                        reply_for(w, &m.doc, rounds, &mut out);
                         continue;
                     }
                     if !w.doc.get_missing_deps(&[]).is_empty() {
                         rounds.hold(&m.doc, queued(&w.doc));
+                    }
+                    if heads.iter().all(|h| w.doc.get_change_by_hash(h).is_some()) {
+                        out.caught_up.push(m.doc.clone());
                     }
                 } else {
                     // Read-only: learn what the device has without taking its changes.
@@ -815,13 +835,14 @@ impl DocHub {
                 if after != before {
                     let write = w.write(&before);
                     appends.push((Append { doc: m.doc.clone(), write }, applied(&m.doc, w)));
+                    out.stored.push(m.doc.clone());
                 }
             }
-            reply_for(w, &m.doc, rounds, &mut replies);
+            reply_for(w, &m.doc, rounds, &mut out);
         }
         self.commit(who, access, appends, batch)?;
         self.flush()?;
-        Ok(replies)
+        Ok(out)
     }
 }
 
@@ -1161,12 +1182,14 @@ mod tests {
             vec![DocSync { doc: "p-1".into(), msg: msg.encode() }]
         };
         let mut rounds = SyncRounds::default();
-        let replies = hub.sync_round(&who(), &Open::default(), carrying(&changes[1]), &mut rounds).unwrap();
-        let reply = SyncMessage::decode(&replies[0].msg).unwrap();
+        let outcome = hub.sync_round(&who(), &Open::default(), carrying(&changes[1]), &mut rounds).unwrap();
+        assert!(outcome.stored.is_empty() && outcome.caught_up.is_empty(), "{outcome:?}");
+        let reply = SyncMessage::decode(&outcome.replies[0].msg).unwrap();
         assert_eq!(reply.need, vec![hashes[0]], "the server asks for the change it lacks");
         assert_eq!(stored_heads(&store, "p-1").len(), 1);
         assert_eq!(rounds.waiting_bytes, changes[1].len(), "exactly the waiting change is held");
-        hub.sync_round(&who(), &Open::default(), carrying(&changes[0]), &mut rounds).unwrap();
+        let outcome = hub.sync_round(&who(), &Open::default(), carrying(&changes[0]), &mut rounds).unwrap();
+        assert_eq!((outcome.stored, outcome.caught_up), (vec!["p-1".to_string()], vec!["p-1".to_string()]), "stored, and the server has all the phone has");
         let mut expected: Vec<String> = phone.0.get_heads().iter().map(|h| h.to_string()).collect();
         expected.sort();
         assert_eq!(stored_heads(&store, "p-1"), expected, "both changes are stored");
@@ -1193,7 +1216,7 @@ mod tests {
         for round in 0..8 {
             let mut reader = Automerge::load(&saved).unwrap();
             let Some(msg) = reader.generate_sync_message(&mut state) else { break };
-            let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: msg.encode() }], &mut rounds).unwrap();
+            let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: msg.encode() }], &mut rounds).unwrap().replies;
             let Some(reply) = replies.first() else { break };
             let mut reply = SyncMessage::decode(&reply.msg).unwrap();
             if round == 0 {
@@ -1216,9 +1239,9 @@ mod tests {
         phone.push(&hub, "p-1", None).unwrap();
         let mut rounds = SyncRounds::default();
         let first = phone.0.generate_sync_message(&mut SyncState::new()).unwrap();
-        let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: first.encode() }], &mut rounds).unwrap();
+        let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: first.encode() }], &mut rounds).unwrap().replies;
         assert_eq!(replies.len(), 1);
-        let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: b"not a sync message".to_vec() }], &mut rounds).unwrap();
+        let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: b"not a sync message".to_vec() }], &mut rounds).unwrap().replies;
         assert_eq!(replies.len(), 1);
         assert!(SyncMessage::decode(&replies[0].msg).is_ok());
     }

@@ -86,6 +86,13 @@ struct Session<C: Conn> {
     exchanged: bool,
     /// This connection has completed an exchange (a live one goes on to others).
     synced: bool,
+    /// Documents pushed in this connection that the server sent to reconciliation, until the
+    /// server holds all the device has of them.
+    need_sync: HashSet<String>,
+    /// Of those, how many caught up since the last sync record.
+    caught_up: u64,
+    /// The sync record this session last wrote.
+    last_record: Option<DeviceSync>,
     pushed: Pushed,
     sync_rounds: crate::docs::SyncRounds,
     started: Instant,
@@ -123,6 +130,9 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
         live: false,
         exchanged: false,
         synced: false,
+        need_sync: HashSet::new(),
+        caught_up: 0,
+        last_record: None,
         pushed: Pushed::new(),
         sync_rounds: Default::default(),
         started: Instant::now(),
@@ -268,14 +278,20 @@ impl<C: Conn> Session<C> {
                 let (state, who) = (self.state.clone(), self.who.clone());
                 let mut rounds = std::mem::take(&mut self.sync_rounds);
                 let gate = self.state.write_gate.lock().await;
-                let (replies, rounds) = blocking(move || {
+                let (outcome, rounds) = blocking(move || {
                     let r = state.hub.sync_round(&who, state.access.as_ref(), msgs, &mut rounds);
                     r.map(|r| (r, rounds))
                 })
                 .await?;
                 drop(gate);
                 self.sync_rounds = rounds;
-                self.send(&ServerMsg::Sync { msgs: replies }).await
+                self.written.extend(outcome.stored);
+                self.read.extend(outcome.sent);
+                let reconciled = outcome.caught_up.iter().filter(|d| self.need_sync.remove(*d)).count() as u64;
+                if reconciled > 0 {
+                    self.reconciled(reconciled).await;
+                }
+                self.send(&ServerMsg::Sync { msgs: outcome.replies }).await
             }
             ClientMsg::Fetch { skip } => {
                 self.require_hello()?;
@@ -313,6 +329,7 @@ impl<C: Conn> Session<C> {
             self.pushed = pushed;
             let stored: Vec<String> = acks.iter().filter(|a| a.status == protocol::AckStatus::Stored).map(|a| a.doc.clone()).collect();
             self.docs_stored += stored.len() as u64;
+            self.need_sync.extend(acks.iter().filter(|a| a.status == protocol::AckStatus::NeedSync).map(|a| a.doc.clone()));
             self.written.extend(stored);
             let refused: Vec<String> = acks.iter().filter(|a| matches!(a.status, protocol::AckStatus::Refused { .. })).map(|a| a.doc.clone()).collect();
             if !refused.is_empty() {
@@ -437,7 +454,7 @@ impl<C: Conn> Session<C> {
         self.state.metrics.observe_sync(self.started.elapsed());
         let written = std::mem::take(&mut self.written);
         let read = std::mem::take(&mut self.read);
-        let pending = self.docs_in.saturating_sub(self.docs_stored);
+        let pending = self.docs_in.saturating_sub(self.docs_stored + self.caught_up);
         let (state, who) = (self.state.clone(), self.who.clone());
         let (cursor, docs_in, docs_out) = (self.cursor.seq, self.docs_in, self.docs_out);
         let r = tokio::task::spawn_blocking(move || {
@@ -463,6 +480,7 @@ impl<C: Conn> Session<C> {
         let recorded = match r {
             Ok(Ok(recorded)) => {
                 self.record_seen = recorded.1.last_sync_at.unwrap_or(self.record_seen);
+                self.last_record = Some(recorded.1.clone());
                 Some(recorded)
             }
             Ok(Err(e)) => {
@@ -475,7 +493,33 @@ impl<C: Conn> Session<C> {
         self.docs_in = 0;
         self.docs_out = 0;
         self.docs_stored = 0;
+        self.caught_up = 0;
         recorded
+    }
+
+    /// `n` documents the exchange sent to reconciliation are now held by the server in full:
+    /// no longer pending on the phone. Counted into the next sync record, or, once this
+    /// exchange's record is written (reconciliation follows the download), taken off it.
+    async fn reconciled(&mut self, n: u64) {
+        let Some(written) = self.last_record.clone().filter(|_| self.exchanged) else {
+            self.caught_up += n;
+            return;
+        };
+        let (state, who) = (self.state.clone(), self.who.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            let _records = lock(&state.device_records);
+            let store = state.hub.store();
+            if store.device(&who.org, &who.device)?.as_ref() != Some(&written) {
+                return Ok(None);
+            }
+            let info = DeviceSync { pending: written.pending.saturating_sub(n), ..written };
+            store.put_device(&who.org, &who.device, &info)?;
+            store.flush().map(|()| Some(info))
+        })
+        .await;
+        if let Ok(Ok(Some(info))) = r {
+            self.last_record = Some(info);
+        }
     }
 }
 

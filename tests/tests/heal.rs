@@ -42,6 +42,13 @@ async fn server_restored_from_backup() {
     assert!(ra.reconciled > 0, "A fell back to automerge sync: {ra:?}");
     let rb = sync(&b, &server).await;
     assert!(rb.reconciled > 0, "{rb:?}");
+    // Sync health agrees: what the phones reconciled is no longer pending on them.
+    let pending = async |d: &peersync_core::Device| {
+        let (_, devices) = server.admin("GET", &format!("/v1/devices?org={ORG}"), None).await;
+        let id = d.device_id().await.unwrap();
+        devices.as_array().unwrap().iter().find(|x| x["id"] == id.as_str()).unwrap()["sync"]["pending"].clone()
+    };
+    assert_eq!((pending(&a).await, pending(&b).await), (serde_json::json!(0), serde_json::json!(0)));
     sync(&a, &server).await;
     // 4. A fresh phone sees everything again.
     let (c, _) = server.phone(dir.path(), "w-003").await;
