@@ -270,6 +270,12 @@ impl<C: Conn> Session<C> {
             }
             ClientMsg::Push { docs, more } => {
                 self.require_hello()?;
+                if self.exchanged {
+                    // A new exchange on a live connection: what the last one sent to
+                    // reconciliation was settled by its own rounds.
+                    self.need_sync.clear();
+                    self.caught_up = 0;
+                }
                 self.exchanged = false;
                 self.push(docs, more).await
             }
@@ -485,9 +491,13 @@ impl<C: Conn> Session<C> {
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not record device sync");
+                self.last_record = None;
                 None
             }
-            Err(_) => None,
+            Err(_) => {
+                self.last_record = None;
+                None
+            }
         };
         self.started = Instant::now();
         self.docs_in = 0;
@@ -501,11 +511,14 @@ impl<C: Conn> Session<C> {
     /// no longer pending on the phone. Counted into the next sync record, or, once this
     /// exchange's record is written (reconciliation follows the download), taken off it.
     async fn reconciled(&mut self, n: u64) {
-        let Some(written) = self.last_record.clone().filter(|_| self.exchanged) else {
+        if !self.exchanged {
             self.caught_up += n;
             return;
-        };
+        }
+        // No record of this exchange to correct (writing it failed): nothing to take off.
+        let Some(written) = self.last_record.clone().filter(|r| r.pending > 0) else { return };
         let (state, who) = (self.state.clone(), self.who.clone());
+        // Deferred: durable at the store's next flush, like the record itself.
         let r = tokio::task::spawn_blocking(move || {
             let _records = lock(&state.device_records);
             let store = state.hub.store();
@@ -513,8 +526,7 @@ impl<C: Conn> Session<C> {
                 return Ok(None);
             }
             let info = DeviceSync { pending: written.pending.saturating_sub(n), ..written };
-            store.put_device(&who.org, &who.device, &info)?;
-            store.flush().map(|()| Some(info))
+            store.put_device(&who.org, &who.device, &info).map(|()| Some(info))
         })
         .await;
         if let Ok(Ok(Some(info))) = r {
@@ -542,7 +554,10 @@ fn lock(m: &std::sync::Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
 /// the store's next flush.
 fn audit_exchange(state: &AppState, who: &DeviceIdentity, written: Vec<String>, read: Vec<String>) {
     let actor = format!("device:{} (worker {})", who.device, who.worker);
-    for (action, people, what) in [("write", written, "stored"), ("read", read, "sent")] {
+    for (action, mut people, what) in [("write", written, "stored"), ("read", read, "sent")] {
+        // A person stored or sent in several batches or rounds is one person.
+        people.sort();
+        people.dedup();
         if !people.is_empty() {
             let n = people.len();
             if let Err(e) = state.audit.record_deferred(&who.org, &actor, action, people, true, format!("{n} person documents {what}")) {
