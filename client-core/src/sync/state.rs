@@ -287,7 +287,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use automerge::transaction::Transactable;
-    use automerge::{Automerge, ROOT, ReadDoc};
+    use automerge::{Automerge, ROOT};
 
     use super::*;
 
