@@ -386,7 +386,7 @@ impl<C: Conn> Session<C> {
         // The exchange's sync record goes in before the device gets its `done`: a coordinator
         // who looks at sync health once the phone says it synced sees this sync. It is made
         // durable after sending, so the phone does not wait for the disk.
-        let recorded = if record { self.record_device().await } else { None };
+        let recorded = if record { self.record_device() } else { None };
         if let Err(e) = self.send(&msg).await {
             // Not delivered: the device will fetch the batch again, so the sync did not happen.
             if let Some((previous, written)) = recorded {
@@ -396,15 +396,20 @@ impl<C: Conn> Session<C> {
         }
         self.exchanged = true;
         self.synced = true;
-        if record {
-            let state = self.state.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || state.hub.flush()).await {
-                tracing::warn!(error = %e, "could not make the device's sync record durable");
+        // The exchange's audit entries (or, for changes forwarded to a live phone, the reads:
+        // audited as they go, not at its next sync), then one flush makes them and the sync
+        // record durable together.
+        let (state, who) = (self.state.clone(), self.who.clone());
+        let (written, read) = (std::mem::take(&mut self.written), std::mem::take(&mut self.read));
+        if record || !written.is_empty() || !read.is_empty() {
+            let r = tokio::task::spawn_blocking(move || {
+                audit_exchange(&state, &who, written, read);
+                state.hub.flush()
+            })
+            .await;
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "could not make the exchange's audit entries and sync record durable");
             }
-        } else if !self.read.is_empty() {
-            // Changes forwarded to a live phone are audited as they go, not at its next sync.
-            let (state, who, read) = (self.state.clone(), self.who.clone(), std::mem::take(&mut self.read));
-            let _ = tokio::task::spawn_blocking(move || audit_exchange(&state, &who, vec![], read)).await;
         }
         Ok(())
     }
@@ -454,22 +459,19 @@ impl<C: Conn> Session<C> {
         .await;
     }
 
-    /// Write this exchange's sync record and audit entries (durable at the next flush);
-    /// returns the record it replaced and the one it wrote, if it could.
-    async fn record_device(&mut self) -> Option<(DeviceSync, DeviceSync)> {
+    /// Write this exchange's sync record (durable at the next flush); returns the record it
+    /// replaced and the one it wrote, if it could. It runs on the session's own task, not a
+    /// blocking thread: it is a read and a write of one small key, and it sits between the
+    /// phone and its `done`, where a hop to another thread on a busy server can cost more than
+    /// the work. The exchange's audit entries wait until after the `done`.
+    fn record_device(&mut self) -> Option<(DeviceSync, DeviceSync)> {
         self.state.metrics.observe_sync(self.started.elapsed());
-        let written = std::mem::take(&mut self.written);
-        let read = std::mem::take(&mut self.read);
         let pending = self.docs_in.saturating_sub(self.docs_stored + self.caught_up);
-        let (state, who) = (self.state.clone(), self.who.clone());
         let (cursor, docs_in, docs_out) = (self.cursor.seq, self.docs_in, self.docs_out);
-        let r = tokio::task::spawn_blocking(move || {
-            // The exchange's audit entries and the device record go in deferred: the caller's
-            // one flush makes them durable together.
-            audit_exchange(&state, &who, written, read);
-            let _records = lock(&state.device_records);
-            let store = state.hub.store();
-            let previous = store.device(&who.org, &who.device)?.unwrap_or_default();
+        let r = (|| {
+            let _records = lock(&self.state.device_records);
+            let store = self.state.hub.store();
+            let previous = store.device(&self.who.org, &self.who.device)?.unwrap_or_default();
             let info = DeviceSync {
                 cursor,
                 last_sync_at: Some(chrono::Utc::now()),
@@ -480,21 +482,16 @@ impl<C: Conn> Session<C> {
                 last_error: previous.last_error.clone(),
                 last_error_at: previous.last_error_at,
             };
-            store.put_device(&who.org, &who.device, &info).map(|()| (previous, info))
-        })
-        .await;
+            store.put_device(&self.who.org, &self.who.device, &info).map(|()| (previous, info))
+        })();
         let recorded = match r {
-            Ok(Ok(recorded)) => {
+            Ok(recorded) => {
                 self.record_seen = recorded.1.last_sync_at.unwrap_or(self.record_seen);
                 self.last_record = Some(recorded.1.clone());
                 Some(recorded)
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(error = %e, "could not record device sync");
-                self.last_record = None;
-                None
-            }
-            Err(_) => {
                 self.last_record = None;
                 None
             }
