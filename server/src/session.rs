@@ -213,16 +213,10 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
             }
         }
     }
-    // What the session wrote or sent outside a recorded exchange (changes forwarded to a live
-    // phone, or an exchange cut off part-way) is audited all the same.
-    let (written, read) = (std::mem::take(&mut s.written), std::mem::take(&mut s.read));
-    if !written.is_empty() || !read.is_empty() {
-        let (st, who) = (state.clone(), s.who.clone());
-        let _ = tokio::task::spawn_blocking(move || {
-            audit_exchange(&st, &who, written, read);
-            st.hub.flush()
-        })
-        .await;
+    // What the session wrote or sent outside a recorded exchange (an exchange cut off
+    // part-way, or reconciliation after the download) is audited all the same.
+    if !s.written.is_empty() || !s.read.is_empty() {
+        s.audit_pending(true).await;
     }
     s.conn.close().await;
     state.metrics.connections_active.fetch_sub(1, Relaxed);
@@ -396,22 +390,29 @@ impl<C: Conn> Session<C> {
         }
         self.exchanged = true;
         self.synced = true;
-        // The exchange's audit entries (or, for changes forwarded to a live phone, the reads:
-        // audited as they go, not at its next sync), then one flush makes them and the sync
-        // record durable together.
-        let (state, who) = (self.state.clone(), self.who.clone());
-        let (written, read) = (std::mem::take(&mut self.written), std::mem::take(&mut self.read));
-        if record || !written.is_empty() || !read.is_empty() {
-            let r = tokio::task::spawn_blocking(move || {
-                audit_exchange(&state, &who, written, read);
-                state.hub.flush()
-            })
-            .await;
-            if let Ok(Err(e)) = r {
-                tracing::warn!(error = %e, "could not make the exchange's audit entries and sync record durable");
-            }
-        }
+        // The exchange's audit entries, made durable with its sync record by one flush; reads
+        // forwarded to a live phone are audited as they go (not at its next sync), durable at
+        // the store's next flush, so a team's change costs no disk sync per connected phone.
+        self.audit_pending(record).await;
         Ok(())
+    }
+
+    /// Audit what this session wrote and sent since it last did (deferred), then, if
+    /// `durable`, flush the store: those entries and any deferred sync record with them.
+    async fn audit_pending(&mut self, durable: bool) {
+        let (written, read) = (std::mem::take(&mut self.written), std::mem::take(&mut self.read));
+        if written.is_empty() && read.is_empty() && !durable {
+            return;
+        }
+        let (state, who) = (self.state.clone(), self.who.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            audit_exchange(&state, &who, written, read);
+            if durable { state.hub.flush() } else { Ok(()) }
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, "could not make the exchange's audit entries and sync record durable");
+        }
     }
 
     /// Count batch `b` as sent and make it a message.
@@ -428,33 +429,40 @@ impl<C: Conn> Session<C> {
     /// later sync of the device, on another connection while this one's last send hung, has
     /// replaced it since.
     async fn undo_record(&mut self, previous: DeviceSync, written: DeviceSync) {
+        self.change_record(false, move |current| (current == Some(written)).then_some(previous)).await;
+    }
+
+    /// [`update_record`] on a blocking thread, then, if `durable`, a flush.
+    async fn change_record(&mut self, durable: bool, change: impl FnOnce(Option<DeviceSync>) -> Option<DeviceSync> + Send + 'static) -> Option<DeviceSync> {
         let (state, who) = (self.state.clone(), self.who.clone());
-        let _ = tokio::task::spawn_blocking(move || {
-            let _records = lock(&state.device_records);
-            let store = state.hub.store();
-            if store.device(&who.org, &who.device)? != Some(written) {
-                return Ok(());
+        let r = tokio::task::spawn_blocking(move || {
+            let info = update_record(&state, &who, change)?;
+            if durable && info.is_some() {
+                state.hub.flush()?;
             }
-            store.put_device(&who.org, &who.device, &previous)
+            Ok::<_, peersync_core::StoreError>(info)
         })
         .await;
+        match r {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not update the device's sync record");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Remember the error that ended this device's sync, for the dashboard's sync health;
     /// not if the device has since completed a sync on another connection.
     async fn record_error(&mut self, error: String) {
-        let (state, who, seen) = (self.state.clone(), self.who.clone(), self.record_seen);
-        let _ = tokio::task::spawn_blocking(move || {
-            let _records = lock(&state.device_records);
-            let store = state.hub.store();
-            let mut info = store.device(&who.org, &who.device)?.unwrap_or_default();
+        let seen = self.record_seen;
+        self.change_record(true, move |current| {
+            let info = current.unwrap_or_default();
             if info.last_sync_at.is_some_and(|at| at > seen) {
-                return Ok(());
+                return None;
             }
-            info.last_error = Some(error);
-            info.last_error_at = Some(chrono::Utc::now());
-            store.put_device(&who.org, &who.device, &info)?;
-            store.flush()
+            Some(DeviceSync { last_error: Some(error), last_error_at: Some(chrono::Utc::now()), ..info })
         })
         .await;
     }
@@ -468,11 +476,10 @@ impl<C: Conn> Session<C> {
         self.state.metrics.observe_sync(self.started.elapsed());
         let pending = self.docs_in.saturating_sub(self.docs_stored + self.caught_up);
         let (cursor, docs_in, docs_out) = (self.cursor.seq, self.docs_in, self.docs_out);
-        let r = (|| {
-            let _records = lock(&self.state.device_records);
-            let store = self.state.hub.store();
-            let previous = store.device(&self.who.org, &self.who.device)?.unwrap_or_default();
-            let info = DeviceSync {
+        let mut previous = DeviceSync::default();
+        let r = update_record(&self.state, &self.who, |current| {
+            previous = current.unwrap_or_default();
+            Some(DeviceSync {
                 cursor,
                 last_sync_at: Some(chrono::Utc::now()),
                 docs_received: docs_in,
@@ -481,17 +488,19 @@ impl<C: Conn> Session<C> {
                 // Keep the last error visible until a later one replaces it.
                 last_error: previous.last_error.clone(),
                 last_error_at: previous.last_error_at,
-            };
-            store.put_device(&self.who.org, &self.who.device, &info).map(|()| (previous, info))
-        })();
+            })
+        });
         let recorded = match r {
-            Ok(recorded) => {
-                self.record_seen = recorded.1.last_sync_at.unwrap_or(self.record_seen);
-                self.last_record = Some(recorded.1.clone());
-                Some(recorded)
+            Ok(Some(info)) => {
+                self.record_seen = info.last_sync_at.unwrap_or(self.record_seen);
+                self.last_record = Some(info.clone());
+                Some((previous, info))
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not record device sync");
+            // The change above always writes: no record means the store failed.
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!(error = %e, "could not record device sync");
+                }
                 self.last_record = None;
                 None
             }
@@ -514,20 +523,12 @@ impl<C: Conn> Session<C> {
         }
         // No record of this exchange to correct (writing it failed): nothing to take off.
         let Some(written) = self.last_record.clone().filter(|r| r.pending > 0) else { return };
-        let (state, who) = (self.state.clone(), self.who.clone());
         // Deferred: durable at the store's next flush, like the record itself.
-        let r = tokio::task::spawn_blocking(move || {
-            let _records = lock(&state.device_records);
-            let store = state.hub.store();
-            if store.device(&who.org, &who.device)?.as_ref() != Some(&written) {
-                return Ok(None);
-            }
-            let info = DeviceSync { pending: written.pending.saturating_sub(n), ..written };
-            store.put_device(&who.org, &who.device, &info).map(|()| Some(info))
-        })
-        .await;
-        if let Ok(Ok(Some(info))) = r {
-            self.last_record = Some(info);
+        let corrected = self
+            .change_record(false, move |current| (current.as_ref() == Some(&written)).then(|| DeviceSync { pending: written.pending.saturating_sub(n), ..written.clone() }))
+            .await;
+        if corrected.is_some() {
+            self.last_record = corrected;
         }
     }
 }
@@ -541,10 +542,20 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// A poisoned lock only means another session's thread panicked while holding it; the sync
-/// record it guards is still a whole value.
-fn lock(m: &std::sync::Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Read `who`'s sync record and, if `change` returns a new one, write it (durable at the
+/// store's next flush); returns what was written. Under `AppState::device_records`, so that two
+/// connections of one device cannot interleave (one putting back an older record). A poisoned
+/// lock only means another session's thread panicked while holding it: the record is whole.
+fn update_record(
+    state: &AppState,
+    who: &DeviceIdentity,
+    change: impl FnOnce(Option<DeviceSync>) -> Option<DeviceSync>,
+) -> Result<Option<DeviceSync>, peersync_core::StoreError> {
+    let _records = state.device_records.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let store = state.hub.store();
+    let Some(info) = change(store.device(&who.org, &who.device)?) else { return Ok(None) };
+    store.put_device(&who.org, &who.device, &info)?;
+    Ok(Some(info))
 }
 
 /// The audit entries for people a device's exchange wrote and was sent, deferred: durable at
