@@ -295,6 +295,14 @@ pub struct PreparedPush {
     batch: Batch,
 }
 
+/// A push once committed (see [`DocHub::commit_push`]).
+pub struct Committed {
+    /// Each push's outcome, in order.
+    pub acks: Vec<DocAck>,
+    /// The documents the push changed in the store, each once.
+    pub written: Vec<String>,
+}
+
 /// A download in progress (see [`DocHub::start_download`]).
 pub struct Download {
     entries: std::vec::IntoIter<(u64, String)>,
@@ -406,9 +414,9 @@ impl DocHub {
         pushed: &mut Pushed,
     ) -> Result<Vec<DocAck>, StoreError> {
         let prepared = self.prepare_push(who, access, pushes)?;
-        let acks = self.commit_push(who, access, prepared, pushed)?;
+        let committed = self.commit_push(who, access, prepared, pushed)?;
         self.flush()?;
-        Ok(acks)
+        Ok(committed.acks)
     }
 
     /// A push's costly part — loading the documents, merging the device's changes, encoding
@@ -428,8 +436,9 @@ impl DocHub {
     /// Store a prepared push, under the writers' lock. If another writer changed one of its
     /// documents meanwhile, or the device's access to one changed, that document's pushes are
     /// applied again here against what the store now holds. Returns the acknowledgements,
-    /// which must not reach the device before [`DocHub::flush`] has made the writes durable.
-    pub fn commit_push(&self, who: &DeviceIdentity, access: &dyn Access, mut prepared: PreparedPush, pushed: &mut Pushed) -> Result<Vec<DocAck>, StoreError> {
+    /// which must not reach the device before [`DocHub::flush`] has made the writes durable,
+    /// and the documents written.
+    pub fn commit_push(&self, who: &DeviceIdentity, access: &dyn Access, mut prepared: PreparedPush, pushed: &mut Pushed) -> Result<Committed, StoreError> {
         let _w = lock(&self.write_lock);
         let stale = self.stale(who, access, &prepared.batch)?;
         if !stale.is_empty() {
@@ -451,8 +460,13 @@ impl DocHub {
             }
             acks.push(DocAck { doc: p.doc, status });
         }
+        // A push answered `NeedSync` may still have stored the changes whose dependencies
+        // were there: the audit log names it as written all the same.
+        let mut written: Vec<String> = appends.iter().map(|(a, _)| a.doc.clone()).collect();
+        written.sort();
+        written.dedup();
         self.commit(who, access, appends, batch)?;
-        Ok(acks)
+        Ok(Committed { acks, written })
     }
 
     /// Make every committed write durable. Concurrent callers share one disk flush.
@@ -1135,9 +1149,11 @@ mod tests {
         // ...then phone B's change to p-1 is stored before A's is committed.
         let acked_b = b.edit("from-b");
         assert_eq!(b.push(&hub, "p-1", Some(&acked_b)).unwrap(), AckStatus::Stored);
-        let acks = hub.commit_push(&who(), &Open::default(), prepared, &mut Pushed::new()).unwrap();
+        let committed = hub.commit_push(&who(), &Open::default(), prepared, &mut Pushed::new()).unwrap();
         hub.flush().unwrap();
+        let acks = committed.acks;
         assert!(acks.iter().all(|a| a.status == AckStatus::Stored), "{acks:?}");
+        assert_eq!(committed.written, ["p-1", "p-2"], "both documents are named as written");
         let mut both = a.0.clone();
         both.merge(&mut b.0.clone()).unwrap();
         let mut expected: Vec<String> = both.get_heads().iter().map(|h| h.to_string()).collect();
@@ -1148,6 +1164,30 @@ mod tests {
     }
 
     #[test]
+    fn a_push_missing_a_change_stores_what_it_can_and_names_the_document_written() {
+        let (hub, store) = hub(100, 1 << 20);
+        let mut a = Phone(Automerge::new());
+        a.edit("base");
+        let acked = a.0.get_heads();
+        a.push(&hub, "p-1", None).unwrap();
+        // Three changes after what the server has; the push leaves out the middle one.
+        a.edit("one");
+        a.edit("two");
+        a.edit("three");
+        let changes = a.0.get_changes(&acked);
+        assert_eq!(changes.len(), 3);
+        let data = [changes[0].raw_bytes(), changes[2].raw_bytes()].concat();
+        let heads = a.0.get_heads().iter().map(|h| h.0).collect();
+        let prepared = hub.prepare_push(&who(), &Open::default(), vec![DocPush { doc: "p-1".into(), heads, data }]).unwrap();
+        let committed = hub.commit_push(&who(), &Open::default(), prepared, &mut Pushed::new()).unwrap();
+        hub.flush().unwrap();
+        assert_eq!(committed.acks[0].status, AckStatus::NeedSync);
+        assert_eq!(committed.written, ["p-1"], "the first change was stored, so the audit log must name the document");
+        let stored = load("o", "p-1", &store.load_doc("o", "p-1").unwrap().unwrap().concat()).unwrap();
+        assert_eq!(stored.get_heads(), vec![changes[0].hash()], "the change whose dependencies were there is stored");
+    }
+
+    #[test]
     fn access_taken_away_between_prepare_and_commit_refuses_the_push() {
         let (hub, store) = hub(100, 1 << 20);
         let access = Open::default();
@@ -1155,8 +1195,10 @@ mod tests {
         a.edit("a");
         let prepared = hub.prepare_push(&who(), &access, vec![push_of(&a, "p-1", None)]).unwrap();
         lock(&access.0).insert("p-1".into());
-        let acks = hub.commit_push(&who(), &access, prepared, &mut Pushed::new()).unwrap();
+        let committed = hub.commit_push(&who(), &access, prepared, &mut Pushed::new()).unwrap();
+        let acks = committed.acks;
         assert!(matches!(acks[0].status, AckStatus::Refused { code: ErrorCode::Erased, .. }), "{acks:?}");
+        assert!(committed.written.is_empty(), "nothing written: {:?}", committed.written);
         assert!(store.load_doc("o", "p-1").unwrap().is_none(), "nothing stored");
         assert!(hub.heads("o", "p-1").unwrap().is_none());
     }

@@ -316,9 +316,9 @@ impl<C: Conn> Session<C> {
             let prepared = blocking(move || state.hub.prepare_push(&who, state.access.as_ref(), docs)).await?;
             let gate = self.state.write_gate.lock().await;
             let (state, who) = (self.state.clone(), self.who.clone());
-            let (acks, pushed) = blocking(move || {
-                let acks = state.hub.commit_push(&who, state.access.as_ref(), prepared, &mut pushed);
-                acks.map(|a| (a, pushed))
+            let (committed, pushed) = blocking(move || {
+                let committed = state.hub.commit_push(&who, state.access.as_ref(), prepared, &mut pushed);
+                committed.map(|c| (c, pushed))
             })
             .await?;
             drop(gate);
@@ -327,10 +327,14 @@ impl<C: Conn> Session<C> {
             let state = self.state.clone();
             blocking(move || state.hub.flush()).await?;
             self.pushed = pushed;
+            let acks = committed.acks;
             let stored: Vec<String> = acks.iter().filter(|a| a.status == protocol::AckStatus::Stored).map(|a| a.doc.clone()).collect();
             self.docs_stored += stored.len() as u64;
             self.need_sync.extend(acks.iter().filter(|a| a.status == protocol::AckStatus::NeedSync).map(|a| a.doc.clone()));
+            // What was acknowledged, and what a push answered `NeedSync` stored before it
+            // stopped at a missing change (the audit names each person once).
             self.written.extend(stored);
+            self.written.extend(committed.written);
             let refused: Vec<String> = acks.iter().filter(|a| matches!(a.status, protocol::AckStatus::Refused { .. })).map(|a| a.doc.clone()).collect();
             if !refused.is_empty() {
                 self.state.audit_device(&self.who, "write", refused, false, "push refused (not assigned, erased or invalid)");
