@@ -253,6 +253,9 @@ impl Device {
         self.changed(person, blocking(move || inner.edit_visit(&id, &visit, edit)).await)
     }
 
+    /// Record a change of consent the person gave now: the fields `change` sets, as a statement
+    /// of its own (see `document`). Returns the consent that holds with it: changes resolve by
+    /// time, also against those made on other phones.
     pub async fn set_consent(&self, person: &str, change: ConsentChange) -> Result<Consent, CoreError> {
         let inner = self.inner.clone();
         let id = person.to_string();
@@ -766,17 +769,16 @@ impl Inner {
 
     fn set_consent(&self, person: &str, change: ConsentChange) -> Result<Consent, CoreError> {
         let mut st = self.lock();
-        self.worker(&st)?;
+        let by = self.worker(&st)?;
         let now = self.clock.now();
         self.write(&mut st, person, true, |doc| {
-            let current = doc.consent()?;
-            let next = Consent {
-                record: change.record.unwrap_or(current.record),
-                share_with_coordinator: change.share_with_coordinator.unwrap_or(current.share_with_coordinator),
-                research: change.research.unwrap_or(current.research),
-                updated_at: now,
-            };
-            Ok((vec![doc.write_consent(&next)?], next))
+            // Never dated before a word this phone already holds (its clock may be behind, or
+            // the last change came this very millisecond): this change is the latest word.
+            let latest = doc.consent()?.updated_at;
+            let at = if now > latest { now } else { latest + chrono::Duration::milliseconds(1) };
+            let change = doc.add_consent_statement(&change, at, &by)?;
+            // What holds now: a later statement from another phone may outrank this one.
+            Ok((vec![change], doc.consent()?))
         })
     }
 }

@@ -3,7 +3,8 @@
 //! Layout of a person document:
 //! ```text
 //! { profile:  { id, alias, year_of_birth, workers: [..], created_by, created_at },
-//!   consent:  { record, share_with_coordinator, research, updated_at },
+//!   consent:  { record, share_with_coordinator, research, updated_at,
+//!               set:<random>: { at, by, record?, share_with_coordinator?, research? } },
 //!   visits:   { <visit id>:   { by, started_at, duration_min, mode, setting, activities: [..],
 //!                                goals: [..], referrals: [..], notes, follow_up, recorded_at } },
 //!   checkins: { <checkin id>: { by, taken_at, wellbeing: [7 x 1..5], distress, coping,
@@ -13,6 +14,16 @@
 //! Every scalar field is a last-writer-wins register: concurrent edits keep one winner on
 //! every device and the other values stay readable through `get_all` (reported as conflicts).
 //! Lists are replaced whole, never edited in place, so they are registers too.
+//!
+//! Consent is the exception: it is the person's word, and the latest word counts. Registration
+//! writes it into the `consent` map's own fields; each later change is a statement under a key
+//! of its own (`set:<random>`), holding its time and only the fields it sets. For each field
+//! the statement with the latest time wins, on every device alike, whichever phone made it and
+//! whatever automerge's order of concurrent writes; at the same time, `false` (the narrower
+//! consent) wins. A phone dates its change after every statement it already holds (see
+//! `Device::set_consent`), so a change made knowing another always comes after it. As
+//! registers, a withdrawal told to one worker offline could lose to an earlier change on
+//! another phone that happened to have written more.
 //!
 //! The skeleton pitfall: if two devices each created `visits` in their own change, the two
 //! maps would compete for the key and one device's visits would vanish from view. The skeleton
@@ -27,12 +38,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::caseload::PersonSummary;
 use crate::error::CoreError;
-use crate::model::{Checkin, Consent, Person, Visit, VisitEdit};
+use crate::model::{Checkin, Consent, ConsentChange, Person, Visit, VisitEdit};
 use crate::store::DocData;
 
 /// Actor of the skeleton change. Never used for anything else.
 const SKELETON_ACTOR: &[u8; 16] = b"peersync:skel:v1";
 const SECTIONS: [&str; 4] = ["profile", "consent", "visits", "checkins"];
+/// Key prefix of a consent statement in the `consent` map.
+const CONSENT_STATEMENT: &str = "set:";
 
 /// Two or more values written concurrently to one field; the first is the one shown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,9 +224,23 @@ impl PersonDoc {
         })
     }
 
-    pub fn write_consent(&mut self, c: &Consent) -> Result<Vec<u8>, CoreError> {
+    /// Record a change of consent told to worker `by` at `at`: a statement of the fields it
+    /// sets (see the module's documentation).
+    pub fn add_consent_statement(&mut self, change: &ConsentChange, at: DateTime<Utc>, by: &str) -> Result<Vec<u8>, CoreError> {
         let consent = self.section("consent")?;
-        self.change(c.updated_at, |tx| write_consent(tx, &consent, c))
+        let key = format!("{CONSENT_STATEMENT}{}", uuid::Uuid::new_v4().simple());
+        self.change(at, |tx| {
+            let statement = tx.put_object(&consent, key.as_str(), ObjType::Map)?;
+            tx.put(&statement, "at", ts(at))?;
+            tx.put(&statement, "by", by)?;
+            let fields = [("record", change.record), ("share_with_coordinator", change.share_with_coordinator), ("research", change.research)];
+            for (field, value) in fields {
+                if let Some(value) = value {
+                    tx.put(&statement, field, value)?;
+                }
+            }
+            Ok(())
+        })
     }
 
     pub fn add_visit(&mut self, v: &Visit) -> Result<Vec<u8>, CoreError> {
@@ -335,7 +362,7 @@ impl RecordReader<'_> {
         let id = r.str(&profile, "id").ok_or_else(|| bad("profile id"))?;
         let alias = r.str(&profile, "alias").ok_or_else(|| bad("alias"))?;
         let year_of_birth = r.int(&profile, "year_of_birth").ok_or_else(|| bad("year_of_birth"))? as i32;
-        r.time(&profile, "created_at").ok_or_else(|| bad("created_at"))?;
+        let created_at = r.time(&profile, "created_at").ok_or_else(|| bad("created_at"))?;
         let mut conflicts = r.conflict_count(&profile) + r.conflict_count(&consent);
 
         // The most recent visit: latest start, then (as the record sorts them) the smallest id.
@@ -375,7 +402,7 @@ impl RecordReader<'_> {
             last_visit,
             last_visit_id,
             next_follow_up,
-            share_with_coordinator: r.bool(&consent, "share_with_coordinator").unwrap_or(false),
+            share_with_coordinator: consent_of(&r, &consent, created_at).share_with_coordinator,
             conflicts,
         })
     }
@@ -441,14 +468,33 @@ impl RecordReader<'_> {
     }
 }
 
-/// Consent as read from its fields; `created_at` (the profile's) dates consent never changed.
+/// Consent as the person last gave it: the `consent` map's own fields (as registered), then
+/// for each field the latest statement that sets it, `false` winning at the same time (see the
+/// module's documentation). `created_at` (the profile's) dates consent never changed.
 fn consent_of(r: &Reader<'_>, fields: &Fields<'_>, created_at: DateTime<Utc>) -> Consent {
-    Consent {
-        record: r.bool(fields, "record").unwrap_or(true),
-        share_with_coordinator: r.bool(fields, "share_with_coordinator").unwrap_or(false),
-        research: r.bool(fields, "research").unwrap_or(false),
-        updated_at: r.time(fields, "updated_at").unwrap_or(created_at),
+    let registered = r.time(fields, "updated_at").unwrap_or(created_at);
+    let mut latest = [
+        (registered, r.bool(fields, "record").unwrap_or(true)),
+        (registered, r.bool(fields, "share_with_coordinator").unwrap_or(false)),
+        (registered, r.bool(fields, "research").unwrap_or(false)),
+    ];
+    let mut updated_at = registered;
+    for f in &fields.items {
+        let Some(obj) = f.obj.as_ref().filter(|_| f.key.starts_with(CONSENT_STATEMENT)) else { continue };
+        let statement = r.fields(obj);
+        // A statement without its time (damaged, or a buggy peer's) cannot be placed: ignored.
+        let Some(at) = r.time(&statement, "at") else { continue };
+        updated_at = updated_at.max(at);
+        for (field, (then, value)) in ["record", "share_with_coordinator", "research"].into_iter().zip(latest.iter_mut()) {
+            if let Some(said) = r.bool(&statement, field)
+                && (at > *then || (at == *then && !said))
+            {
+                (*then, *value) = (at, said);
+            }
+        }
     }
+    let [(_, record), (_, share_with_coordinator), (_, research)] = latest;
+    Consent { record, share_with_coordinator, research, updated_at }
 }
 
 /// The workers listed in a document's profile and its consent, read straight from automerge
@@ -459,15 +505,13 @@ pub fn profile_and_consent(doc: &Automerge) -> (Vec<String>, Option<Consent>) {
         Ok(Some((Value::Object(ObjType::Map), id))) => Some(r.fields(&id)),
         _ => None,
     };
-    let workers = map("profile").and_then(|p| r.str_list(&p, "workers")).unwrap_or_default();
-    let consent = map("consent").and_then(|c| {
-        Some(Consent {
-            record: r.bool(&c, "record")?,
-            share_with_coordinator: r.bool(&c, "share_with_coordinator")?,
-            research: r.bool(&c, "research").unwrap_or(false),
-            updated_at: r.time(&c, "updated_at").unwrap_or_default(),
-        })
-    });
+    let profile = map("profile");
+    let workers = profile.as_ref().and_then(|p| r.str_list(p, "workers")).unwrap_or_default();
+    let created_at = profile.as_ref().and_then(|p| r.time(p, "created_at")).unwrap_or_default();
+    // No consent before registration has written it.
+    let consent = map("consent")
+        .filter(|c| r.bool(c, "record").is_some() && r.bool(c, "share_with_coordinator").is_some())
+        .map(|c| consent_of(&r, &c, created_at));
     (workers, consent)
 }
 

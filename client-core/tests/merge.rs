@@ -133,7 +133,7 @@ async fn same_person_registered_on_two_phones_keeps_both_visit_sets() {
 async fn the_caseload_line_matches_the_full_record() {
     use peersync_core::caseload::PersonSummary;
     let (a, clock) = device("w-001").await;
-    let (b, _) = device("w-002").await;
+    let (b, clock_b) = device("w-002").await;
     a.register_person(person("p-1", "KM-1")).await.unwrap();
     // Two visits starting at the same moment (the smaller id counts as the latest), an older
     // one, and a newer one with a follow-up date on the other phone.
@@ -162,6 +162,7 @@ async fn the_caseload_line_matches_the_full_record() {
     a.edit_visit("p-1", "v-b", edit("phone")).await.unwrap();
     b.edit_visit("p-1", "v-b", edit("video")).await.unwrap();
     clock.set(t(1, 10));
+    clock_b.set(t(1, 10));
     a.set_consent("p-1", ConsentChange { share_with_coordinator: Some(false), ..Default::default() }).await.unwrap();
     b.set_consent("p-1", ConsentChange { share_with_coordinator: Some(false), research: Some(true), ..Default::default() }).await.unwrap();
     let follow = chrono::NaiveDate::from_ymd_opt(2026, 3, 20).unwrap();
@@ -170,7 +171,9 @@ async fn the_caseload_line_matches_the_full_record() {
     let merged = line(&a).await;
     assert_eq!(merged, line(&b).await);
     assert_eq!((merged.visits, merged.last_visit_id.as_deref(), merged.next_follow_up), (4, Some("v-new"), Some(follow)));
-    assert!(merged.conflicts >= 2, "the visit's mode and consent were edited at once: {merged:?}");
+    assert_eq!(merged.conflicts, 1, "the visit's mode was edited at once; consent changes are statements, not a conflict: {merged:?}");
+    let consent = a.person("p-1").await.unwrap().consent;
+    assert_eq!((consent.share_with_coordinator, consent.research, consent.updated_at), (false, true, t(1, 10)));
 
     // A damaged visit (no mode) and a damaged check-in (a wellbeing score out of range), as a
     // buggy peer could write them: both are left out of the line as of the record.
@@ -189,4 +192,86 @@ async fn the_caseload_line_matches_the_full_record() {
     a.import_document("p-1", am.save()).await.unwrap();
     let damaged = line(&a).await;
     assert_eq!((damaged.visits, damaged.checkins, damaged.last_visit_id.as_deref()), (4, 1, Some("v-new")));
+}
+
+/// Consent is the person's word, and the latest word counts: changes of consent told to two
+/// workers whose phones were offline resolve by when they were made, on every device alike,
+/// not by which phone happened to write more.
+#[tokio::test]
+async fn concurrent_consent_changes_resolve_to_the_latest_by_time() {
+    let off = |field: &str, value: bool| match field {
+        "share" => ConsentChange { share_with_coordinator: Some(value), ..Default::default() },
+        "research" => ConsentChange { research: Some(value), ..Default::default() },
+        _ => ConsentChange { record: Some(value), ..Default::default() },
+    };
+    let pair = || async {
+        let (a, ca) = device("w-001").await;
+        let (b, cb) = device("w-002").await;
+        a.register_person(person("p-1", "KM-1")).await.unwrap();
+        b.import_document("p-1", a.export_document("p-1").await.unwrap()).await.unwrap();
+        assert!(a.person("p-1").await.unwrap().consent.share_with_coordinator, "registered sharing");
+        (a, ca, b, cb)
+    };
+    let consent = |d: peersync_core::Device| async move { d.person("p-1").await.unwrap().consent };
+
+    // B's phone turns sharing off and on again (9:00, 9:30), more writes than A's; A's phone
+    // is told of a withdrawal at 10:00. The withdrawal is the latest word.
+    let (a, ca, b, cb) = pair().await;
+    cb.set(t(2, 9));
+    b.set_consent("p-1", off("share", false)).await.unwrap();
+    cb.set(t(2, 9) + chrono::Duration::minutes(30));
+    b.set_consent("p-1", off("share", true)).await.unwrap();
+    ca.set(t(2, 10));
+    a.set_consent("p-1", off("share", false)).await.unwrap();
+    exchange(&a, &b, "p-1").await;
+    let (on_a, on_b) = (consent(a.clone()).await, consent(b.clone()).await);
+    assert_eq!(on_a, on_b, "every device reads the same consent");
+    assert!(!on_a.share_with_coordinator, "the 10:00 withdrawal stands: {on_a:?}");
+    assert_eq!(on_a.updated_at, t(2, 10));
+    let line = a.people().await.unwrap().into_iter().find(|p| p.id == "p-1").unwrap();
+    assert!(!line.share_with_coordinator, "the caseload line agrees");
+    assert!(a.person("p-1").await.unwrap().conflicts.is_empty(), "nothing to resolve by hand");
+
+    // A withdrawal at 10:00 on A, then at 11:00 the person tells B's worker they are happy to
+    // share (B's phone shows sharing on already): the later word wins.
+    let (a, ca, b, cb) = pair().await;
+    ca.set(t(2, 10));
+    a.set_consent("p-1", off("share", false)).await.unwrap();
+    cb.set(t(2, 11));
+    b.set_consent("p-1", off("share", true)).await.unwrap();
+    exchange(&a, &b, "p-1").await;
+    assert!(consent(a.clone()).await.share_with_coordinator);
+    assert!(consent(b.clone()).await.share_with_coordinator);
+
+    // At the same moment, the narrower consent wins; fields changed apart do not interfere.
+    let (a, ca, b, cb) = pair().await;
+    ca.set(t(2, 10));
+    cb.set(t(2, 10));
+    b.set_consent("p-1", off("share", true)).await.unwrap();
+    a.set_consent("p-1", off("share", false)).await.unwrap();
+    cb.set(t(2, 8));
+    b.set_consent("p-1", off("research", true)).await.unwrap();
+    exchange(&a, &b, "p-1").await;
+    for d in [a.clone(), b.clone()] {
+        let c = consent(d).await;
+        assert_eq!((c.share_with_coordinator, c.research, c.record), (false, true, true), "{c:?}");
+    }
+
+    // A phone whose clock is behind a change it already holds (12:00, with its clock at
+    // 11:00) dates its own change just after that one: the person said it later, whatever the
+    // clock says. Likewise a change in the millisecond of registration.
+    let (a, ca, b, cb) = pair().await;
+    cb.set(t(2, 12));
+    b.set_consent("p-1", off("share", false)).await.unwrap();
+    exchange(&a, &b, "p-1").await;
+    ca.set(t(2, 11));
+    let now = a.set_consent("p-1", off("share", true)).await.unwrap();
+    assert!(now.share_with_coordinator, "{now:?}");
+    assert_eq!(now.updated_at, t(2, 12) + chrono::Duration::milliseconds(1));
+    exchange(&a, &b, "p-1").await;
+    assert_eq!(consent(b.clone()).await, now);
+    let (c, _) = device("w-003").await;
+    c.register_person(person_with("p-2", "KM-2", &[])).await.unwrap();
+    let said = c.set_consent("p-2", off("research", true)).await.unwrap();
+    assert!(said.research, "a change right after registration, on the same clock reading, stands: {said:?}");
 }

@@ -104,6 +104,8 @@ impl Device {
         run(async move { Ok(d.edit_visit(&person_id, &visit_id, edit).await?.into()) }).await
     }
 
+    /// Record a change of consent the person gave now; returns the consent that holds with it
+    /// (the latest word by time wins, also against changes made on other phones).
     pub async fn set_consent(&self, person_id: String, change: ConsentChange) -> Result<Consent, PeersyncError> {
         let d = self.core.clone();
         run(async move { Ok(d.set_consent(&person_id, change.into()).await?.into()) }).await

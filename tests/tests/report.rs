@@ -133,6 +133,51 @@ async fn the_report_follows_every_definition() {
     server.stop().await;
 }
 
+/// Two workers' phones, both offline, are told different things about one person's consent.
+/// The server, its report and coordinators' views follow the person's latest word by time,
+/// whichever phone wrote more and whichever synced first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_consent_changes_follow_the_latest_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, clock_a) = server.phone(dir.path(), "w-001").await;
+    let (b, clock_b) = server.phone(dir.path(), "w-002").await;
+    a.register_person(sharing("p-1", true)).await.unwrap();
+    a.record_visit("p-1", v("v1", 2, 45, "in_person", "community", &["support"])).await.unwrap();
+    sync(&a, &server).await;
+    sync(&b, &server).await;
+    let shared = async || {
+        let (status, r) = server.admin("GET", &format!("/v1/report?org={ORG}"), None).await;
+        assert_eq!(status, 200, "{r}");
+        let people = r["totals"]["people"].as_u64().unwrap();
+        let (status, _) = server.admin("GET", &format!("/v1/people/p-1?org={ORG}"), None).await;
+        assert_eq!(status == 200, people == 1, "the person's record is readable exactly when they count in the report");
+        people == 1
+    };
+    assert!(shared().await);
+
+    // B: off at 9:00, on again at 9:30 (two changes); A: a withdrawal at 10:00. B syncs first.
+    let share = |on: bool| ConsentChange { share_with_coordinator: Some(on), ..Default::default() };
+    clock_b.set(at(3, 9));
+    b.set_consent("p-1", share(false)).await.unwrap();
+    clock_b.set(at(3, 9) + chrono::Duration::minutes(30));
+    b.set_consent("p-1", share(true)).await.unwrap();
+    clock_a.set(at(3, 10));
+    a.set_consent("p-1", share(false)).await.unwrap();
+    for d in [&b, &a, &b] {
+        sync(d, &server).await;
+    }
+    assert!(!shared().await, "the 10:00 withdrawal is the latest word");
+    assert!(!b.person("p-1").await.unwrap().consent.share_with_coordinator, "and B's phone reads it so");
+
+    // At 11:00 the person tells B's worker they are happy to share again.
+    clock_b.set(at(3, 11));
+    b.set_consent("p-1", share(true)).await.unwrap();
+    sync(&b, &server).await;
+    assert!(shared().await, "the 11:00 word is the latest");
+    server.stop().await;
+}
+
 /// Pushes leave reporting rows due; the server computes them in the background once sync is
 /// quiet, without anyone asking for a report, and a later edit makes the row due again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
