@@ -176,8 +176,13 @@ fn edit_from(set: &serde_json::Map<String, serde_json::Value>) -> Result<VisitEd
     for (k, v) in set {
         let bad = || format!("edit sets {k} to {v}, which is not valid");
         let text = || v.as_str().map(str::to_string).ok_or_else(bad);
+        let list = || -> Result<Vec<String>, String> { v.as_array().ok_or_else(bad)?.iter().map(|x| x.as_str().map(str::to_string).ok_or_else(bad)).collect() };
         match k.as_str() {
             "notes" => e.notes = Some(text()?),
+            "started_at" => e.started_at = Some(DateTime::parse_from_rfc3339(&text()?).map_err(|_| bad())?.with_timezone(&Utc)),
+            "activities" => e.activities = Some(list()?),
+            "goals" => e.goals = Some(list()?),
+            "referrals" => e.referrals = Some(list()?),
             "mode" => e.mode = Some(text()?),
             "setting" => e.setting = Some(text()?),
             "duration_min" => e.duration_min = Some(v.as_u64().and_then(|d| u32::try_from(d).ok()).ok_or_else(bad)?),
@@ -206,6 +211,7 @@ pub fn parse(text: &str) -> Result<Vec<Event>, ScenarioError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::TimeZone;
 
     #[test]
     fn parses_every_event_type() {
@@ -213,7 +219,7 @@ mod tests {
 {"type":"person","at":"2026-01-05T10:00:00Z","by":"w-001","person":"p-00001","alias":"KM-00001","year_of_birth":1980,"workers":["w-001","w-002"],"consent":{"record":true,"share_with_coordinator":true,"research":false}}
 {"type":"visit","at":"2026-01-06T10:00:00Z","by":"w-001","person":"p-00001","visit":"v1","started_at":"2026-01-06T09:00:00Z","duration_min":45,"mode":"phone","setting":"home","activities":["support"],"goals":[],"referrals":[],"notes":"n","follow_up":null}
 {"type":"checkin","at":"2026-01-06T10:05:00Z","by":"w-001","person":"p-00001","checkin":"c1","wellbeing":[1,2,3,4,5,1,2],"distress":3,"coping":3,"social_support":3,"self_efficacy":3,"quality_of_life":3,"housing":"stable","employment":"training","hospital_nights_28d":0,"substance_use_days_28d":null}
-{"type":"edit","at":"2026-01-07T10:00:00Z","by":"w-002","person":"p-00001","visit":"v1","set":{"follow_up":"2026-01-10"}}
+{"type":"edit","at":"2026-01-07T10:00:00Z","by":"w-002","person":"p-00001","visit":"v1","set":{"follow_up":"2026-01-10","activities":["support","advocacy"],"started_at":"2026-01-06T08:30:00Z"}}
 {"type":"consent","at":"2026-01-08T10:00:00Z","by":"w-001","person":"p-00001","set":{"share_with_coordinator":false}}
 {"type":"erase","at":"2026-01-09T10:00:00Z","by":"coordinator","person":"p-00001"}
 {"type":"sync","at":"2026-01-09T11:00:00Z","by":"w-001"}
@@ -225,6 +231,10 @@ mod tests {
         assert_eq!(events[3].new_checkin().unwrap().substance_use_days_28d, None);
         let edit = events[4].visit_edit().unwrap().unwrap();
         assert_eq!(edit.follow_up, Some(NaiveDate::from_ymd_opt(2026, 1, 10)));
+        assert_eq!(edit.activities.as_deref(), Some(&["support".to_string(), "advocacy".to_string()][..]));
+        assert_eq!(edit.started_at, Some(Utc.with_ymd_and_hms(2026, 1, 6, 8, 30, 0).unwrap()));
+        let bad: serde_json::Map<String, serde_json::Value> = serde_json::from_str(r#"{"goals":"housing"}"#).unwrap();
+        assert!(edit_from(&bad).unwrap_err().contains("goals"), "a list field given a string is refused");
         assert_eq!(events[5].consent_change().unwrap().unwrap().share_with_coordinator, Some(false));
         assert_eq!(events[6].phone(), None);
         assert!(matches!(parse("{\"type\":\"visit\"}"), Err(ScenarioError::Line { line: 1, .. })));

@@ -45,8 +45,20 @@ fn expected_report(text: &str) -> Value {
                 visits.insert(s("visit"), (s("person"), v));
             }
             "edit" => {
-                if let (Some(m), Some((_, v))) = (e["set"]["duration_min"].as_i64(), visits.get_mut(&s("visit"))) {
-                    v.minutes = m;
+                if let Some((_, v)) = visits.get_mut(&s("visit")) {
+                    let set = &e["set"];
+                    if let Some(m) = set["duration_min"].as_i64() {
+                        v.minutes = m;
+                    }
+                    if let Some(m) = set["mode"].as_str() {
+                        v.mode = m.to_string();
+                    }
+                    if let Some(m) = set["setting"].as_str() {
+                        v.setting = m.to_string();
+                    }
+                    if let Some(a) = set["activities"].as_array() {
+                        v.activities = a.iter().map(|a| a.as_str().unwrap().to_string()).collect();
+                    }
                 }
             }
             "checkin" => {
@@ -207,6 +219,41 @@ async fn events_that_cannot_be_recorded_are_reported_in_order() {
             format!("event {} ({by}): no person with id \"p-99999\" on this device", visit + 2),
         ],
     );
+    server.stop().await;
+}
+
+/// Amendments may set any field of a visit, not only those `generate.py` happens to edit:
+/// mode, setting, activities, goals, referrals and the start time replay, and the report
+/// counts each visit as last edited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_of_any_visit_field_replay_and_count_as_last_edited() {
+    let text = generate(&["--workers", "3", "--people", "20", "--weeks", "4", "--seed", "5"]);
+    let mut lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let visits: Vec<usize> = lines.iter().enumerate().filter(|(_, e)| e["type"] == "visit").map(|(i, _)| i).take(4).collect();
+    assert_eq!(visits.len(), 4);
+    // Each amended by its author right after recording it; later positions first, so the
+    // indexes stay valid.
+    let sets = [
+        json!({ "activities": ["education", "navigation"], "mode": "video" }),
+        json!({ "setting": "online", "goals": ["housing"], "referrals": ["food_bank", "legal_aid"] }),
+        json!({ "started_at": "2026-01-06T07:15:00Z", "activities": ["advocacy"] }),
+        json!({ "duration_min": 5, "mode": "group", "setting": "employment" }),
+    ];
+    for (i, set) in visits.iter().zip(sets).rev() {
+        let v = &lines[*i];
+        let edit = json!({ "type": "edit", "at": v["at"], "by": v["by"], "person": v["person"], "visit": v["visit"], "set": set });
+        lines.insert(i + 1, edit);
+    }
+    let text: String = lines.iter().map(|e| format!("{e}\n")).collect();
+    let events = scenario::parse(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let outcome = peersync_server::replay::replay(&events, &server.options(), ADMIN_TOKEN, "field", &dir.path().join("phones"), &|_, _| {}).await.unwrap();
+    assert!(outcome.problems.is_empty(), "{:#?}", outcome.problems);
+    assert_eq!(outcome.report, expected_report(&text));
+    let first = &lines[visits[0]];
+    let by = first["by"].as_str().unwrap();
+    assert!(outcome.report["workers"][by]["by_activity"]["navigation"].as_u64().unwrap() >= 1);
     server.stop().await;
 }
 
