@@ -44,11 +44,22 @@ pub struct Params {
     pub seed: u64,
 }
 
+/// Bounds on a scenario's size (see [`Params::check`]).
+pub const MAX_WORKERS: usize = 10_000;
+pub const MAX_WEEKS: u32 = 520;
+pub const MAX_PERSON_WEEKS: u64 = 1_000_000;
+
 impl Params {
-    /// A scenario needs at least one worker, person and week.
+    /// A scenario needs at least one worker, person and week, and must fit in memory: it is
+    /// built whole (events are sorted by time), about 1.6 KB per person-week.
     pub fn check(&self) -> Result<(), String> {
         if self.workers == 0 || self.people == 0 || self.weeks == 0 {
             return Err("--workers, --people and --weeks must be at least 1".into());
+        }
+        if self.workers > MAX_WORKERS || self.weeks > MAX_WEEKS || self.people as u64 * self.weeks as u64 > MAX_PERSON_WEEKS {
+            return Err(format!(
+                "a scenario is built in memory: at most {MAX_WORKERS} workers, {MAX_WEEKS} weeks and {MAX_PERSON_WEEKS} person-weeks (--people x --weeks; about 1.6 GB at that size)"
+            ));
         }
         Ok(())
     }
@@ -255,4 +266,21 @@ pub fn to_jsonl(events: &[Event]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_out_of_bounds_are_refused_before_anything_is_built() {
+        let p = |workers, people, weeks| Params { workers, people, weeks, seed: 1 };
+        assert!(p(50, 2000, 12).check().is_ok());
+        assert!(p(0, 10, 1).check().is_err());
+        let big = p(12, 100_000_000, 12).check().unwrap_err();
+        assert!(big.contains("person-weeks"), "{big}");
+        assert!(p(12, 200, 100_000).check().is_err());
+        assert!(p(20_000, 200, 12).check().is_err());
+        assert!(p(100, 80_000, 12).check().is_ok(), "960,000 person-weeks fit");
+    }
 }
