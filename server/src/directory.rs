@@ -95,6 +95,9 @@ pub struct ConsentState {
     pub research: bool,
 }
 
+/// Longest worker name, in characters: names are shown in lists and sent to the worker's phone.
+pub const MAX_WORKER_NAME: usize = 100;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
     #[error(transparent)]
@@ -253,10 +256,14 @@ impl<S: LocalStore> Directory<S> {
         self.require_org(org)?;
         validate_id("worker", id)?;
         validate_role(role)?;
+        let name = name.trim();
+        if name.chars().count() > MAX_WORKER_NAME || name.chars().any(char::is_control) {
+            return Err(DirectoryError::Invalid(format!("a worker's name is at most {MAX_WORKER_NAME} characters, without control characters")));
+        }
         if self.worker(org, id)?.is_some() {
             return Err(DirectoryError::Exists { what: "worker", id: id.into() });
         }
-        let w = Worker { org: org.into(), id: id.into(), name: name.trim().to_string(), role: role.into(), created_at: Utc::now() };
+        let w = Worker { org: org.into(), id: id.into(), name: name.to_string(), role: role.into(), created_at: Utc::now() };
         self.put(key(b'w', &[org, id]), &w)?;
         Ok(w)
     }
@@ -477,6 +484,9 @@ mod tests {
     fn roles_are_the_five_peer_roles() {
         let d = dir();
         assert!(matches!(d.add_worker("org1", "w-2", "B", "boss"), Err(DirectoryError::Invalid(_))));
+        assert!(matches!(d.add_worker("org1", "w-2", &"x".repeat(101), "peer_advocate"), Err(DirectoryError::Invalid(_))));
+        assert!(matches!(d.add_worker("org1", "w-2", "A\nB", "peer_advocate"), Err(DirectoryError::Invalid(_))));
+        assert_eq!(d.add_worker("org1", "w-2", "  Ana María  ", "peer_advocate").unwrap().name, "Ana María");
         assert!(matches!(d.add_worker("nope", "w-2", "B", "peer_advocate"), Err(DirectoryError::NoOrg(_))));
     }
 
