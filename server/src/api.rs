@@ -36,6 +36,22 @@ impl ApiError {
     fn unauthorized() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "log in first (coordinator session) or send the admin token")
     }
+
+    /// Unauthorized, saying what was wrong with what the request did send.
+    fn unauthorized_for(state: &AppState, headers: &HeaderMap) -> Self {
+        if headers.contains_key(header::AUTHORIZATION) {
+            let why = if state.admin_token.is_none() {
+                "this server has no admin token (start it with --admin-token or PEERSYNC_ADMIN_TOKEN)"
+            } else {
+                "the admin token given (Authorization: Bearer ...) is not this server's"
+            };
+            return Self::new(StatusCode::UNAUTHORIZED, why);
+        }
+        if cookie(headers, SESSION_COOKIE).is_some() {
+            return Self::new(StatusCode::UNAUTHORIZED, "your session has ended (it expires after a while, or you logged out): log in again");
+        }
+        Self::unauthorized()
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -163,7 +179,7 @@ pub fn org_for(state: &AppState, who: &Principal, q: &OrgQuery) -> Result<String
 
 /// The caller and the organisation it acts on, or 401.
 pub fn authorize(state: &AppState, headers: &HeaderMap, q: &OrgQuery) -> Result<(Principal, String), ApiError> {
-    let who = principal(state, headers).ok_or_else(ApiError::unauthorized)?;
+    let who = principal(state, headers).ok_or_else(|| ApiError::unauthorized_for(state, headers))?;
     let org = org_for(state, &who, q)?;
     Ok((who, org))
 }
@@ -490,7 +506,7 @@ fn admin_only(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     match principal(state, headers) {
         Some(Principal::Admin) => Ok(()),
         Some(_) => Err(ApiError::new(StatusCode::FORBIDDEN, "this needs the admin token")),
-        None => Err(ApiError::unauthorized()),
+        None => Err(ApiError::unauthorized_for(state, headers)),
     }
 }
 

@@ -226,6 +226,13 @@ async fn coordinator_sessions_and_failed_logins_are_throttled() {
     assert_eq!(as_coordinator(&server, &cookie, "GET", "/v1/me", None).await.1["username"], "maya");
     assert_eq!(as_coordinator(&server, &cookie, "POST", "/v1/logout", None).await.0, 200);
     assert_eq!(as_coordinator(&server, &cookie, "GET", "/v1/me", None).await.0, 401, "logged out");
+    // A refusal says what was wrong with what was sent.
+    let (status, body) = as_coordinator(&server, &cookie, "GET", "/v1/workers", None).await;
+    assert_eq!(status, 401);
+    assert!(body["error"].as_str().unwrap().contains("session has ended"), "{body}");
+    let (status, body) = http(server.addr, "GET", &format!("/v1/workers?org={ORG}"), &[("Authorization", "Bearer not-the-token".to_string())], None).await;
+    assert_eq!(status, 401);
+    assert!(body["error"].as_str().unwrap().contains("not this server's"), "{body}");
     for _ in 0..5 {
         assert_eq!(login(&server, ORG, "maya", "wrong password!!").await.0, 401);
     }
