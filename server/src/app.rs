@@ -117,11 +117,11 @@ impl AppState {
 
     /// State over the data directory: sled in `store/`, person keys in `keys`.
     pub fn open(data_dir: &Path, shutdown: watch::Receiver<bool>, opts: Options) -> Result<Self, peersync_core::StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| peersync_core::StoreError::Io(format!("cannot create {}: {e}", data_dir.display())))?;
-        let kv = SledStore::open_for_server(&data_dir.join("store"), SLED_CACHE_BYTES).map_err(|e| {
-            peersync_core::StoreError::Io(format!("{e} (is another peersync process using {}?)", data_dir.display()))
-        })?;
+        if data_dir.exists() && !data_dir.is_dir() {
+            return Err(peersync_core::StoreError::Io(format!("{} is not a directory: give a directory for the server's data", data_dir.display())));
+        }
+        private_dir(data_dir)?;
+        let kv = SledStore::open_for_server(&data_dir.join("store"), SLED_CACHE_BYTES)?;
         let keyring = Keyring::open(&data_dir.join("keys"))?;
         Ok(Self::new(Arc::new(kv), keyring, shutdown, opts))
     }
@@ -133,6 +133,30 @@ impl AppState {
             tracing::error!(error = %e, "audit log write failed");
         }
     }
+}
+
+/// Keep the data directory to its owner: it holds the person keys (`keys`), and whoever can
+/// read them and the store can read every record. New directories are made so; an existing one
+/// open to its group or to others is closed (and said so in the log).
+fn private_dir(dir: &Path) -> Result<(), peersync_core::StoreError> {
+    if !dir.exists() {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+        return b.create(dir).map_err(|e| peersync_core::StoreError::Io(format!("cannot create {}: {e}", dir.display())));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let io = |e: std::io::Error| peersync_core::StoreError::Io(format!("cannot restrict {} to its owner: {e}", dir.display()));
+        let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700)).map_err(io)?;
+            tracing::warn!(dir = %dir.display(), from = format!("{:o}", mode & 0o777), to = format!("{:o}", mode & 0o700), "the data directory was open to other users; now its owner's only");
+        }
+    }
+    Ok(())
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -290,6 +314,33 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use axum::serve::Listener;
+
+    /// The data directory holds the person keys: no other user of the machine may read it.
+    #[cfg(unix)]
+    #[test]
+    fn the_data_directory_and_its_keys_are_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let fresh = tmp.path().join("fresh");
+        let state = super::AppState::open(&fresh, rx.clone(), super::Options::default()).unwrap();
+        state.hub.store().prepare_keys("o", &["p-1"]).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        assert_eq!(mode(&fresh.join("keys")), 0o600);
+        drop(state);
+        // An existing directory open to others is closed to them.
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        drop(super::AppState::open(&open, rx.clone(), super::Options::default()).unwrap());
+        assert_eq!(mode(&open), 0o700);
+        // A file where the directory should be is named as such.
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let err = super::AppState::open(&file, rx, super::Options::default()).err().unwrap();
+        assert!(err.to_string().contains("is not a directory"), "{err}");
+    }
 
     #[tokio::test]
     async fn accepted_sockets_send_small_frames_at_once() {

@@ -115,7 +115,7 @@ impl Keyring {
             entry(&mut out, org, doc, key);
         }
         let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io("cannot write the keyring", e))?;
+        let mut f = owner_only().open(&tmp).map_err(|e| io("cannot write the keyring", e))?;
         f.write_all(&out).and_then(|_| f.sync_all()).map_err(|e| io("cannot write the keyring", e))?;
         std::fs::rename(&tmp, path).map_err(|e| io("cannot replace the keyring", e))?;
         if let Some(dir) = path.parent() {
@@ -193,6 +193,15 @@ impl Keyring {
         }
         Ok(())
     }
+}
+
+/// Options for a new file only its owner may read or write: the keys destroy-on-erase rests on.
+fn owner_only() -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o
 }
 
 #[cfg(test)]

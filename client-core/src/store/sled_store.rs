@@ -37,7 +37,10 @@ impl SledStore {
             match config.open() {
                 Ok(db) => break db,
                 // sled reports the held lock only in its message (ErrorKind::Other).
-                Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Io(format!("the store at {} is in use by another process (another peersync on the same data?)", path.display())));
+                    }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => return Err(StoreError::Io(format!("cannot open store at {}: {e}", path.display()))),
