@@ -23,7 +23,7 @@ pub enum Command {
         #[arg(long, default_value = "./peersync-data", env = "PEERSYNC_DATA")]
         data: PathBuf,
         /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8080", env = "PEERSYNC_LISTEN")]
+        #[arg(long, default_value = "127.0.0.1:8080", env = "PEERSYNC_LISTEN", value_parser = listen_addr)]
         listen: SocketAddr,
         /// Person documents whose stored bytes are kept in memory at most; others are read
         /// from the store on demand.
@@ -61,7 +61,7 @@ pub enum Command {
     Demo {
         #[arg(long, default_value = "./peersync-data", env = "PEERSYNC_DATA")]
         data: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:8080", env = "PEERSYNC_LISTEN")]
+        #[arg(long, default_value = "127.0.0.1:8080", env = "PEERSYNC_LISTEN", value_parser = listen_addr)]
         listen: SocketAddr,
     },
     /// Replay a field scenario (JSON Lines) through real devices and a server; check that all
@@ -190,6 +190,8 @@ pub enum CliError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    #[error("cannot write to standard output: {0}")]
+    Output(std::io::Error),
     #[error("{0}")]
     Usage(String),
     #[error("bench: {0}")]
@@ -233,11 +235,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             size.check().map_err(CliError::Usage)?;
             let events = crate::simulate::simulate(&size);
             use std::io::Write;
-            std::io::stdout().write_all(crate::simulate::to_jsonl(&events).as_bytes()).map_err(CliError::Serve)?;
+            std::io::stdout().write_all(crate::simulate::to_jsonl(&events).as_bytes()).map_err(CliError::Output)?;
             Ok(())
         }
         Command::Demo { data, listen } => demo(data, listen).await,
         Command::Bench { size, scenario, server, admin_token, link, json, phase_timeout, compare_automerge_repo, automerge_repo_dir } => {
+            if phase_timeout == 0 {
+                return Err(CliError::Usage("--phase-timeout must be at least 1 second".into()));
+            }
+            if let Some(url) = &server {
+                check_server_url(url)?;
+            }
             let phase_timeout = std::time::Duration::from_secs(phase_timeout);
             let compare_automerge_repo = compare_automerge_repo.then(|| automerge_repo_dir.unwrap_or_else(crate::bench::default_automerge_repo_dir));
             let args =
@@ -267,11 +275,20 @@ async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CliError::Listen { addr: listen, source })?;
     let addr = listener.local_addr().map_err(CliError::Serve)?;
     let fresh = state.dir.org(DEMO_ORG)?.is_none();
+    let login_file = data.join("demo-login.txt");
+    if !fresh && !login_file.exists() {
+        // The login is written last: an organisation without it is a setup that was stopped
+        // part-way (Ctrl-C, a crash), with part of the team's data and no coordinator.
+        return Err(CliError::Usage(format!(
+            "the demo in {} was not set up completely (its first start was stopped part-way), so it has no coordinator login; delete {} and run `peersync demo` again",
+            data.display(),
+            data.display()
+        )));
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(listener, None, state.clone(), tx, async move {
         tokio::select! { _ = shutdown_signal() => {}, _ = stop_rx => {} }
     }));
-    let login_file = data.join("demo-login.txt");
     if fresh {
         say(format_args!("setting up the demo organisation: a small team records offline for 8 weeks and syncs..."));
         let events = crate::simulate::simulate(&crate::simulate::Params { workers: 6, people: 60, weeks: 8, seed: 1 });
@@ -280,7 +297,7 @@ async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
         let progress = |done: usize, total: usize| tell(format_args!("\r  replaying {:<60}", crate::replay::progress_line(done, total, started.elapsed())));
         let outcome = crate::replay::replay(&events, &opts, &token, DEMO_ORG, &data.join("demo-phones"), &progress)
             .await
-            .map_err(|e| CliError::Usage(format!("demo setup failed: {e}")))?;
+            .map_err(|e| CliError::Usage(format!("demo setup failed: {e}; delete {} and run `peersync demo` again", data.display())))?;
         tell(format_args!("\n"));
         for p in &outcome.problems {
             tell(format_args!("  problem: {p}\n"));
@@ -291,7 +308,8 @@ async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
         tokio::task::spawn_blocking(move || st.dir.create_coordinator(DEMO_ORG, "coordinator", &pw))
             .await
             .map_err(|e| CliError::Usage(e.to_string()))??;
-        std::fs::write(&login_file, format!("organisation: {DEMO_ORG}\nusername: coordinator\npassword: {password}\n")).map_err(CliError::Serve)?;
+        write_private(&login_file, format!("organisation: {DEMO_ORG}\nusername: coordinator\npassword: {password}\n").as_bytes())
+            .map_err(|e| CliError::Usage(format!("cannot write {}: {e}", login_file.display())))?;
         say(format_args!(
             "  {} phones, {} people, {} syncs; everything converged: {}",
             outcome.devices,
@@ -308,7 +326,11 @@ async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
 
 async fn replay(file: PathBuf, server: Option<String>, admin_token: Option<String>, report: Option<PathBuf>, org: Option<String>) -> Result<(), CliError> {
     let text = std::fs::read_to_string(&file).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
-    let events = crate::scenario::parse(&text).map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+    let numbered = crate::scenario::parse_numbered(&text).map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+    let (lines, events): (Vec<usize>, Vec<crate::scenario::Event>) = numbered.into_iter().unzip();
+    if let Some(url) = &server {
+        check_server_url(url)?;
+    }
     let work = tempfile::tempdir().map_err(|e| CliError::Usage(e.to_string()))?;
     let mut embedded = None;
     let (url, token) = match (server, admin_token) {
@@ -330,10 +352,13 @@ async fn replay(file: PathBuf, server: Option<String>, admin_token: Option<Strin
         }
     };
     let org = org.unwrap_or_else(|| format!("replay-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    if embedded.is_none() {
+        eprintln!("replaying into organisation {org} on {url}");
+    }
     let opts = peersync_core::sync::SyncOptions::new(url);
     let started = std::time::Instant::now();
     let progress = |done: usize, total: usize| eprint!("\rreplaying: {:<60}", crate::replay::progress_line(done, total, started.elapsed()));
-    let outcome = crate::replay::replay(&events, &opts, &token, &org, work.path(), &progress).await;
+    let outcome = crate::replay::replay_lines(&events, &lines, &opts, &token, &org, work.path(), &progress).await;
     eprintln!();
     if let Some((stop, task)) = embedded {
         let _ = stop.send(());
@@ -341,17 +366,17 @@ async fn replay(file: PathBuf, server: Option<String>, admin_token: Option<Strin
     }
     let outcome = outcome.map_err(|e| CliError::Usage(format!("replay failed: {e}")))?;
     eprintln!(
-        "replayed {} events on {} devices in {:.1} s: {} syncs, {} person documents",
-        events.len(),
-        outcome.devices,
+        "replayed {} in {:.1} s: {} on {}, {}",
+        count(events.len(), "event"),
         started.elapsed().as_secs_f64(),
-        outcome.syncs,
-        outcome.documents
+        count(outcome.syncs as usize, "sync"),
+        count(outcome.devices, "device"),
+        count(outcome.documents, "person document")
     );
     let json = serde_json::to_string_pretty(&outcome.report).expect("JSON serializes");
     match report {
         Some(path) => std::fs::write(&path, json + "\n").map_err(|e| CliError::Usage(format!("cannot write {}: {e}", path.display())))?,
-        None => println!("{json}"),
+        None => out(format_args!("{json}"))?,
     }
     if outcome.problems.is_empty() {
         eprintln!("all devices converged with the server");
@@ -360,7 +385,7 @@ async fn replay(file: PathBuf, server: Option<String>, admin_token: Option<Strin
         for p in outcome.problems.iter().take(50) {
             eprintln!("problem: {p}");
         }
-        Err(CliError::Usage(format!("{} problems: the replay did not converge cleanly", outcome.problems.len())))
+        Err(CliError::Usage(format!("{}: the replay did not converge cleanly", count(outcome.problems.len(), "problem"))))
     }
 }
 
@@ -370,7 +395,7 @@ fn admin(state: &AppState, action: AdminAction) -> Result<(), CliError> {
         AdminAction::CreateOrg { id, name } => {
             let o = dir.create_org(&id, &name)?;
             let _ = state.audit.record(&o.id, "admin", "create-org", vec![], true, "via peersync admin");
-            println!("created organisation {}", o.id);
+            out(format_args!("created organisation {}", o.id))?;
         }
         AdminAction::CreateCoordinator { org, username, password } => {
             let password = match password {
@@ -384,17 +409,17 @@ fn admin(state: &AppState, action: AdminAction) -> Result<(), CliError> {
             };
             dir.create_coordinator(&org, &username, &password)?;
             let _ = state.audit.record(&org, "admin", "create-coordinator", vec![], true, format!("coordinator {username}"));
-            println!("created coordinator {username} in {org}");
+            out(format_args!("created coordinator {username} in {org}"))?;
         }
         AdminAction::AddWorker { org, id, role, name } => {
             let w = dir.add_worker(&org, &id, &name, &role)?;
             let _ = state.audit.record(&org, "admin", "create-worker", vec![], true, format!("worker {} ({})", w.id, w.role));
-            println!("added worker {} ({})", w.id, w.role);
+            out(format_args!("added worker {} ({})", w.id, w.role))?;
         }
         AdminAction::EnrollmentCode { org, worker } => {
             let (code, expires) = dir.issue_code(&org, &worker)?;
             let _ = state.audit.record(&org, "admin", "issue-code", vec![], true, format!("enrollment code for worker {worker}"));
-            println!("{code}  (for {worker}; single use; expires {expires})");
+            out(format_args!("{code}  (for {worker}; single use; expires {expires})"))?;
         }
         AdminAction::Assign { org, person, worker } => {
             if dir.worker(&org, &worker)?.is_none() {
@@ -404,13 +429,63 @@ fn admin(state: &AppState, action: AdminAction) -> Result<(), CliError> {
                 dir.assign(&org, &person, std::slice::from_ref(&worker), seq, "admin").map(|_| ()).map_err(|e| peersync_core::StoreError::Io(e.to_string()))
             })?;
             let _ = state.audit.record(&org, "admin", "assign", vec![person.clone()], true, format!("to worker {worker}"));
-            println!("assigned {person} to {worker}");
+            out(format_args!("assigned {person} to {worker}"))?;
         }
         AdminAction::Revoke { org, device } => {
             dir.revoke(&org, &device, "admin")?;
             let _ = state.audit.record(&org, "admin", "revoke", vec![], true, format!("device {device}"));
-            println!("revoked {device}");
+            out(format_args!("revoked {device}"))?;
         }
+    }
+    Ok(())
+}
+
+/// A line of a command's output on stdout. Unlike `println!`, a closed pipe or a full disk is
+/// an error the command reports (and exits non-zero for), not a panic.
+fn out(text: std::fmt::Arguments) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(format!("{text}\n").as_bytes()).and_then(|()| stdout.flush()).map_err(CliError::Output)
+}
+
+/// Write a file only its owner may read (the demo's password).
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path)?.write_all(bytes)
+}
+
+/// `n` and `what`, plural when `n` is not 1 ("1 device", "3 devices").
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// `--listen`: an address and port, or a host name that resolves to one (`localhost:8080`).
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = s.to_socket_addrs().map_err(|e| format!("{s:?} is not an address and port (such as 127.0.0.1:8080): {e}"))?.collect();
+    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+/// A `--server` for replay or bench: a websocket URL of a server's root, refused before anything
+/// is created on the server.
+fn check_server_url(url: &str) -> Result<(), CliError> {
+    let bad = |why: &str| Err(CliError::Usage(format!("--server {url:?}: {why}; give the server's address as ws://HOST:PORT (or wss:// with TLS)")));
+    let Ok(uri) = url.parse::<axum::http::Uri>() else { return bad("not a URL") };
+    if !matches!(uri.scheme_str(), Some("ws" | "wss")) {
+        return bad("the scheme must be ws or wss");
+    }
+    if uri.authority().is_none() {
+        return bad("no host");
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return bad("no path: peersync finds its endpoints itself");
     }
     Ok(())
 }

@@ -26,8 +26,8 @@ pub enum ReplayError {
     Api { what: String, status: u16, message: String },
     #[error(transparent)]
     Sync(#[from] peersync_core::sync::SyncError),
-    #[error("event {event}, {worker}'s sync: {source}")]
-    SyncAt { event: usize, worker: String, source: peersync_core::sync::SyncError },
+    #[error("line {line}, {worker}'s sync: {source}")]
+    SyncAt { line: usize, worker: String, source: peersync_core::sync::SyncError },
     #[error(transparent)]
     Core(#[from] CoreError),
     #[error("{0}")]
@@ -88,6 +88,8 @@ impl<E> Earliest<E> {
 
 /// What the phones' tasks share with the loop that feeds them.
 struct Shared {
+    /// Each event's line in the scenario file, for naming it (empty: one event per line).
+    lines: Vec<usize>,
     erased: Mutex<HashSet<String>>,
     /// (event index, what went wrong): sorted by index at the end, so the order is the scenario's.
     problems: Mutex<Vec<(usize, String)>>,
@@ -102,14 +104,20 @@ struct Shared {
 }
 
 impl Shared {
-    fn new() -> Self {
+    fn new(lines: &[usize]) -> Self {
         Shared {
+            lines: lines.to_vec(),
             erased: Mutex::default(),
             problems: Mutex::default(),
             fatal: Earliest::default(),
             done: AtomicUsize::new(0),
             recording: one_per_core(),
         }
+    }
+
+    /// The line of the scenario file event `i` came from.
+    fn line(&self, i: usize) -> usize {
+        self.lines.get(i).copied().unwrap_or(i + 1)
     }
 
     fn problem(&self, i: usize, p: String) {
@@ -161,8 +169,23 @@ pub async fn replay(
     dir: &std::path::Path,
     progress: &dyn Fn(usize, usize),
 ) -> Result<Outcome, ReplayError> {
+    replay_lines(events, &[], opts, token, org, dir, progress).await
+}
+
+/// [`replay`], naming events by `lines` (each event's line in the scenario file, as
+/// [`crate::scenario::parse_numbered`] gives them) in problems and errors.
+#[allow(clippy::too_many_arguments)]
+pub async fn replay_lines(
+    events: &[Event],
+    lines: &[usize],
+    opts: &SyncOptions,
+    token: &str,
+    org: &str,
+    dir: &std::path::Path,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Outcome, ReplayError> {
     api(opts, token, "POST", "/v1/admin/orgs", Some(json!({ "id": org, "name": "Replayed field scenario" }))).await?;
-    let shared = Arc::new(Shared::new());
+    let shared = Arc::new(Shared::new(lines));
     let mut phones: BTreeMap<String, Phone> = BTreeMap::new();
     let mut last_sync: Option<oneshot::Receiver<()>> = None;
     let mut syncs = 0u64;
@@ -196,7 +219,7 @@ pub async fn replay(
         let phone = e.phone().map(|by| (by, phones.get(by)));
         let Some((by, Some(phone))) = phone else {
             if let Some((by, None)) = phone {
-                shared.problem(i, format!("event {i}: no worker {by:?} joined before it"));
+                shared.problem(i, format!("line {}: no worker {by:?} joined before it", shared.line(i)));
             }
             shared.done.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -212,7 +235,7 @@ pub async fn replay(
             // Its task is gone (it panicked): wait for the others, and report what stopped the
             // replay first if that was something else.
             settle(&phones, &shared, total, progress).await?;
-            return Err(ReplayError::Other(format!("{by}'s phone stopped before event {i}")));
+            return Err(ReplayError::Other(format!("{by}'s phone stopped before line {}", shared.line(i))));
         }
     }
     settle(&phones, &shared, total, progress).await?;
@@ -323,7 +346,7 @@ async fn run_phone(worker: String, device: Device, clock: ManualClock, opts: Syn
                             }
                             let _ = finished.send(());
                         }
-                        Err(source) => shared.fatal.set(i, ReplayError::SyncAt { event: i, worker: worker.clone(), source }),
+                        Err(source) => shared.fatal.set(i, ReplayError::SyncAt { line: shared.line(i), worker: worker.clone(), source }),
                     }
                 }
             }
@@ -344,10 +367,10 @@ async fn run_phone(worker: String, device: Device, clock: ManualClock, opts: Syn
 async fn record(worker: &str, device: &Device, shared: &Shared, i: usize, e: &Event) {
     match apply(device, e).await {
         Ok(()) => {}
-        Err(NotRecorded::Scenario(m)) => shared.problem(i, format!("event {i}: {m}")),
+        Err(NotRecorded::Scenario(m)) => shared.problem(i, format!("line {}: {m}", shared.line(i))),
         Err(NotRecorded::Device(err)) => {
             if !(matches!(err, CoreError::UnknownPerson(_)) && e.person().is_some_and(|p| shared.erased(p))) {
-                shared.problem(i, format!("event {i} ({worker}): {err}"));
+                shared.problem(i, format!("line {} ({worker}): {err}", shared.line(i)));
             }
         }
     }

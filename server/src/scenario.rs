@@ -201,10 +201,15 @@ fn edit_from(set: &serde_json::Map<String, serde_json::Value>) -> Result<VisitEd
 
 /// Parse a scenario, one event per line; blank lines are skipped.
 pub fn parse(text: &str) -> Result<Vec<Event>, ScenarioError> {
+    Ok(parse_numbered(text)?.into_iter().map(|(_, e)| e).collect())
+}
+
+/// [`parse`], with each event's line number (from 1).
+pub fn parse_numbered(text: &str) -> Result<Vec<(usize, Event)>, ScenarioError> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| ScenarioError::Line { line: i + 1, reason: e.to_string() }))
+        .map(|(i, l)| serde_json::from_str(l).map(|e| (i + 1, e)).map_err(|e| ScenarioError::Line { line: i + 1, reason: e.to_string() }))
         .collect()
 }
 

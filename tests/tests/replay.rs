@@ -189,7 +189,7 @@ async fn a_replay_that_loses_the_server_stops_with_an_error() {
     server.stop().await;
 }
 
-/// Events that cannot be recorded are reported, each with its event number and in the
+/// Events that cannot be recorded are reported, each with its line in the file and in the
 /// scenario's order, and the rest of the replay still converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_that_cannot_be_recorded_are_reported_in_order() {
@@ -214,9 +214,9 @@ async fn events_that_cannot_be_recorded_are_reported_in_order() {
     assert_eq!(
         outcome.problems,
         [
-            format!("event {consent}: unknown consent field \"colour\""),
-            format!("event {}: no worker \"w-999\" joined before it", visit + 1),
-            format!("event {} ({by}): no person with id \"p-99999\" on this device", visit + 2),
+            format!("line {}: unknown consent field \"colour\"", consent + 1),
+            format!("line {}: no worker \"w-999\" joined before it", visit + 2),
+            format!("line {} ({by}): no person with id \"p-99999\" on this device", visit + 3),
         ],
     );
     server.stop().await;

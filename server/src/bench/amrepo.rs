@@ -569,9 +569,10 @@ pub struct Shown<'a> {
 }
 
 impl Shown<'_> {
-    fn add(&mut self, l: PhaseLine) {
-        self.out.line(&l);
+    fn add(&mut self, l: PhaseLine) -> Result<(), super::BenchError> {
+        self.out.line(&l).map_err(super::BenchError::Output)?;
         self.lines.push(l);
+        Ok(())
     }
 }
 
@@ -596,16 +597,16 @@ pub async fn run(
     let m_fresh = manifests(&work.join("manifests/fresh"), phones, &work.join("fresh"), &fresh_proxies)?;
     rig.import(&m_phones).await?;
     let p1 = rig.phase("automerge-repo P1", "sync", &m_phones, &proxies).await?;
-    shown.add(summarise("P1", "first upload", &p1, d.d_p1, profile, |r| r.docs));
+    shown.add(summarise("P1", "first upload", &p1, d.d_p1, profile, |r| r.docs))?;
     // As on the peersync side: one untimed round so that P2 is the idle case.
     rig.phase("automerge-repo settling", "sync", &m_phones, &proxies).await?;
     let p2 = rig.phase("automerge-repo P2", "sync", &m_phones, &proxies).await?;
-    shown.add(summarise("P2", "idle re-sync", &p2, d.d_p1, profile, |r| r.docs_changed));
+    shown.add(summarise("P2", "idle re-sync", &p2, d.d_p1, profile, |r| r.docs_changed))?;
     let p3 = rig.phase("automerge-repo P3", "restore", &m_fresh, &fresh_proxies).await?;
-    shown.add(summarise("P3", "restore on a fresh phone", &p3, d.d_p3, profile, |r| r.docs));
+    shown.add(summarise("P3", "restore on a fresh phone", &p3, d.d_p3, profile, |r| r.docs))?;
     let p4 = rig.phase("automerge-repo P4", "change", &m_phones, &proxies).await?;
     let changes: HashMap<&str, u64> = phones.iter().map(|p| (p.worker.as_str(), p.changes.len() as u64)).collect();
-    shown.add(summarise("P4", "incremental (one visit to five people)", &p4, d.d_p1, profile, |r| changes.get(r.worker.as_str()).copied().unwrap_or(0)));
+    shown.add(summarise("P4", "incremental (one visit to five people)", &p4, d.d_p1, profile, |r| changes.get(r.worker.as_str()).copied().unwrap_or(0)))?;
     Ok(())
 }
 

@@ -72,6 +72,8 @@ pub enum BenchError {
     Amrepo(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot write the results to standard output: {0}")]
+    Output(std::io::Error),
 }
 
 /// A worker's phone.
@@ -149,12 +151,12 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     };
     let out = output::Printer { json: args.json, link: args.link };
     let d_p1 = held_bytes(&phones).await?;
-    out.header(phones.len(), &events, d_p1);
+    out.header(phones.len(), &events, d_p1).map_err(BenchError::Output)?;
 
     let mut lines = Vec::new();
     let p1 = phase("P1", &phones, pid, args.phase_timeout).await?;
     lines.push(output::summarise("P1", "first upload", &p1, d_p1, args.link, |r| r.docs_sent));
-    out.line(&lines[0]);
+    out.line(&lines[0]).map_err(BenchError::Output)?;
     // People two workers share were pushed by both phones at once in P1, so one phone may
     // have finished before its teammate's changes arrived. One untimed round brings everyone
     // up to date, so that P2 measures the idle case it is meant to.
@@ -163,7 +165,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     eprintln!("bench: after P1, {late} documents reached a phone from its teammate's P1 push (untimed)");
     let p2 = phase("P2", &phones, pid, args.phase_timeout).await?;
     lines.push(output::summarise("P2", "idle re-sync", &p2, d_p1, args.link, |r| r.docs_sent + r.docs_received));
-    out.line(&lines[1]);
+    out.line(&lines[1]).map_err(BenchError::Output)?;
 
     let mut fresh = Vec::new();
     for (worker, _) in &workers {
@@ -175,7 +177,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let p3 = phase("P3", &fresh, pid, args.phase_timeout).await?;
     let d_p3 = held_bytes(&fresh).await?;
     lines.push(output::summarise("P3", "restore on a fresh phone", &p3, d_p3, args.link, |r| r.docs_received));
-    out.line(&lines[2]);
+    out.line(&lines[2]).map_err(BenchError::Output)?;
 
     let d_am_p3 = match &am_phones {
         Some(am) => amrepo::restored_bytes(&phones, am).await?,
@@ -190,7 +192,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     }
     let p4 = phase("P4", &phones, pid, args.phase_timeout).await?;
     lines.push(output::summarise("P4", "incremental (one visit to five people)", &p4, d_p1, args.link, |r| r.docs_sent));
-    out.line(&lines[3]);
+    out.line(&lines[3]).map_err(BenchError::Output)?;
     // The peersync side is done: stop its server so that it takes no memory or CPU from the
     // automerge-repo run.
     drop(proxies);
@@ -199,12 +201,12 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     if let (Some(dir), Some(am), Some(version)) = (&args.compare_automerge_repo, am_phones, amrepo_version) {
         let reference = amrepo::Reference { d_p1, d_p3: d_am_p3 };
-        out.comparison_header(&version);
+        out.comparison_header(&version).map_err(BenchError::Output)?;
         let mut shown = amrepo::Shown { out: &out, lines: Vec::new() };
         let result = amrepo::run(dir, &work.path().join("amrepo"), &am, args.link, args.phase_timeout, reference, &mut shown).await;
         // The ratios of the phases that were done, even if a later one failed.
         for (ours, theirs) in lines.iter().zip(&shown.lines) {
-            out.ratio(&output::ratio(ours, theirs));
+            out.ratio(&output::ratio(ours, theirs)).map_err(BenchError::Output)?;
         }
         result?;
     }

@@ -142,6 +142,17 @@ pub fn summarise(phase: &str, what: &str, run: &PhaseRun, d: u64, profile: Profi
     }
 }
 
+/// One line on stdout. An error (a closed pipe, a full disk) is returned rather than
+/// panicking: `peersync bench | head -1` ends with a message, and a `--json` run whose output
+/// cannot be written does not pass for a finished one.
+fn print(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
 pub struct Printer {
     pub json: bool,
     pub link: Profile,
@@ -152,20 +163,17 @@ fn mb(b: u64) -> String {
 }
 
 impl Printer {
-    pub fn header(&self, phones: usize, events: &[Event], d: u64) {
-        if !self.json {
-            let people = events.iter().filter(|e| matches!(e, Event::Person { .. })).count();
-            println!("peersync bench: {phones} phones, {people} people, {} events; link {}; D = {d} bytes", events.len(), self.link.name());
+    pub fn header(&self, phones: usize, events: &[Event], d: u64) -> std::io::Result<()> {
+        if self.json {
+            return Ok(());
         }
+        let people = events.iter().filter(|e| matches!(e, Event::Person { .. })).count();
+        print(&format!("peersync bench: {phones} phones, {people} people, {} events; link {}; D = {d} bytes", events.len(), self.link.name()))
     }
 
-    pub fn line(&self, l: &PhaseLine) {
+    pub fn line(&self, l: &PhaseLine) -> std::io::Result<()> {
         if self.json {
-            match serde_json::to_string(l) {
-                Ok(s) => println!("{s}"),
-                Err(e) => eprintln!("cannot print the phase as JSON: {e}"),
-            }
-            return;
+            return print(&serde_json::to_string(l)?);
         }
         let rss = match l.server_peak_rss_bytes {
             Some(b) => format!("{}{}", mb(b), if l.rss_since_start { " (since start)" } else { "" }),
@@ -181,10 +189,10 @@ impl Printer {
             _ => String::new(),
         };
         let who = if l.system == "peersync" { String::new() } else { format!("{} ", l.system) };
-        println!(
+        print(&format!(
             "{who}{} {:<40} docs {:>5}  wall {:>6} ms  up {:>10} B  down {:>10} B  round trips max {} (total {})  server peak RSS {rss}{cpu}  bytes/D {:.2}{limit}",
             l.phase, l.what, l.documents, l.wall_ms, l.bytes_up, l.bytes_down, l.round_trips_max, l.round_trips_total, l.bytes_over_d
-        );
+        ))
     }
 }
 
@@ -215,22 +223,19 @@ pub fn ratio(peersync: &PhaseLine, other: &PhaseLine) -> Ratio {
 }
 
 impl Printer {
-    pub fn comparison_header(&self, version: &str) {
-        if !self.json {
-            println!("automerge-repo {version} (same phones, documents and links; bytes and round trips counted at each phone's proxy):");
+    pub fn comparison_header(&self, version: &str) -> std::io::Result<()> {
+        if self.json {
+            return Ok(());
         }
+        print(&format!("automerge-repo {version} (same phones, documents and links; bytes and round trips counted at each phone's proxy):"))
     }
 
-    pub fn ratio(&self, r: &Ratio) {
+    pub fn ratio(&self, r: &Ratio) -> std::io::Result<()> {
         if self.json {
-            match serde_json::to_string(r) {
-                Ok(s) => println!("{s}"),
-                Err(e) => eprintln!("cannot print the ratio as JSON: {e}"),
-            }
-            return;
+            return print(&serde_json::to_string(r)?);
         }
         let x = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.1}x"));
-        println!(
+        print(&format!(
             "{} {}  wall {}  bytes up {}  bytes down {}  server peak RSS {}",
             r.ratio,
             r.phase,
@@ -238,7 +243,7 @@ impl Printer {
             x(r.bytes_up),
             x(r.bytes_down),
             x(r.server_peak_rss)
-        );
+        ))
     }
 }
 
