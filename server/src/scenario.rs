@@ -4,7 +4,8 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 use peersync_core::{ConsentChange, NewCheckin, NewPerson, NewVisit, VisitEdit};
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConsentSet {
@@ -16,8 +17,9 @@ pub struct ConsentSet {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    Worker { at: DateTime<Utc>, worker: String, name: String, role: String },
+    Worker { #[serde(deserialize_with = "time")] at: DateTime<Utc>, worker: String, name: String, role: String },
     Person {
+        #[serde(deserialize_with = "time")]
         at: DateTime<Utc>,
         by: String,
         person: String,
@@ -27,10 +29,12 @@ pub enum Event {
         consent: ConsentSet,
     },
     Visit {
+        #[serde(deserialize_with = "time")]
         at: DateTime<Utc>,
         by: String,
         person: String,
         visit: String,
+        #[serde(deserialize_with = "time")]
         started_at: DateTime<Utc>,
         duration_min: u32,
         mode: String,
@@ -39,9 +43,11 @@ pub enum Event {
         goals: Vec<String>,
         referrals: Vec<String>,
         notes: String,
+        #[serde(default, deserialize_with = "date_or_null")]
         follow_up: Option<NaiveDate>,
     },
     Checkin {
+        #[serde(deserialize_with = "time")]
         at: DateTime<Utc>,
         by: String,
         person: String,
@@ -57,10 +63,10 @@ pub enum Event {
         hospital_nights_28d: u32,
         substance_use_days_28d: Option<u32>,
     },
-    Edit { at: DateTime<Utc>, by: String, person: String, visit: String, set: serde_json::Map<String, serde_json::Value> },
-    Consent { at: DateTime<Utc>, by: String, person: String, set: serde_json::Map<String, serde_json::Value> },
-    Erase { at: DateTime<Utc>, by: String, person: String },
-    Sync { at: DateTime<Utc>, by: String },
+    Edit { #[serde(deserialize_with = "time")] at: DateTime<Utc>, by: String, person: String, visit: String, set: serde_json::Map<String, serde_json::Value> },
+    Consent { #[serde(deserialize_with = "time")] at: DateTime<Utc>, by: String, person: String, set: serde_json::Map<String, serde_json::Value> },
+    Erase { #[serde(deserialize_with = "time")] at: DateTime<Utc>, by: String, person: String },
+    Sync { #[serde(deserialize_with = "time")] at: DateTime<Utc>, by: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +205,31 @@ fn edit_from(set: &serde_json::Map<String, serde_json::Value>) -> Result<VisitEd
     Ok(e)
 }
 
+/// A time as the format has it (RFC 3339), with an error that says what was expected.
+fn time<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    let s = String::deserialize(d)?;
+    DateTime::parse_from_rfc3339(&s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| D::Error::custom(format!("{s:?} is not a time such as \"2026-01-05T08:00:00Z\" (RFC 3339: {e})")))
+}
+
+/// A date (`YYYY-MM-DD`) or null.
+fn date_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<Option<NaiveDate>, D::Error> {
+    let Some(s) = Option::<String>::deserialize(d)? else { return Ok(None) };
+    NaiveDate::parse_from_str(&s, "%Y-%m-%d").map(Some).map_err(|e| D::Error::custom(format!("{s:?} is not a date such as \"2026-01-05\" ({e})")))
+}
+
+/// What was wrong with a line, without serde's position inside it (always line 1 of the
+/// one-line text); a line that is not JSON at all says so.
+fn reason(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let what = text.rsplit_once(" at line ").map_or(text.as_str(), |(what, _)| what);
+    match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => format!("not a JSON object: {what} (column {})", e.column()),
+        _ => what.to_string(),
+    }
+}
+
 /// Parse a scenario, one event per line; blank lines are skipped.
 pub fn parse(text: &str) -> Result<Vec<Event>, ScenarioError> {
     Ok(parse_numbered(text)?.into_iter().map(|(_, e)| e).collect())
@@ -206,10 +237,12 @@ pub fn parse(text: &str) -> Result<Vec<Event>, ScenarioError> {
 
 /// [`parse`], with each event's line number (from 1).
 pub fn parse_numbered(text: &str) -> Result<Vec<(usize, Event)>, ScenarioError> {
+    // A byte-order mark, as some editors write, is not part of the first event.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map(|e| (i + 1, e)).map_err(|e| ScenarioError::Line { line: i + 1, reason: e.to_string() }))
+        .map(|(i, l)| serde_json::from_str(l).map(|e| (i + 1, e)).map_err(|e| ScenarioError::Line { line: i + 1, reason: reason(&e) }))
         .collect()
 }
 
@@ -243,5 +276,14 @@ mod tests {
         assert_eq!(events[5].consent_change().unwrap().unwrap().share_with_coordinator, Some(false));
         assert_eq!(events[6].phone(), None);
         assert!(matches!(parse("{\"type\":\"visit\"}"), Err(ScenarioError::Line { line: 1, .. })));
+        // A byte-order mark is skipped; errors name the line, and what was expected.
+        assert_eq!(parse(&format!("\u{feff}{}", text.lines().next().unwrap())).unwrap().len(), 1);
+        let err = |t: &str| parse(t).unwrap_err().to_string();
+        let yesterday = err(&text.lines().next().unwrap().replace("2026-01-04T08:00:00Z", "yesterday"));
+        assert!(yesterday.starts_with("line 1: ") && yesterday.contains("\"yesterday\" is not a time such as"), "{yesterday}");
+        let bad_date = err(&format!("\n{}", text.lines().nth(2).unwrap().replace("\"follow_up\":null", "\"follow_up\":\"2026-13-45\"")));
+        assert!(bad_date.starts_with("line 2: ") && bad_date.contains("\"2026-13-45\" is not a date"), "{bad_date}");
+        let not_json = err(&format!("{}\nnot json", text.lines().last().unwrap()));
+        assert!(not_json.starts_with("line 2: not a JSON object: ") && !not_json.contains("at line 1"), "{not_json}");
     }
 }
