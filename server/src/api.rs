@@ -481,11 +481,22 @@ async fn erase(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q):
         return Ok(Json(json!({ "person": id, "erased": true, "already": true })));
     }
     let (st, o, i, actor) = (state.clone(), org.clone(), id.clone(), who.actor());
-    tokio::task::spawn_blocking(move || st.hub.erase(&o, &i, || st.dir.bury(&o, &i, &actor)))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    audit(&state, &org, &who, "erase", vec![id.clone()], true, "person erased; devices purge at their next sync");
-    Ok(Json(json!({ "person": id, "erased": true })))
+    // A person registered on a phone that has not synced since is unknown here, and erasing
+    // them is still right: the tombstone refuses what that phone sends and has it purge them.
+    let known = tokio::task::spawn_blocking(move || {
+        let known = st.hub.heads(&o, &i)?.is_some();
+        st.hub.erase(&o, &i, || st.dir.bury(&o, &i, &actor))?;
+        Ok::<_, peersync_core::StoreError>(known)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let detail = if known {
+        "person erased; devices purge at their next sync"
+    } else {
+        "person erased before any record of them reached the server; what a phone sends for them is refused and purged"
+    };
+    audit(&state, &org, &who, "erase", vec![id.clone()], true, detail);
+    Ok(Json(json!({ "person": id, "erased": true, "known": known })))
 }
 
 // Audit, admin, metrics -------------------------------------------------------------------

@@ -257,8 +257,9 @@ async fn erasure_is_honoured_everywhere_even_by_a_stale_phone() {
     // B goes offline and records more for the person.
     b.record_visit("p-e", visit("v-offline", NOTE)).await.unwrap();
     // The coordinator erases the person at their request.
-    let (status, _) = server.admin("POST", &format!("/v1/people/p-e/erase?org={ORG}"), None).await;
+    let (status, body) = server.admin("POST", &format!("/v1/people/p-e/erase?org={ORG}"), None).await;
     assert_eq!(status, 200);
+    assert_eq!(body["known"], true, "{body}");
     // A purges at its next sync.
     let ra = sync(&a, &server).await;
     assert_eq!(ra.purged, 1);
@@ -281,6 +282,14 @@ async fn erasure_is_honoured_everywhere_even_by_a_stale_phone() {
     let rb = sync(&b, &server).await;
     assert!(rb.purged >= 1);
     assert!(b.person("p-e").await.is_err());
+    // A person erased before any record of them reached the server (their worker's phone has
+    // not synced since registering them): the erasure stands, and says so.
+    c.register_person(person("p-late", "Late-Arrival")).await.unwrap();
+    let (status, body) = server.admin("POST", &format!("/v1/people/p-late/erase?org={ORG}"), None).await;
+    assert_eq!((status, &body["known"]), (200, &serde_json::json!(false)), "{body}");
+    let rc = sync(&c, &server).await;
+    assert!(rc.purged >= 1, "{rc:?}");
+    assert!(c.person("p-late").await.is_err());
     // The audit log records the erasure, without content.
     let (_, audit) = server.admin("GET", &format!("/v1/audit?org={ORG}"), None).await;
     let text = audit.to_string();
