@@ -773,9 +773,11 @@ impl Inner {
         let now = self.clock.now();
         self.write(&mut st, person, true, |doc| {
             // Never dated before a word this phone already holds (its clock may be behind, or
-            // the last change came this very millisecond): this change is the latest word.
+            // the last change came this very millisecond): this change is the latest word. A
+            // clock far off (reset to 1970, or centuries ahead) would have it ignored: then it
+            // is dated just after the latest word instead.
             let latest = doc.consent()?.updated_at;
-            let at = if now > latest { now } else { latest + chrono::Duration::milliseconds(1) };
+            let at = if now > latest && crate::document::plausible(&now) { now } else { latest.checked_add_signed(chrono::Duration::milliseconds(1)).unwrap_or(latest) };
             let change = doc.add_consent_statement(&change, at, &by)?;
             // What holds now: a later statement from another phone may outrank this one.
             Ok((vec![change], doc.consent()?))

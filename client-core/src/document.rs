@@ -50,7 +50,8 @@ const CONSENT_STATEMENT: &str = "set:";
 /// Two or more values written concurrently to one field; the first is the one shown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldConflict {
-    /// Path of the field: `profile/alias`, `consent/research`, `visits/<id>/notes`.
+    /// Path of the field: `profile/alias`, `visits/<id>/notes`. (Consent has none: it resolves
+    /// by rule, see the module's documentation.)
     pub field: String,
     /// Every concurrent value as JSON text, the winner first.
     pub values: Vec<String>,
@@ -363,7 +364,8 @@ impl RecordReader<'_> {
         let alias = r.str(&profile, "alias").ok_or_else(|| bad("alias"))?;
         let year_of_birth = r.int(&profile, "year_of_birth").ok_or_else(|| bad("year_of_birth"))? as i32;
         let created_at = r.time(&profile, "created_at").ok_or_else(|| bad("created_at"))?;
-        let mut conflicts = r.conflict_count(&profile) + r.conflict_count(&consent);
+        // Consent is resolved by rule (see `consent_of`), never left to a person to pick.
+        let mut conflicts = r.conflict_count(&profile);
 
         // The most recent visit: latest start, then (as the record sorts them) the smallest id.
         let mut visits = 0u32;
@@ -433,7 +435,6 @@ impl RecordReader<'_> {
         let consent_rec = consent_of(&r, &consent, person.created_at);
         let mut conflicts = Vec::new();
         r.conflicts(&profile, "profile", &mut conflicts);
-        r.conflicts(&consent, "consent", &mut conflicts);
 
         let mut visits = Vec::new();
         let vmap = self.section("visits")?;
@@ -472,18 +473,19 @@ impl RecordReader<'_> {
 /// for each field the latest statement that sets it, `false` winning at the same time (see the
 /// module's documentation). `created_at` (the profile's) dates consent never changed.
 fn consent_of(r: &Reader<'_>, fields: &Fields<'_>, created_at: DateTime<Utc>) -> Consent {
-    let registered = r.time(fields, "updated_at").unwrap_or(created_at);
+    let registered = r.time(fields, "updated_at").filter(plausible).or(Some(created_at).filter(plausible)).unwrap_or(EARLIEST_CONSENT);
     let mut latest = [
-        (registered, r.bool(fields, "record").unwrap_or(true)),
-        (registered, r.bool(fields, "share_with_coordinator").unwrap_or(false)),
-        (registered, r.bool(fields, "research").unwrap_or(false)),
+        (registered, registered_bool(r, fields, "record", true)),
+        (registered, registered_bool(r, fields, "share_with_coordinator", false)),
+        (registered, registered_bool(r, fields, "research", false)),
     ];
     let mut updated_at = registered;
     for f in &fields.items {
         let Some(obj) = f.obj.as_ref().filter(|_| f.key.starts_with(CONSENT_STATEMENT)) else { continue };
         let statement = r.fields(obj);
-        // A statement without its time (damaged, or a buggy peer's) cannot be placed: ignored.
-        let Some(at) = r.time(&statement, "at") else { continue };
+        // A statement without a plausible time (damaged, or a buggy or hostile peer's: one
+        // dated in the year 9999 would outrank every later word) cannot be placed: ignored.
+        let Some(at) = r.time(&statement, "at").filter(plausible) else { continue };
         updated_at = updated_at.max(at);
         for (field, (then, value)) in ["record", "share_with_coordinator", "research"].into_iter().zip(latest.iter_mut()) {
             if let Some(said) = r.bool(&statement, field)
@@ -497,6 +499,28 @@ fn consent_of(r: &Reader<'_>, fields: &Fields<'_>, created_at: DateTime<Utc>) ->
     Consent { record, share_with_coordinator, research, updated_at }
 }
 
+/// 2000-01-01: consent times before it are not placed (see [`plausible`]).
+const EARLIEST_CONSENT: DateTime<Utc> = DateTime::from_timestamp_millis(946_684_800_000).expect("2000-01-01 is a time");
+
+/// A consent time worth placing: from 2000 to before 2200. A phone's clock reset to 1970, or
+/// a hostile peer's year 9999, must not decide whose word is the latest.
+pub(crate) fn plausible(t: &DateTime<Utc>) -> bool {
+    (946_684_800_000..7_258_118_400_000).contains(&t.timestamp_millis())
+}
+
+/// A field of consent as registered (the map's own field). Values written at once on two phones
+/// (a person registered on both, or changes by versions before statements) resolve like
+/// statements at the same time: `false`, the narrower consent, wins.
+fn registered_bool(r: &Reader<'_>, fields: &Fields<'_>, key: &str, default: bool) -> bool {
+    if fields.conflicted.iter().any(|k| k == key)
+        && let Ok(all) = r.doc.get_all(&fields.obj, key)
+        && all.iter().any(|(v, _)| matches!(v, Value::Scalar(s) if matches!(s.as_ref(), ScalarValue::Boolean(false))))
+    {
+        return false;
+    }
+    r.bool(fields, key).unwrap_or(default)
+}
+
 /// The workers listed in a document's profile and its consent, read straight from automerge
 /// data (the server's view; it never needs the rest of the record).
 pub fn profile_and_consent(doc: &Automerge) -> (Vec<String>, Option<Consent>) {
@@ -508,10 +532,10 @@ pub fn profile_and_consent(doc: &Automerge) -> (Vec<String>, Option<Consent>) {
     let profile = map("profile");
     let workers = profile.as_ref().and_then(|p| r.str_list(p, "workers")).unwrap_or_default();
     let created_at = profile.as_ref().and_then(|p| r.time(p, "created_at")).unwrap_or_default();
-    // No consent before registration has written it.
-    let consent = map("consent")
-        .filter(|c| r.bool(c, "record").is_some() && r.bool(c, "share_with_coordinator").is_some())
-        .map(|c| consent_of(&r, &c, created_at));
+    // No consent before registration has written the profile. After it, always one: fields a
+    // buggy or hostile peer removed read as the narrower default, never as "unchanged".
+    let registered = profile.as_ref().is_some_and(|p| r.str(p, "id").is_some());
+    let consent = map("consent").filter(|_| registered).map(|c| consent_of(&r, &c, created_at));
     (workers, consent)
 }
 

@@ -275,3 +275,69 @@ async fn concurrent_consent_changes_resolve_to_the_latest_by_time() {
     let said = c.set_consent("p-2", off("research", true)).await.unwrap();
     assert!(said.research, "a change right after registration, on the same clock reading, stands: {said:?}");
 }
+
+/// What a buggy or hostile peer, a phone with its clock reset, or two phones registering one
+/// person at once can write into consent never outranks the person's own latest word, never
+/// panics, and reads the same everywhere.
+#[tokio::test]
+async fn consent_resists_damaged_statements_bad_clocks_and_double_registration() {
+    use automerge::ScalarValue;
+    use chrono::TimeZone;
+    let share = |on: bool| ConsentChange { share_with_coordinator: Some(on), ..Default::default() };
+    let (a, clock) = device("w-001").await;
+    a.register_person(person("p-1", "KM-1")).await.unwrap();
+    // A peer writes a statement dated 9999 (sharing on), one without a time (research on), one
+    // that is not a map, one with a time that is not a time.
+    let doc = a.export_document("p-1").await.unwrap();
+    let mut am = Automerge::load(&doc).unwrap().with_actor(ActorId::from(vec![9; 16]));
+    let mut tx = am.transaction();
+    let (_, consent) = tx.get(ROOT, "consent").unwrap().unwrap();
+    let future = tx.put_object(&consent, "set:future", ObjType::Map).unwrap();
+    tx.put(&future, "at", ScalarValue::Timestamp(253_402_300_799_000)).unwrap();
+    tx.put(&future, "share_with_coordinator", true).unwrap();
+    let untimed = tx.put_object(&consent, "set:untimed", ObjType::Map).unwrap();
+    tx.put(&untimed, "research", true).unwrap();
+    tx.put(&consent, "set:scalar", "junk").unwrap();
+    let odd = tx.put_object(&consent, "set:odd", ObjType::Map).unwrap();
+    tx.put(&odd, "at", "tomorrow").unwrap();
+    tx.put(&odd, "record", "no").unwrap();
+    tx.commit_with(CommitOptions::default());
+    a.import_document("p-1", am.save()).await.unwrap();
+    let held = a.person("p-1").await.unwrap().consent;
+    assert_eq!((held.record, held.share_with_coordinator, held.research, held.updated_at), (true, true, false, t(1, 9)), "only the registration counts");
+    // The person withdraws on a phone whose clock was reset to 1970: the change still counts.
+    clock.set(chrono::Utc.timestamp_opt(0, 0).unwrap());
+    let now = a.set_consent("p-1", share(false)).await.unwrap();
+    assert!(!now.share_with_coordinator, "{now:?}");
+    assert_eq!(now.updated_at, t(1, 9) + chrono::Duration::milliseconds(1));
+    assert!(a.person("p-1").await.unwrap().conflicts.is_empty());
+
+    // Two phones register one person at once, one sharing and one not: the narrower wins, on both.
+    let (b, _) = device("w-002").await;
+    let (c, _) = device("w-003").await;
+    b.register_person(person_with("p-2", "KM-2", &[])).await.unwrap();
+    let mut not_sharing = person_with("p-2", "KM-2", &[]);
+    not_sharing.share_with_coordinator = false;
+    c.register_person(not_sharing).await.unwrap();
+    exchange(&b, &c, "p-2").await;
+    for d in [&b, &c] {
+        let r = d.person("p-2").await.unwrap();
+        assert!(!r.consent.share_with_coordinator, "{:?}", r.consent);
+        assert!(r.conflicts.iter().all(|c| !c.field.starts_with("consent/")), "consent is resolved, not a conflict: {:?}", r.conflicts);
+    }
+
+    // A peer deletes the registered consent fields: the server reads the narrower defaults
+    // (not "no consent", which would leave what it knew before standing).
+    let doc = b.export_document("p-2").await.unwrap();
+    let mut am = Automerge::load(&doc).unwrap().with_actor(ActorId::from(vec![8; 16]));
+    let mut tx = am.transaction();
+    let (_, consent) = tx.get(ROOT, "consent").unwrap().unwrap();
+    tx.delete(&consent, "share_with_coordinator").unwrap();
+    tx.delete(&consent, "record").unwrap();
+    tx.commit_with(CommitOptions::default());
+    let (_, read) = peersync_core::document::profile_and_consent(&am);
+    let read = read.expect("a registered person always has a consent");
+    assert!(!read.share_with_coordinator && read.record);
+    let (skeleton, _) = PersonDoc::create("p-3", ActorId::random());
+    assert!(peersync_core::document::profile_and_consent(skeleton.automerge()).1.is_none(), "before registration, none");
+}

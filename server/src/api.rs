@@ -483,13 +483,9 @@ async fn erase(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q):
     let (st, o, i, actor) = (state.clone(), org.clone(), id.clone(), who.actor());
     // A person registered on a phone that has not synced since is unknown here, and erasing
     // them is still right: the tombstone refuses what that phone sends and has it purge them.
-    let known = tokio::task::spawn_blocking(move || {
-        let known = st.hub.heads(&o, &i)?.is_some();
-        st.hub.erase(&o, &i, || st.dir.bury(&o, &i, &actor))?;
-        Ok::<_, peersync_core::StoreError>(known)
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let known = tokio::task::spawn_blocking(move || st.hub.erase(&o, &i, || st.dir.bury(&o, &i, &actor)))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let detail = if known {
         "person erased; devices purge at their next sync"
     } else {

@@ -276,9 +276,9 @@ async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
     let addr = listener.local_addr().map_err(CliError::Serve)?;
     let fresh = state.dir.org(DEMO_ORG)?.is_none();
     let login_file = data.join("demo-login.txt");
-    if !fresh && !login_file.exists() {
-        // The login is written last: an organisation without it is a setup that was stopped
-        // part-way (Ctrl-C, a crash), with part of the team's data and no coordinator.
+    if !fresh && state.dir.coordinator(DEMO_ORG, "coordinator")?.is_none() {
+        // The coordinator is made last: an organisation without one is a setup that was
+        // stopped part-way (Ctrl-C, a crash), with part of the team's data.
         return Err(CliError::Usage(format!(
             "the demo in {} was not set up completely (its first start was stopped part-way), so it has no coordinator login; delete {} and run `peersync demo` again",
             data.display(),
@@ -318,7 +318,13 @@ async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
             if outcome.problems.is_empty() { "yes" } else { "NO" }
         ));
     }
-    let login = std::fs::read_to_string(&login_file).unwrap_or_else(|_| "(login file missing)\n".into());
+    let login = std::fs::read_to_string(&login_file).unwrap_or_else(|_| {
+        format!(
+            "(the login file {} is gone; with the demo stopped, `peersync admin --data {} create-coordinator --org {DEMO_ORG} --username NAME` makes another login)\n",
+            login_file.display(),
+            data.display()
+        )
+    });
     say(format_args!("\npeersync demo is running. Dashboard: http://{addr}/\n{login}Data: {} (a second start reuses it). Ctrl-C to stop.", data.display()));
     let _ = &stop_tx;
     server.await.map_err(|e| CliError::Usage(e.to_string()))?.map_err(CliError::Serve)

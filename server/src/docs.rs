@@ -757,9 +757,12 @@ impl DocHub {
     }
 
     /// Erase `doc`: `bury` records the tombstone first (pushes are refused from then on), then
-    /// the data is deleted and its key destroyed, and the log tells devices to purge.
-    pub fn erase(&self, org: &str, doc: &str, bury: impl FnOnce() -> Result<(), StoreError>) -> Result<(), StoreError> {
+    /// the data is deleted and its key destroyed, and the log tells devices to purge. Returns
+    /// whether the store held anything of it (read under the writers' lock, so no push slips
+    /// in between).
+    pub fn erase(&self, org: &str, doc: &str, bury: impl FnOnce() -> Result<(), StoreError>) -> Result<bool, StoreError> {
         let _w = lock(&self.write_lock);
+        let known = self.cache_get(org, doc).is_some() || self.store.load_doc(org, doc)?.is_some();
         bury()?;
         self.evict(org, doc);
         let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Erase }])?;
@@ -767,7 +770,7 @@ impl DocHub {
         if let Some(c) = c.last() {
             let _ = self.announce.send(Announcement { org: org.to_string(), seq: c.seq });
         }
-        Ok(())
+        Ok(known)
     }
 
     /// The heads of `doc` as stored (hex, sorted); `None` if the server holds nothing of it.

@@ -79,6 +79,15 @@ impl Keyring {
                 if bytes.len() < 8 || &bytes[..8] != MAGIC {
                     return Err(corrupt("not a peersync keyring"));
                 }
+                // Written by a version that left it readable to others: its owner's only now.
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = std::fs::metadata(path).map_err(|e| io("cannot read the keyring", e))?.permissions().mode();
+                    if mode & 0o077 != 0 {
+                        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| io("cannot restrict the keyring to its owner", e))?;
+                    }
+                }
                 let mut rest = &bytes[8..];
                 // An append cut short by a crash leaves a partial last entry. Its key was never
                 // synced, so no stored data is sealed under it: it is dropped.
@@ -115,6 +124,9 @@ impl Keyring {
             entry(&mut out, org, doc, key);
         }
         let tmp = path.with_extension("tmp");
+        // A temporary file left by a crash (perhaps by a version that made it readable to
+        // others) is replaced, not reopened with its old mode.
+        let _ = std::fs::remove_file(&tmp);
         let mut f = owner_only().open(&tmp).map_err(|e| io("cannot write the keyring", e))?;
         f.write_all(&out).and_then(|_| f.sync_all()).map_err(|e| io("cannot write the keyring", e))?;
         std::fs::rename(&tmp, path).map_err(|e| io("cannot replace the keyring", e))?;
@@ -222,6 +234,21 @@ mod tests {
         assert!(!bytes.windows(32).any(|w| w == a), "the destroyed key is gone from the file");
         assert!(Keyring::open(&path).unwrap().get("o", "a").is_none());
         assert!(Keyring::open(&path).unwrap().get("o", "b").is_some());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_keyring_is_its_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        Keyring::open(&path).unwrap().ensure("o", &["a"]).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        // One left readable by an older version is closed when opened.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Keyring::open(&path).unwrap().get("o", "a").is_some());
+        assert_eq!(mode(&path), 0o600);
     }
 
     #[test]

@@ -210,6 +210,8 @@ fn time<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
     let s = String::deserialize(d)?;
     DateTime::parse_from_rfc3339(&s)
         .map(|t| t.with_timezone(&Utc))
+        // chrono's own reading takes a few more spellings ("+0530", years past 9999).
+        .or_else(|_| s.parse::<DateTime<Utc>>())
         .map_err(|e| D::Error::custom(format!("{s:?} is not a time such as \"2026-01-05T08:00:00Z\" (RFC 3339: {e})")))
 }
 

@@ -101,3 +101,24 @@ async fn the_demo_serves_a_team_and_reuses_its_data() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A first start stopped before its setup finished (Ctrl-C during the replay) leaves an
+/// organisation with part of the team's data and no coordinator. The next start says so and
+/// how to recover, instead of serving a dashboard nobody can log into.
+#[test]
+fn a_demo_whose_setup_was_cut_short_says_how_to_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("peersync-data");
+    // What an interrupted setup leaves: the demo organisation, no coordinator.
+    let made = Command::new(BIN).arg("admin").arg("--data").arg(&data).args(["create-org", "demo", "--name", "Demo"]).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let out = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .env("PEERSYNC_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it must not serve: {stderr}");
+    assert!(stderr.contains("was not set up completely") && stderr.contains(&format!("delete {}", data.display())), "{stderr}");
+}
