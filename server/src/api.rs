@@ -504,9 +504,44 @@ struct AuditQuery {
     limit: Option<usize>,
 }
 
+/// What a coordinator's audit view shows in place of the id of a person who does not share
+/// with coordinators.
+const NOT_SHARED: &str = "(a person not shared with coordinators)";
+
 async fn read_audit(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<AuditQuery>) -> ApiResult {
-    let (_, org) = authorize(&state, &headers, &OrgQuery { org: q.org.clone() })?;
-    Ok(Json(json!(state.audit.list(&org, q.from, q.limit.unwrap_or(1000).min(10_000))?)))
+    let (who, org) = authorize(&state, &headers, &OrgQuery { org: q.org.clone() })?;
+    let mut entries = state.audit.list(&org, q.from, q.limit.unwrap_or(1000).min(10_000))?;
+    if matches!(who, Principal::Coordinator { .. }) {
+        // The log names everyone whose record was read or written; a coordinator sees the ids
+        // of people they may see, not when and by whom the record of someone who does not
+        // share with them was synced. The erased stay named: their data is gone, and the
+        // erasure (a coordinator's act) names them anyway.
+        let mut visible: HashMap<String, bool> = HashMap::new();
+        for e in &mut entries {
+            let mut hidden = false;
+            let mut people = Vec::with_capacity(e.people.len());
+            for p in e.people.drain(..) {
+                let shown = match visible.get(&p) {
+                    Some(v) => *v,
+                    None => {
+                        let v = state.dir.tombstone(&org, &p)?.is_some() || state.dir.consent(&org, &p)?.is_some_and(|c| c.share_with_coordinator);
+                        visible.insert(p.clone(), v);
+                        v
+                    }
+                };
+                if shown {
+                    people.push(p);
+                } else {
+                    hidden = true;
+                }
+            }
+            if hidden {
+                people.push(NOT_SHARED.to_string());
+            }
+            e.people = people;
+        }
+    }
+    Ok(Json(json!(entries)))
 }
 
 fn admin_only(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {

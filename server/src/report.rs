@@ -181,32 +181,81 @@ pub fn report(workers: &[String], rows: &[(String, ViewRow)], period: Period) ->
     })
 }
 
+/// A CSV cell. Quoted where needed, and a cell a spreadsheet would take for a formula (from
+/// `=`, `+`, `-`, `@`: a phone's data is untrusted) is prefixed with `'` so it stays text.
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{s}") } else { s.to_string() };
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s }
+}
+
+/// A visit as exports list it.
+struct ListedVisit<'a> {
+    /// `None` for a person who does not consent to share with coordinators.
+    person: Option<&'a str>,
+    visit: &'a VisitRow,
+}
+
+/// A check-in as exports list it.
+struct ListedCheckin<'a> {
+    person: Option<&'a str>,
+    checkin: &'a CheckinRow,
+}
+
+/// The visits in `period`, in the order exports list them: by start time, then worker, then
+/// person and visit. Not by person id first: the unnamed rows of people who do not share would
+/// sit in the gaps between the named ids, and so name them.
+fn listed_visits(rows: &[(String, ViewRow)], period: Period) -> Vec<ListedVisit<'_>> {
+    let mut out: Vec<ListedVisit<'_>> = rows
+        .iter()
+        .flat_map(|(person, row)| {
+            let person = row.share_with_coordinator.then_some(person.as_str());
+            row.visits.iter().filter(move |v| period.contains(v.started_at)).map(move |visit| ListedVisit { person, visit })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (a.visit.started_at, &a.visit.by, a.person.is_none(), a.person, a.person.map(|_| &a.visit.id))
+            .cmp(&(b.visit.started_at, &b.visit.by, b.person.is_none(), b.person, b.person.map(|_| &b.visit.id)))
+    });
+    out
+}
+
+/// The check-ins in `period`, ordered as [`listed_visits`] orders visits.
+fn listed_checkins(rows: &[(String, ViewRow)], period: Period) -> Vec<ListedCheckin<'_>> {
+    let mut out: Vec<ListedCheckin<'_>> = rows
+        .iter()
+        .flat_map(|(person, row)| {
+            let person = row.share_with_coordinator.then_some(person.as_str());
+            row.checkins.iter().filter(move |c| period.contains(c.taken_at)).map(move |checkin| ListedCheckin { person, checkin })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (a.checkin.taken_at, &a.checkin.by, a.person.is_none(), a.person, a.person.map(|_| &a.checkin.id))
+            .cmp(&(b.checkin.taken_at, &b.checkin.by, b.person.is_none(), b.person, b.person.map(|_| &b.checkin.id)))
+    });
+    out
 }
 
 /// One row per visit in `period`. People who do not consent to share with coordinators are
-/// counted, as in the report, but not identified: their person column is empty.
+/// counted, as in the report, but not identified: no person or visit id, and no goals or
+/// referrals (which the report does not show either).
 pub fn visits_csv(rows: &[(String, ViewRow)], period: Period) -> String {
     let mut out = String::from("person,visit,worker,started_at,duration_min,mode,setting,activities,goals,referrals\n");
-    for (person, row) in rows {
-        let who = if row.share_with_coordinator { person.as_str() } else { "" };
-        for v in row.visits.iter().filter(|v| period.contains(v.started_at)) {
-            let fields = [
-                who.to_string(),
-                if row.share_with_coordinator { v.id.clone() } else { String::new() },
-                v.by.clone(),
-                v.started_at.to_rfc3339(),
-                v.duration_min.to_string(),
-                v.mode.clone(),
-                v.setting.clone(),
-                v.activities.join(";"),
-                v.goals.join(";"),
-                v.referrals.join(";"),
-            ];
-            out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
-            out.push('\n');
-        }
+    for ListedVisit { person, visit: v } in listed_visits(rows, period) {
+        let shared = |s: String| if person.is_some() { s } else { String::new() };
+        let fields = [
+            person.unwrap_or_default().to_string(),
+            shared(v.id.clone()),
+            v.by.clone(),
+            v.started_at.to_rfc3339(),
+            v.duration_min.to_string(),
+            v.mode.clone(),
+            v.setting.clone(),
+            v.activities.join(";"),
+            shared(v.goals.join(";")),
+            shared(v.referrals.join(";")),
+        ];
+        out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
+        out.push('\n');
     }
     out
 }
@@ -216,62 +265,61 @@ pub fn checkins_csv(rows: &[(String, ViewRow)], period: Period) -> String {
     let mut out = String::from(
         "person,checkin,worker,taken_at,wellbeing_sum,distress,coping,social_support,self_efficacy,quality_of_life,housing,employment,hospital_nights_28d,substance_use_days_28d\n",
     );
-    for (person, row) in rows {
-        for c in row.checkins.iter().filter(|c| period.contains(c.taken_at)) {
-            let fields: Vec<String> = if row.share_with_coordinator {
-                vec![
-                    person.clone(),
-                    c.id.clone(),
-                    c.by.clone(),
-                    c.taken_at.to_rfc3339(),
-                    c.wellbeing.iter().map(|x| *x as u32).sum::<u32>().to_string(),
-                    c.distress.to_string(),
-                    c.coping.to_string(),
-                    c.social_support.to_string(),
-                    c.self_efficacy.to_string(),
-                    c.quality_of_life.to_string(),
-                    c.housing.clone(),
-                    c.employment.clone(),
-                    c.hospital_nights_28d.to_string(),
-                    c.substance_use_days_28d.map(|d| d.to_string()).unwrap_or_default(),
-                ]
-            } else {
+    for ListedCheckin { person, checkin: c } in listed_checkins(rows, period) {
+        let fields: Vec<String> = match person {
+            Some(person) => vec![
+                person.to_string(),
+                c.id.clone(),
+                c.by.clone(),
+                c.taken_at.to_rfc3339(),
+                c.wellbeing.iter().map(|x| *x as u32).sum::<u32>().to_string(),
+                c.distress.to_string(),
+                c.coping.to_string(),
+                c.social_support.to_string(),
+                c.self_efficacy.to_string(),
+                c.quality_of_life.to_string(),
+                c.housing.clone(),
+                c.employment.clone(),
+                c.hospital_nights_28d.to_string(),
+                c.substance_use_days_28d.map(|d| d.to_string()).unwrap_or_default(),
+            ],
+            None => {
                 let mut f = vec![String::new(), String::new(), c.by.clone(), c.taken_at.to_rfc3339()];
                 f.resize(14, String::new());
                 f
-            };
-            out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
-            out.push('\n');
-        }
+            }
+        };
+        out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
+        out.push('\n');
     }
     out
 }
 
-/// The same rows as JSON: `{ "visits": [...], "checkins": [...] }`, consent honoured as in the CSV.
+/// The same rows as JSON: `{ "visits": [...], "checkins": [...] }`, consent honoured and rows
+/// ordered as in the CSV.
 pub fn export_json(rows: &[(String, ViewRow)], period: Period) -> Value {
-    let mut visits = Vec::new();
-    let mut checkins = Vec::new();
-    for (person, row) in rows {
-        let share = row.share_with_coordinator;
-        for v in row.visits.iter().filter(|v| period.contains(v.started_at)) {
-            visits.push(json!({
-                "person": share.then_some(person), "visit": share.then_some(&v.id), "worker": v.by,
+    let visits: Vec<Value> = listed_visits(rows, period)
+        .into_iter()
+        .map(|ListedVisit { person, visit: v }| {
+            let shared = person.is_some();
+            json!({
+                "person": person, "visit": shared.then_some(&v.id), "worker": v.by,
                 "started_at": v.started_at, "duration_min": v.duration_min, "mode": v.mode, "setting": v.setting,
-                "activities": v.activities, "goals": v.goals, "referrals": v.referrals,
-            }));
-        }
-        for c in row.checkins.iter().filter(|c| period.contains(c.taken_at)) {
-            checkins.push(if share {
-                json!({ "person": person, "checkin": c.id, "worker": c.by, "taken_at": c.taken_at,
-                        "wellbeing": c.wellbeing, "distress": c.distress, "coping": c.coping,
-                        "social_support": c.social_support, "self_efficacy": c.self_efficacy,
-                        "quality_of_life": c.quality_of_life, "housing": c.housing, "employment": c.employment,
-                        "hospital_nights_28d": c.hospital_nights_28d, "substance_use_days_28d": c.substance_use_days_28d })
-            } else {
-                json!({ "person": null, "checkin": null, "worker": c.by, "taken_at": c.taken_at })
-            });
-        }
-    }
+                "activities": v.activities, "goals": shared.then_some(&v.goals), "referrals": shared.then_some(&v.referrals),
+            })
+        })
+        .collect();
+    let checkins: Vec<Value> = listed_checkins(rows, period)
+        .into_iter()
+        .map(|ListedCheckin { person, checkin: c }| match person {
+            Some(person) => json!({ "person": person, "checkin": c.id, "worker": c.by, "taken_at": c.taken_at,
+                    "wellbeing": c.wellbeing, "distress": c.distress, "coping": c.coping,
+                    "social_support": c.social_support, "self_efficacy": c.self_efficacy,
+                    "quality_of_life": c.quality_of_life, "housing": c.housing, "employment": c.employment,
+                    "hospital_nights_28d": c.hospital_nights_28d, "substance_use_days_28d": c.substance_use_days_28d }),
+            None => json!({ "person": null, "checkin": null, "worker": c.by, "taken_at": c.taken_at }),
+        })
+        .collect();
     json!({ "visits": visits, "checkins": checkins })
 }
 
@@ -292,4 +340,60 @@ pub fn decode_rows(raw: Vec<(String, Vec<u8>)>) -> Vec<(String, ViewRow)> {
         tracing::warn!(rows = n, "reporting-view rows that do not decode were skipped");
     }
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn visit(id: &str, by: &str, hour: u32) -> VisitRow {
+        VisitRow {
+            id: id.into(),
+            by: by.into(),
+            started_at: Utc.with_ymd_and_hms(2026, 3, 1, hour, 0, 0).unwrap(),
+            duration_min: 30,
+            mode: "phone".into(),
+            setting: "home".into(),
+            activities: vec!["support".into()],
+            goals: vec!["housing".into()],
+            referrals: vec!["crisis_team".into()],
+        }
+    }
+
+    fn row(share: bool, visits: Vec<VisitRow>) -> ViewRow {
+        ViewRow { share_with_coordinator: share, visits, checkins: vec![] }
+    }
+
+    /// Rows of people who do not share are not identified, and their place in the export does
+    /// not name them either: sorted by person id, an unnamed row between p-1 and p-3 is p-2.
+    #[test]
+    fn exports_order_by_time_and_leave_non_sharing_people_unnamed() {
+        let rows = vec![
+            ("p-1".to_string(), row(true, vec![visit("v1", "w-1", 9)])),
+            ("p-2".to_string(), row(false, vec![visit("v2", "w-1", 11)])),
+            ("p-3".to_string(), row(true, vec![visit("v3", "w-1", 10)])),
+        ];
+        let all = Period { from: None, to: None };
+        let csv = visits_csv(&rows, all);
+        let lines: Vec<&str> = csv.lines().skip(1).collect();
+        assert!(lines[0].starts_with("p-1,v1,") && lines[1].starts_with("p-3,v3,"), "{csv}");
+        assert_eq!(lines[2], format!(",,w-1,{},30,phone,home,support,,", visit("", "", 11).started_at.to_rfc3339()), "no ids, goals or referrals");
+        let json = export_json(&rows, all);
+        let people: Vec<&Value> = json["visits"].as_array().unwrap().iter().map(|v| &v["person"]).collect();
+        assert_eq!(people, [&json!("p-1"), &json!("p-3"), &Value::Null]);
+        assert_eq!(json["visits"][2]["goals"], Value::Null);
+        assert_eq!(json["visits"][2]["referrals"], Value::Null);
+        assert_eq!(json["visits"][0]["referrals"], json!(["crisis_team"]));
+    }
+
+    /// A phone's data is untrusted: text a spreadsheet would run as a formula stays text.
+    #[test]
+    fn csv_cells_never_start_a_formula() {
+        assert_eq!(csv_field("=HYPERLINK(\"http://x\",\"y\")"), "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"");
+        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_field("+1"), "'+1");
+        assert_eq!(csv_field("in_person"), "in_person");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+    }
 }

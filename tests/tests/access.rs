@@ -338,6 +338,18 @@ async fn consent_withdrawal_hides_a_person_from_coordinators_but_not_from_worker
     sync(&a, &server).await;
     sync(&b, &server).await;
     assert_eq!(visit_ids(&b, "p-2").await, ["v-after"]);
+    // A coordinator's audit view does not say when and by whom p-2's record was synced; the
+    // admin's names them.
+    let pw = "a long enough password";
+    server.admin("POST", &format!("/v1/admin/orgs/{ORG}/coordinators"), Some(json!({ "username": "maya", "password": pw }))).await;
+    let (_, cookie) = login(&server, ORG, "maya", pw).await;
+    let (status, audit) = as_coordinator(&server, &cookie, "GET", "/v1/audit", None).await;
+    assert_eq!(status, 200);
+    let text = audit.to_string();
+    assert!(!text.contains("p-2") && text.contains("p-1"), "{audit}");
+    assert!(audit.as_array().unwrap().iter().any(|e| e["people"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains("not shared"))), "{audit}");
+    let (_, admin_view) = server.admin("GET", &format!("/v1/audit?org={ORG}"), None).await;
+    assert!(admin_view.to_string().contains("p-2"));
     server.stop().await;
 }
 
