@@ -297,11 +297,12 @@ async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) 
         Some(b) => b,
         None => return ApiError::new(StatusCode::BAD_REQUEST, "expected JSON {org, username, password}").into_response(),
     };
-    // Per account and address, and per address: a stranger elsewhere cannot lock a coordinator out.
+    // Per account and address (5), and per address (50): a stranger elsewhere cannot lock a
+    // coordinator out, nor one coordinator's typing their colleagues.
     let account = format!("acct:{}/{}@{ip}", body.org, body.username);
     let from = format!("ip:{ip}");
-    for key in [&account, &from] {
-        if let Err(wait) = state.login_throttle.check(key) {
+    for (throttle, key) in [(&state.login_throttle, &account), (&state.login_ip_throttle, &from)] {
+        if let Err(wait) = throttle.check(key) {
             return ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("too many failed logins; try again in {} s", wait.as_secs() + 1)).into_response();
         }
     }
@@ -317,7 +318,7 @@ async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) 
     let who = Principal::Coordinator { org: body.org.clone(), username: body.username.clone() };
     if !ok {
         state.login_throttle.fail(&account);
-        state.login_throttle.fail(&from);
+        state.login_ip_throttle.fail(&from);
         if known_org {
             audit(&state, &body.org, &who, "login", vec![], false, format!("wrong username or password from {ip}"));
         }

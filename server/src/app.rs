@@ -56,6 +56,10 @@ pub struct AppState {
     pub admin_token: Option<String>,
     pub sessions: crate::api::Sessions,
     /// Failed logins per account and per client address.
+    /// Failed logins from one address to any account: higher than per account, so that one
+    /// person's mistakes (or a stranger's guesses) do not lock out a whole office behind one
+    /// address, while guessing across many accounts is still bounded.
+    pub login_ip_throttle: Throttle,
     pub login_throttle: Throttle,
     /// Wrong enrollment codes per client address, and overall.
     pub code_throttle: Throttle,
@@ -106,6 +110,7 @@ impl AppState {
             admin_token: opts.admin_token.filter(|t| !t.is_empty()),
             sessions: crate::api::Sessions::default(),
             login_throttle: Throttle::new(5, Duration::from_secs(15 * 60)),
+            login_ip_throttle: Throttle::new(50, Duration::from_secs(15 * 60)),
             code_throttle: Throttle::new(10, Duration::from_secs(10 * 60)),
             tls: opts.tls,
             write_gate: tokio::sync::Mutex::new(()),
@@ -163,7 +168,58 @@ pub fn router(state: Arc<AppState>) -> Router {
     crate::api::routes()
         .route("/v1/sync", get(sync))
         .route("/healthz", get(|| async { "ok\n" }))
+        .layer(axum::middleware::from_fn(guard))
         .with_state(state)
+}
+
+/// Around every request: a browser's cross-site request that would change something is
+/// refused (the session cookie is SameSite=Strict already; this also covers sibling sites and
+/// browsers that ignore SameSite); API answers are never cached (they hold people's records);
+/// and an API error is JSON `{"error": ...}` whoever produced it (axum's own rejections, an
+/// unknown route, a wrong method, are plain text or empty otherwise).
+async fn guard(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use axum::http::{Method, header};
+    if !matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) && cross_site(request.headers()) {
+        return crate::api::ApiError::new(StatusCode::FORBIDDEN, "a request from another site was refused: use the dashboard itself").into_response();
+    }
+    let api = request.uri().path().starts_with("/v1/");
+    let sync = request.uri().path() == "/v1/sync";
+    let mut response = next.run(request).await;
+    if api {
+        response.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    }
+    let json = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !api || sync || json || !(response.status().is_client_error() || response.status().is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10).await.map(|b| String::from_utf8_lossy(&b).trim().to_string()).unwrap_or_default();
+    let message = if !text.is_empty() {
+        text
+    } else {
+        match parts.status {
+            StatusCode::NOT_FOUND => "no such endpoint (see the README's HTTP API)".to_string(),
+            StatusCode::METHOD_NOT_ALLOWED => "this endpoint does not take that method".to_string(),
+            s => s.canonical_reason().unwrap_or("request failed").to_string(),
+        }
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, axum::body::Body::from(serde_json::json!({ "error": message }).to_string()))
+}
+
+/// Whether a browser says this request comes from another site: `Sec-Fetch-Site` other than
+/// same-origin (or `none`, typed by the user), or an `Origin` whose host is not the one the
+/// request is addressed to. Phones and scripts send neither.
+fn cross_site(headers: &axum::http::HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return !matches!(site.as_bytes(), b"same-origin" | b"none");
+    }
+    let Some(origin) = headers.get(axum::http::header::ORIGIN) else { return false };
+    let origin = origin.to_str().unwrap_or("null");
+    let Some(origin_host) = origin.split_once("://").map(|(_, host)| host.trim_end_matches('/')) else { return true };
+    let addressed = |name: &str| headers.get(name).and_then(|h| h.to_str().ok()).is_some_and(|h| h.eq_ignore_ascii_case(origin_host));
+    !(addressed("host") || addressed("x-forwarded-host"))
 }
 
 async fn sync(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Response {

@@ -128,7 +128,8 @@ impl<S: LocalStore> Authenticator for SignedDevice<S> {
             return Err(AuthError::Invalid("bad nonce".into()));
         }
         let now = chrono::Utc::now().timestamp();
-        if (now - time).abs() > TOKEN_WINDOW_SECS {
+        // Checked: a forged time near i64::MIN must not wrap into the window.
+        if now.checked_sub(time).is_none_or(|d| d.checked_abs().is_none_or(|d| d > TOKEN_WINDOW_SECS)) {
             return Err(AuthError::Clock { server_time: now });
         }
         let record = self.dir.device(device)?.ok_or_else(|| AuthError::Invalid("unknown device".into()))?;

@@ -97,6 +97,19 @@ pub struct ConsentState {
 
 /// Longest worker name, in characters: names are shown in lists and sent to the worker's phone.
 pub const MAX_WORKER_NAME: usize = 100;
+/// Longest organisation name, in characters.
+pub const MAX_ORG_NAME: usize = 200;
+/// Longest coordinator password, in bytes.
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// A name people read (trimmed): at most `max` characters, no control characters.
+fn display_name(what: &str, name: &str, max: usize) -> Result<String, DirectoryError> {
+    let name = name.trim();
+    if name.chars().count() > max || name.chars().any(char::is_control) {
+        return Err(DirectoryError::Invalid(format!("{what} is at most {max} characters, without control characters")));
+    }
+    Ok(name.to_string())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
@@ -179,10 +192,11 @@ impl<S: LocalStore> Directory<S> {
 
     pub fn create_org(&self, id: &str, name: &str) -> Result<Org, DirectoryError> {
         validate_id("org", id)?;
+        let name = display_name("an organisation's name", name, MAX_ORG_NAME)?;
         if self.org(id)?.is_some() {
             return Err(DirectoryError::Exists { what: "organisation", id: id.into() });
         }
-        let org = Org { id: id.into(), name: name.trim().to_string(), created_at: Utc::now() };
+        let org = Org { id: id.into(), name, created_at: Utc::now() };
         self.put(key(b'o', &[id]), &org)?;
         Ok(org)
     }
@@ -209,6 +223,10 @@ impl<S: LocalStore> Directory<S> {
         validate_id("username", username)?;
         if password.chars().count() < 12 {
             return Err(DirectoryError::Invalid("the password must have at least 12 characters".into()));
+        }
+        // Login reads at most 16 KiB: a longer password could never be typed in.
+        if password.len() > MAX_PASSWORD_BYTES {
+            return Err(DirectoryError::Invalid(format!("the password must have at most {MAX_PASSWORD_BYTES} bytes")));
         }
         if self.coordinator(org, username)?.is_some() {
             return Err(DirectoryError::Exists { what: "coordinator", id: username.into() });
@@ -256,10 +274,8 @@ impl<S: LocalStore> Directory<S> {
         self.require_org(org)?;
         validate_id("worker", id)?;
         validate_role(role)?;
-        let name = name.trim();
-        if name.chars().count() > MAX_WORKER_NAME || name.chars().any(char::is_control) {
-            return Err(DirectoryError::Invalid(format!("a worker's name is at most {MAX_WORKER_NAME} characters, without control characters")));
-        }
+        let name = display_name("a worker's name", name, MAX_WORKER_NAME)?;
+        let name = name.as_str();
         if self.worker(org, id)?.is_some() {
             return Err(DirectoryError::Exists { what: "worker", id: id.into() });
         }
@@ -485,6 +501,9 @@ mod tests {
         let d = dir();
         assert!(matches!(d.add_worker("org1", "w-2", "B", "boss"), Err(DirectoryError::Invalid(_))));
         assert!(matches!(d.add_worker("org1", "w-2", &"x".repeat(101), "peer_advocate"), Err(DirectoryError::Invalid(_))));
+        assert!(matches!(d.create_org("org9", &"x".repeat(201)), Err(DirectoryError::Invalid(_))));
+        assert!(matches!(d.create_org("org9", "a\u{0}b"), Err(DirectoryError::Invalid(_))));
+        assert!(matches!(d.create_coordinator("org1", "long", &"p".repeat(2000)), Err(DirectoryError::Invalid(_))));
         assert!(matches!(d.add_worker("org1", "w-2", "A\nB", "peer_advocate"), Err(DirectoryError::Invalid(_))));
         assert_eq!(d.add_worker("org1", "w-2", "  Ana María  ", "peer_advocate").unwrap().name, "Ana María");
         assert!(matches!(d.add_worker("nope", "w-2", "B", "peer_advocate"), Err(DirectoryError::NoOrg(_))));

@@ -237,6 +237,31 @@ async fn coordinator_sessions_and_failed_logins_are_throttled() {
         assert_eq!(login(&server, ORG, "maya", "wrong password!!").await.0, 401);
     }
     assert_eq!(login(&server, ORG, "maya", pw).await.0, 429, "throttled even with the right password");
+    // Another coordinator at the same address is not locked out by maya's failures.
+    assert_eq!(server.admin("POST", &format!("/v1/admin/orgs/{ORG}/coordinators"), Some(json!({ "username": "sam", "password": pw }))).await.0, 201);
+    let (status, sam) = login(&server, ORG, "sam", pw).await;
+    assert_eq!(status, 200);
+    // A browser's request from another site that would change something is refused, even with
+    // the session cookie; the same from the dashboard's own origin goes through.
+    let cookie_header = ("Cookie", sam.split(';').next().unwrap().trim().to_string());
+    let cross = [cookie_header.clone(), ("Origin", "https://elsewhere.example".to_string())];
+    let (status, body) = http(server.addr, "POST", "/v1/people/p-x/erase", &cross, None).await;
+    assert_eq!(status, 403, "{body}");
+    let fetch_cross = [cookie_header.clone(), ("Sec-Fetch-Site", "cross-site".to_string())];
+    assert_eq!(http(server.addr, "POST", "/v1/workers/w-001/enrollment", &fetch_cross, None).await.0, 403);
+    let same = [cookie_header.clone(), ("Origin", format!("http://{}", server.addr)), ("Sec-Fetch-Site", "same-origin".to_string())];
+    assert_eq!(http(server.addr, "POST", "/v1/workers/w-001/enrollment", &same, None).await.0, 200);
+    // API answers are not cached, and every error is JSON.
+    let (status, head, body) = http_full(server.addr, "GET", "/v1/people", std::slice::from_ref(&cookie_header), None).await;
+    assert_eq!(status, 200);
+    assert!(head.to_ascii_lowercase().contains("cache-control: no-store"), "{head}");
+    let (status, body404) = http(server.addr, "GET", "/v1/no-such-thing", std::slice::from_ref(&cookie_header), None).await;
+    assert_eq!(status, 404);
+    assert!(body404["error"].is_string(), "{body404}");
+    let (status, bad_query) = http(server.addr, "GET", "/v1/report?from=notadate", std::slice::from_ref(&cookie_header), None).await;
+    assert_eq!(status, 400);
+    assert!(bad_query["error"].as_str().unwrap().contains("from"), "{bad_query}");
+    let _ = body;
     server.stop().await;
 }
 
