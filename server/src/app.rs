@@ -352,10 +352,11 @@ pub async fn serve(
         shutdown.await;
         let _ = shutdown_tx.send(true);
     };
+    use crate::conn::{HTTP_IDLE, Limited, MAX_CONNECTIONS};
     let served = match tls {
-        None => axum::serve(PlainListener(listener), app).with_graceful_shutdown(signal).await,
+        None => axum::serve(Limited::new(PlainListener(listener), MAX_CONNECTIONS, HTTP_IDLE), app).with_graceful_shutdown(signal).await,
         Some(acceptor) => match crate::tls::TlsListener::new(listener, acceptor) {
-            Ok(listener) => axum::serve(listener, app).with_graceful_shutdown(signal).await,
+            Ok(listener) => axum::serve(Limited::new(listener, MAX_CONNECTIONS, HTTP_IDLE), app).with_graceful_shutdown(signal).await,
             Err(e) => Err(e),
         },
     };

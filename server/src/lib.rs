@@ -14,6 +14,7 @@ pub mod audit;
 pub mod auth;
 pub mod bench;
 pub mod cli;
+pub mod conn;
 pub mod directory;
 pub mod docs;
 pub mod keyring;
