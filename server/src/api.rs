@@ -604,6 +604,17 @@ struct ReportQuery {
     kind: Option<String>,
 }
 
+/// The period asked for: `[from, to)`, refused when empty (a reversed range would give a
+/// report of zeros that looks like a quiet month).
+fn period(q: &ReportQuery) -> Result<crate::report::Period, ApiError> {
+    if let (Some(from), Some(to)) = (q.from, q.to)
+        && from >= to
+    {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("from ({from}) must be before to ({to}): the period is [from, to)")));
+    }
+    Ok(crate::report::Period { from: q.from, to: q.to })
+}
+
 fn view_rows(state: &AppState, org: &str) -> Result<Vec<(String, crate::report::ViewRow)>, ApiError> {
     // Rows the background has not reached yet: a report is as of the syncs stored before it
     // (a row that a concurrent sync makes due again shows that person as before that sync).
@@ -621,7 +632,7 @@ fn view_rows(state: &AppState, org: &str) -> Result<Vec<(String, crate::report::
 
 async fn report(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<ReportQuery>) -> ApiResult {
     let (_, org) = authorize(&state, &headers, &OrgQuery { org: q.org.clone() })?;
-    let period = crate::report::Period { from: q.from, to: q.to };
+    let period = period(&q)?;
     let st = state.clone();
     tokio::task::spawn_blocking(move || {
         let workers: Vec<String> = st.dir.workers(&org)?.into_iter().map(|w| w.id).collect();
@@ -634,10 +645,10 @@ async fn report(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q)
 
 async fn export(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<ReportQuery>) -> Result<Response, ApiError> {
     let (who, org) = authorize(&state, &headers, &OrgQuery { org: q.org.clone() })?;
-    let period = crate::report::Period { from: q.from, to: q.to };
+    let period = period(&q)?;
     let format = q.format.clone().unwrap_or_else(|| "csv".into());
     let kind = q.kind.clone().unwrap_or_else(|| "visits".into());
-    if !matches!((format.as_str(), kind.as_str()), ("csv", "visits" | "checkins") | ("json", _)) {
+    if !matches!(format.as_str(), "csv" | "json") || !matches!(kind.as_str(), "visits" | "checkins") {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "format is csv or json; kind is visits or checkins"));
     }
     let st = state.clone();

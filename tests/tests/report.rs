@@ -112,6 +112,11 @@ async fn the_report_follows_every_definition() {
     assert_eq!(r["outcomes"]["people"], 0);
     assert_eq!(r["outcomes"]["wellbeing_mean_change"], Value::Null);
     assert_eq!(r["outcomes"]["domains"]["coping"], Value::Null);
+    // An empty period is refused, not answered with zeros; so is an export of an unknown kind.
+    let (status, r) = server.admin("GET", &format!("/v1/report?org={ORG}&from=2026-03-06&to=2026-03-03"), None).await;
+    assert_eq!(status, 400, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("must be before"), "{r}");
+    assert_eq!(server.admin("GET", &format!("/v1/export?org={ORG}&format=json&kind=garbage"), None).await.0, 400);
 
     // Export: one CSV row per visit, consent honoured, erased people absent; audited.
     let (status, head, body) = http_full(server.addr, "GET", &format!("/v1/export?org={ORG}&format=csv&kind=visits"), &[("Authorization", format!("Bearer {ADMIN_TOKEN}"))], None).await;
