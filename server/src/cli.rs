@@ -334,6 +334,15 @@ async fn replay(file: PathBuf, server: Option<String>, admin_token: Option<Strin
     let text = std::fs::read_to_string(&file).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
     let numbered = crate::scenario::parse_numbered(&text).map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
     let (lines, events): (Vec<usize>, Vec<crate::scenario::Event>) = numbered.into_iter().unzip();
+    if events.is_empty() {
+        return Err(CliError::Usage(format!("{} holds no events", file.display())));
+    }
+    // The format is sorted by time, and each phone's clock follows its events: one out of
+    // order sets a phone's clock back. Replayed all the same, in the file's order.
+    let behind: Vec<usize> = events.windows(2).zip(&lines[1..]).filter(|(w, _)| w[1].at() < w[0].at()).map(|(_, line)| *line).collect();
+    if let Some(first) = behind.first() {
+        eprintln!("warning: {} not in time order (the first at line {first}); replayed in the file's order", count(behind.len(), "event"));
+    }
     if let Some(url) = &server {
         check_server_url(url)?;
     }
