@@ -188,50 +188,57 @@ fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s }
 }
 
-/// A visit as exports list it.
-struct ListedVisit<'a> {
+/// A visit or check-in as exports list it.
+struct Listed<'a, T> {
     /// `None` for a person who does not consent to share with coordinators.
     person: Option<&'a str>,
-    visit: &'a VisitRow,
+    item: &'a T,
 }
 
-/// A check-in as exports list it.
-struct ListedCheckin<'a> {
-    person: Option<&'a str>,
-    checkin: &'a CheckinRow,
+/// What exports need to place a visit or check-in.
+trait Entry {
+    fn at(&self) -> DateTime<Utc>;
+    fn by(&self) -> &str;
+    fn id(&self) -> &str;
 }
 
-/// The visits in `period`, in the order exports list them: by start time, then worker, then
-/// person and visit. Not by person id first: the unnamed rows of people who do not share would
-/// sit in the gaps between the named ids, and so name them.
-fn listed_visits(rows: &[(String, ViewRow)], period: Period) -> Vec<ListedVisit<'_>> {
-    let mut out: Vec<ListedVisit<'_>> = rows
+impl Entry for VisitRow {
+    fn at(&self) -> DateTime<Utc> {
+        self.started_at
+    }
+    fn by(&self) -> &str {
+        &self.by
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Entry for CheckinRow {
+    fn at(&self) -> DateTime<Utc> {
+        self.taken_at
+    }
+    fn by(&self) -> &str {
+        &self.by
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// The visits (or check-ins: `items` picks) in `period`, in the order exports list them: by
+/// time, then worker, then person and id. Not by person id first: the unnamed rows of people
+/// who do not share would sit in the gaps between the named ids, and so name them.
+fn listed<'a, T: Entry>(rows: &'a [(String, ViewRow)], period: Period, items: impl Fn(&'a ViewRow) -> &'a [T]) -> Vec<Listed<'a, T>> {
+    let mut out: Vec<Listed<'a, T>> = rows
         .iter()
         .flat_map(|(person, row)| {
             let person = row.share_with_coordinator.then_some(person.as_str());
-            row.visits.iter().filter(move |v| period.contains(v.started_at)).map(move |visit| ListedVisit { person, visit })
+            items(row).iter().filter(move |i| period.contains(i.at())).map(move |item| Listed { person, item })
         })
         .collect();
-    out.sort_by(|a, b| {
-        (a.visit.started_at, &a.visit.by, a.person.is_none(), a.person, a.person.map(|_| &a.visit.id))
-            .cmp(&(b.visit.started_at, &b.visit.by, b.person.is_none(), b.person, b.person.map(|_| &b.visit.id)))
-    });
-    out
-}
-
-/// The check-ins in `period`, ordered as [`listed_visits`] orders visits.
-fn listed_checkins(rows: &[(String, ViewRow)], period: Period) -> Vec<ListedCheckin<'_>> {
-    let mut out: Vec<ListedCheckin<'_>> = rows
-        .iter()
-        .flat_map(|(person, row)| {
-            let person = row.share_with_coordinator.then_some(person.as_str());
-            row.checkins.iter().filter(move |c| period.contains(c.taken_at)).map(move |checkin| ListedCheckin { person, checkin })
-        })
-        .collect();
-    out.sort_by(|a, b| {
-        (a.checkin.taken_at, &a.checkin.by, a.person.is_none(), a.person, a.person.map(|_| &a.checkin.id))
-            .cmp(&(b.checkin.taken_at, &b.checkin.by, b.person.is_none(), b.person, b.person.map(|_| &b.checkin.id)))
-    });
+    let key = |l: &Listed<'a, T>| (l.item.at(), l.item.by().to_string(), l.person.is_none(), l.person, l.person.map(|_| l.item.id().to_string()));
+    out.sort_by_cached_key(key);
     out
 }
 
@@ -240,7 +247,7 @@ fn listed_checkins(rows: &[(String, ViewRow)], period: Period) -> Vec<ListedChec
 /// referrals (which the report does not show either).
 pub fn visits_csv(rows: &[(String, ViewRow)], period: Period) -> String {
     let mut out = String::from("person,visit,worker,started_at,duration_min,mode,setting,activities,goals,referrals\n");
-    for ListedVisit { person, visit: v } in listed_visits(rows, period) {
+    for Listed { person, item: v } in listed(rows, period, |r| &r.visits) {
         let shared = |s: String| if person.is_some() { s } else { String::new() };
         let fields = [
             person.unwrap_or_default().to_string(),
@@ -265,7 +272,7 @@ pub fn checkins_csv(rows: &[(String, ViewRow)], period: Period) -> String {
     let mut out = String::from(
         "person,checkin,worker,taken_at,wellbeing_sum,distress,coping,social_support,self_efficacy,quality_of_life,housing,employment,hospital_nights_28d,substance_use_days_28d\n",
     );
-    for ListedCheckin { person, checkin: c } in listed_checkins(rows, period) {
+    for Listed { person, item: c } in listed(rows, period, |r| &r.checkins) {
         let fields: Vec<String> = match person {
             Some(person) => vec![
                 person.to_string(),
@@ -298,9 +305,9 @@ pub fn checkins_csv(rows: &[(String, ViewRow)], period: Period) -> String {
 /// The same rows as JSON: `{ "visits": [...], "checkins": [...] }`, consent honoured and rows
 /// ordered as in the CSV.
 pub fn export_json(rows: &[(String, ViewRow)], period: Period) -> Value {
-    let visits: Vec<Value> = listed_visits(rows, period)
+    let visits: Vec<Value> = listed(rows, period, |r| &r.visits)
         .into_iter()
-        .map(|ListedVisit { person, visit: v }| {
+        .map(|Listed { person, item: v }| {
             let shared = person.is_some();
             json!({
                 "person": person, "visit": shared.then_some(&v.id), "worker": v.by,
@@ -309,9 +316,9 @@ pub fn export_json(rows: &[(String, ViewRow)], period: Period) -> Value {
             })
         })
         .collect();
-    let checkins: Vec<Value> = listed_checkins(rows, period)
+    let checkins: Vec<Value> = listed(rows, period, |r| &r.checkins)
         .into_iter()
-        .map(|ListedCheckin { person, checkin: c }| match person {
+        .map(|Listed { person, item: c }| match person {
             Some(person) => json!({ "person": person, "checkin": c.id, "worker": c.by, "taken_at": c.taken_at,
                     "wellbeing": c.wellbeing, "distress": c.distress, "coping": c.coping,
                     "social_support": c.social_support, "self_efficacy": c.self_efficacy,
