@@ -256,11 +256,10 @@ async fn enroll(State(state): State<Arc<AppState>>, req: axum::extract::Request)
     };
     // Guessing is throttled per client address (codes carry 60 bits: a global lockout would
     // only let anyone block every enrollment).
-    {
-        let key = format!("ip:{ip}");
-        if let Err(wait) = state.code_throttle.check(&key) {
-            return ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("too many wrong codes; try again in {} s", wait.as_secs() + 1)).into_response();
-        }
+    // Counted before the code is checked (see `Throttle::attempt`); taken back unless wrong.
+    let key = format!("ip:{ip}");
+    if let Err(wait) = state.code_throttle.attempt(&key) {
+        return ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("too many wrong codes; try again in {} s", wait.as_secs() + 1)).into_response();
     }
     // A malformed key is reported once the code is known good (a wrong code is always 401).
     let public_key = B64.decode(body.public_key.trim()).unwrap_or_default();
@@ -268,13 +267,13 @@ async fn enroll(State(state): State<Arc<AppState>>, req: axum::extract::Request)
     let result = tokio::task::spawn_blocking(move || st.dir.enroll(&body.code, &body.device, &public_key, &body.name)).await;
     match result {
         Ok(Ok(d)) => {
-            state.code_throttle.succeed(&format!("ip:{ip}"));
+            state.code_throttle.succeed(&key);
             let _ = state.audit.record(&d.org, &format!("device:{} (worker {})", d.id, d.worker), "enroll", vec![], true, format!("device {:?} enrolled", d.name));
             Json(json!({ "org": d.org, "worker": d.worker, "device": d.id })).into_response()
         }
         Ok(Err(e)) => {
-            if matches!(e, DirectoryError::BadCode) {
-                state.code_throttle.fail(&format!("ip:{ip}"));
+            if !matches!(e, DirectoryError::BadCode) {
+                state.code_throttle.forgive(&key);
             }
             ApiError::from(e).into_response()
         }
@@ -301,10 +300,14 @@ async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) 
     // coordinator out, nor one coordinator's typing their colleagues.
     let account = format!("acct:{}/{}@{ip}", body.org, body.username);
     let from = format!("ip:{ip}");
-    for (throttle, key) in [(&state.login_throttle, &account), (&state.login_ip_throttle, &from)] {
-        if let Err(wait) = throttle.check(key) {
-            return ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("too many failed logins; try again in {} s", wait.as_secs() + 1)).into_response();
-        }
+    // Each attempt counts before the password is checked (see `Throttle::attempt`) and is
+    // taken back if it succeeds.
+    if let Err(wait) = state.login_ip_throttle.attempt(&from) {
+        return ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("too many failed logins; try again in {} s", wait.as_secs() + 1)).into_response();
+    }
+    if let Err(wait) = state.login_throttle.attempt(&account) {
+        state.login_ip_throttle.forgive(&from);
+        return ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("too many failed logins; try again in {} s", wait.as_secs() + 1)).into_response();
     }
     let st = state.clone();
     let (org, user, pass) = (body.org.clone(), body.username.clone(), body.password);
@@ -317,14 +320,13 @@ async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) 
     let known_org = state.dir.org(&body.org).ok().flatten().is_some();
     let who = Principal::Coordinator { org: body.org.clone(), username: body.username.clone() };
     if !ok {
-        state.login_throttle.fail(&account);
-        state.login_ip_throttle.fail(&from);
         if known_org {
             audit(&state, &body.org, &who, "login", vec![], false, format!("wrong username or password from {ip}"));
         }
         return ApiError::new(StatusCode::UNAUTHORIZED, "wrong organisation, username or password").into_response();
     }
     state.login_throttle.succeed(&account);
+    state.login_ip_throttle.forgive(&from);
     audit(&state, &body.org, &who, "login", vec![], true, format!("from {ip}"));
     let token = state.sessions.create(&body.org, &body.username);
     let secure = if state.tls { "; Secure" } else { "" };
@@ -464,8 +466,16 @@ async fn assign(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q)
 
 async fn unassign(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>, Path(id): Path<String>, Json(b): Json<AssignBody>) -> ApiResult {
     let (who, org) = authorize(&state, &headers, &q)?;
+    peersync_core::model::validate_id("person", &id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     if state.dir.assignment(&org, &id, &b.worker)?.is_none() {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "that worker is not assigned this person"));
+        // For a person a coordinator may not see, "not assigned" and "unassigned" answer alike:
+        // otherwise trying each worker would tell who holds them.
+        let visible = matches!(who, Principal::Admin)
+            || (state.dir.consent(&org, &id)?.is_some_and(|c| c.share_with_coordinator) && state.dir.tombstone(&org, &id)?.is_none());
+        if visible {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "that worker is not assigned this person"));
+        }
+        return Ok(Json(json!({ "person": id, "worker": b.worker, "assigned": false })));
     }
     let (st, o, i, w) = (state.clone(), org.clone(), id.clone(), b.worker.clone());
     tokio::task::spawn_blocking(move || st.hub.touch(&o, &i, |seq| st.dir.unassign(&o, &i, &w, seq)))

@@ -202,6 +202,10 @@ pub enum CliError {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve { data, listen, cache_docs, cache_mb, admin_token, tls_cert, tls_key, allow_plain_http, stop_on_stdin_eof } => {
+            // It opens every organisation's administration, and guesses at it are not throttled.
+            if admin_token.as_ref().is_some_and(|t| t.chars().count() < MIN_ADMIN_TOKEN) {
+                return Err(CliError::Usage(format!("--admin-token must have at least {MIN_ADMIN_TOKEN} characters (a random one: `uuidgen`, or `openssl rand -hex 16`)")));
+            }
             let tls = match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(crate::tls::acceptor(&c, &k).map_err(|e| CliError::Usage(e.to_string()))?),
                 _ => None,
@@ -213,8 +217,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             let (tx, rx) = tokio::sync::watch::channel(false);
             let opts = Options { cache_docs, cache_mb, admin_token, tls: tls.is_some() };
-            let state = Arc::new(AppState::open(&data, rx, opts)?);
+            // The port first: a server that cannot listen leaves no data directory behind.
             let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CliError::Listen { addr: listen, source })?;
+            let state = Arc::new(AppState::open(&data, rx, opts)?);
             let addr = listener.local_addr().map_err(CliError::Serve)?;
             tracing::info!(%addr, data = %data.display(), "peersync serving");
             let scheme = if tls.is_some() { "https" } else { "http" };
@@ -266,6 +271,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 const DEMO_ORG: &str = "demo";
+/// Shortest admin token `serve` accepts.
+const MIN_ADMIN_TOKEN: usize = 16;
 
 async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
     let token = uuid::Uuid::new_v4().to_string();
@@ -345,6 +352,13 @@ async fn replay(file: PathBuf, server: Option<String>, admin_token: Option<Strin
     }
     if let Some(url) = &server {
         check_server_url(url)?;
+    }
+    // Found out now, not after a replay of many minutes.
+    if let Some(path) = &report {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            return Err(CliError::Usage(format!("--report {}: {} is not a directory", path.display(), dir.display())));
+        }
     }
     let work = tempfile::tempdir().map_err(|e| CliError::Usage(e.to_string()))?;
     let mut embedded = None;

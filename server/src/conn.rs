@@ -1,6 +1,7 @@
-//! Limits on the connections the server holds: how many at once, and how long one may sit idle
-//! before it becomes a sync session. Without them a client that opens connections and sends
-//! nothing (or a header line a minute) holds memory and file descriptors for ever.
+//! Limits on the connections the server holds: how many at once, and how long one may go
+//! without an answer before it becomes a sync session. Without them a client that opens
+//! connections and sends nothing (or a byte of a header now and then) holds memory, file
+//! descriptors and finally every slot, for ever.
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,9 +18,13 @@ use tokio::time::{Instant, Sleep};
 /// Connections held at once. Past it the server accepts the next one only when one closes
 /// (the kernel's backlog holds the rest).
 pub const MAX_CONNECTIONS: usize = 4096;
-/// How long an HTTP connection may go without a byte either way. A sync session, once
-/// upgraded, keeps its own timeouts (`session::IDLE_TIMEOUT`; a live phone may wait quietly).
-pub const HTTP_IDLE: Duration = Duration::from_secs(60);
+/// How long an HTTP connection may go without the server writing to it: each request must be
+/// sent (and answered) within this of the connection's start or the last answer. Bytes the
+/// client sends do not extend it, so dripping a header a byte at a time does not hold a
+/// connection. Requests are small (bodies at most 2 MiB, which even 2G sends in about 70 s;
+/// phones sync over websockets). A sync session, once upgraded, keeps its own timeouts
+/// (`session::IDLE_TIMEOUT`, and TCP keepalive for a live phone that waits quietly).
+pub const HTTP_IDLE: Duration = Duration::from_secs(90);
 
 /// A listener whose connections are counted and timed out when idle.
 pub struct Limited<L> {
@@ -72,7 +77,8 @@ where
 }
 
 /// A connection that holds one of the listener's slots until it is dropped, and fails with
-/// `TimedOut` once idle too long, until it has upgraded to a websocket.
+/// `TimedOut` once the server has not written to it for too long, until it has upgraded to a
+/// websocket.
 pub struct Guarded<T> {
     io: T,
     _slot: OwnedSemaphorePermit,
@@ -109,14 +115,10 @@ fn timed_out() -> io::Error {
 impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                if buf.filled().len() > before {
-                    this.touch();
-                }
-                Poll::Ready(r)
-            }
+            // What the client sends does not extend the deadline (see `HTTP_IDLE`); an idle
+            // wait for it does end there.
+            Poll::Ready(r) => Poll::Ready(r),
             Poll::Pending if this.expired(cx) => Poll::Ready(Err(timed_out())),
             Poll::Pending => Poll::Pending,
         }
@@ -170,8 +172,8 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// An idle connection is closed; one that upgraded is not; and the cap holds connections
-    /// back until one closes.
+    /// An idle connection is closed, and so is one that drips bytes without being answered;
+    /// one that upgraded is not; and the cap holds connections back until one closes.
     #[tokio::test]
     async fn idle_connections_close_and_the_cap_holds() {
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -185,6 +187,30 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() >= Duration::from_millis(250));
         drop(idle);
+
+        let mut dripping = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut d, _) = listener.accept().await;
+        let drip = async {
+            for _ in 0..10 {
+                if dripping.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let reading = async {
+            let started = std::time::Instant::now();
+            loop {
+                match d.read(&mut buf).await {
+                    Ok(_) => continue,
+                    Err(e) => return (e.kind(), started.elapsed()),
+                }
+            }
+        };
+        let (_, (kind, after)) = tokio::join!(drip, reading);
+        assert_eq!(kind, io::ErrorKind::TimedOut);
+        assert!(after < Duration::from_millis(700), "bytes from the client did not extend it: {after:?}");
+        drop(d);
 
         let _upgrading = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (mut b, _) = listener.accept().await;

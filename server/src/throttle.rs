@@ -29,6 +29,44 @@ impl Throttle {
         Ok(())
     }
 
+    /// Check `key` and, if it is not locked out, count this attempt as a failure at once, in
+    /// one step: attempts made in parallel each take their place, so forty sent together
+    /// cannot all pass a check made before any of them failed. [`Throttle::forgive`] takes the
+    /// attempt back when it succeeds.
+    pub fn attempt(&self, key: &str) -> Result<(), Duration> {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let list = f.entry(key.to_string()).or_default();
+        list.retain(|t| now.duration_since(*t) < self.window);
+        if list.len() >= self.max {
+            return Err(self.window - now.duration_since(list[0]));
+        }
+        list.push(now);
+        let too_many = f.len() > 100_000;
+        drop(f);
+        if too_many {
+            self.forget_quiet();
+        }
+        Ok(())
+    }
+
+    /// Take back one attempt counted by [`Throttle::attempt`] (it succeeded).
+    pub fn forgive(&self, key: &str) {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = f.get_mut(key) {
+            list.pop();
+            if list.is_empty() {
+                f.remove(key);
+            }
+        }
+    }
+
+    /// Bound memory under a flood of distinct keys: forget the quiet ones.
+    fn forget_quiet(&self) {
+        let window = self.window;
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, l| l.last().is_some_and(|t| t.elapsed() < window));
+    }
+
     pub fn fail(&self, key: &str) {
         let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         f.entry(key.to_string()).or_default().push(Instant::now());
@@ -59,5 +97,21 @@ mod tests {
         assert!(t.check("other").is_ok());
         t.succeed("k");
         assert!(t.check("k").is_ok());
+    }
+
+    /// Attempts made at once each count before any is judged: the sixth of six sent together
+    /// is refused, whatever the timing.
+    #[test]
+    fn parallel_attempts_each_take_a_place() {
+        let t = std::sync::Arc::new(Throttle::new(5, Duration::from_secs(60)));
+        let passed: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..40).map(|_| s.spawn(|| t.attempt("k").is_ok())).collect();
+            handles.into_iter().map(|h| usize::from(h.join().unwrap())).sum()
+        });
+        assert_eq!(passed, 5);
+        // A success gives its place back.
+        t.forgive("k");
+        assert!(t.attempt("k").is_ok());
+        assert!(t.attempt("k").is_err());
     }
 }

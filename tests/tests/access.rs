@@ -375,6 +375,11 @@ async fn consent_withdrawal_hides_a_person_from_coordinators_but_not_from_worker
     assert!(audit.as_array().unwrap().iter().any(|e| e["people"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains("not shared"))), "{audit}");
     let (_, admin_view) = server.admin("GET", &format!("/v1/audit?org={ORG}"), None).await;
     assert!(admin_view.to_string().contains("p-2"));
+    // Nor can the coordinator find out who holds p-2 by trying to unassign each worker: "not
+    // assigned" answers like "unassigned". For a person they may see, it says so.
+    let (status, body) = as_coordinator(&server, &cookie, "POST", "/v1/people/p-2/unassign", Some(json!({ "worker": "w-009" }))).await;
+    assert_eq!((status, &body["assigned"]), (200, &json!(false)), "{body}");
+    assert_eq!(as_coordinator(&server, &cookie, "POST", "/v1/people/p-1/unassign", Some(json!({ "worker": "w-009" }))).await.0, 404);
     server.stop().await;
 }
 
