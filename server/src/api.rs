@@ -548,6 +548,12 @@ async fn read_audit(State(state): State<Arc<AppState>>, headers: HeaderMap, Quer
             }
             if hidden {
                 people.push(NOT_SHARED.to_string());
+                // "11 person documents stored" beside nine names would count the others.
+                if let Some((n, rest)) = e.detail.split_once(' ')
+                    && n.parse::<u64>().is_ok()
+                {
+                    e.detail = rest.to_string();
+                }
             }
             e.people = people;
         }
