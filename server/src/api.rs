@@ -248,11 +248,21 @@ struct EnrollBody {
     name: String,
 }
 
+/// A small JSON body read whole (whatever its content type: phones and the dashboard send
+/// JSON): 413 past `limit` bytes, 400 naming the `shape` expected if it does not parse.
+async fn small_json<T: serde::de::DeserializeOwned>(req: axum::extract::Request, limit: usize, shape: &str) -> Result<T, ApiError> {
+    // A body that cannot be read whole within the limit (or a client gone mid-body).
+    let bytes = axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over {} KiB", limit >> 10)))?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("expected JSON {shape}: {e}")))
+}
+
 async fn enroll(State(state): State<Arc<AppState>>, req: axum::extract::Request) -> Response {
     let ip = client_ip(req.extensions().get::<ConnectInfo<crate::app::Peer>>());
-    let body: EnrollBody = match axum::body::to_bytes(req.into_body(), 64 << 10).await.ok().and_then(|b| serde_json::from_slice(&b).ok()) {
-        Some(b) => b,
-        None => return ApiError::new(StatusCode::BAD_REQUEST, "expected JSON {code, device, public_key, name}").into_response(),
+    let body: EnrollBody = match small_json(req, 64 << 10, "{code, device, public_key, name}").await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
     };
     // Guessing is throttled per client address (codes carry 60 bits: a global lockout would
     // only let anyone block every enrollment).
@@ -292,9 +302,9 @@ struct LoginBody {
 
 async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) -> Response {
     let ip = client_ip(req.extensions().get::<ConnectInfo<crate::app::Peer>>());
-    let body: LoginBody = match axum::body::to_bytes(req.into_body(), 16 << 10).await.ok().and_then(|b| serde_json::from_slice(&b).ok()) {
-        Some(b) => b,
-        None => return ApiError::new(StatusCode::BAD_REQUEST, "expected JSON {org, username, password}").into_response(),
+    let body: LoginBody = match small_json(req, 16 << 10, "{org, username, password}").await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
     };
     // Per account and address (5), and per address (50): a stranger elsewhere cannot lock a
     // coordinator out, nor one coordinator's typing their colleagues.

@@ -79,6 +79,46 @@ pub struct AppState {
     /// Held while a session reads a device's sync record and writes it back, so that two
     /// connections of one device cannot interleave (one putting back an older record).
     pub device_records: std::sync::Mutex<()>,
+    /// Sync connections open per device (`org/device`), bounded by [`MAX_SESSIONS_PER_DEVICE`].
+    pub device_sessions: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// Sync connections one device may hold at once. A phone needs one (two while a live session
+/// and a sync overlap); a few more cover connections the phone has left behind on a network it
+/// lost, until TCP keepalive ends them. Past it, a device (or a stolen key) cannot take the
+/// server's connections for itself.
+pub const MAX_SESSIONS_PER_DEVICE: usize = 8;
+
+/// One of a device's session slots, given back when dropped (the session ended, or the
+/// upgrade never happened).
+struct DeviceSlot {
+    state: Arc<AppState>,
+    key: String,
+}
+
+impl DeviceSlot {
+    fn take(state: &Arc<AppState>, who: &crate::auth::DeviceIdentity) -> Option<Self> {
+        let key = format!("{}/{}", who.org, who.device);
+        let mut open = state.device_sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key.clone()).or_default();
+        if *n >= MAX_SESSIONS_PER_DEVICE {
+            return None;
+        }
+        *n += 1;
+        Some(Self { state: state.clone(), key })
+    }
+}
+
+impl Drop for DeviceSlot {
+    fn drop(&mut self) {
+        let mut open = self.state.device_sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +155,7 @@ impl AppState {
             tls: opts.tls,
             write_gate: tokio::sync::Mutex::new(()),
             device_records: std::sync::Mutex::new(()),
+            device_sessions: std::sync::Mutex::new(std::collections::HashMap::new()),
             push_gate: tokio::sync::Semaphore::new(PUSHES_AT_ONCE),
             download_gate: tokio::sync::Semaphore::new(DOWNLOAD_BATCHES_AT_ONCE),
         }
@@ -241,12 +282,22 @@ async fn sync(State(state): State<Arc<AppState>>, request: axum::extract::Reques
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
     };
+    let Some(slot) = DeviceSlot::take(&state, &who) else {
+        return crate::api::ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("this device has {MAX_SESSIONS_PER_DEVICE} sync connections open already; one is enough (older ones end on their own within minutes)"),
+        )
+        .into_response();
+    };
     let shutdown = state.shutdown.clone();
     // Frames a little over the protocol limit still reach the session, which answers them with
     // a clear error; beyond this the websocket layer drops the connection.
     ws.max_message_size(MAX_FRAME_BYTES + (1 << 20))
         .max_frame_size(MAX_FRAME_BYTES + (1 << 20))
-        .on_upgrade(move |socket| session::run(AxumConn(socket), state, who, shutdown))
+        .on_upgrade(move |socket| async move {
+            session::run(AxumConn(socket), state, who, shutdown).await;
+            drop(slot);
+        })
 }
 
 struct AxumConn(WebSocket);

@@ -188,6 +188,33 @@ async fn forged_replayed_and_unsigned_connections_are_refused() {
     server.stop().await;
 }
 
+/// One device cannot take the server's connections for itself: past a few sync connections
+/// open at once, the next is refused until one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_holds_a_bounded_number_of_sync_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let connect = || async {
+        let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("{}/v1/sync", server.url)).unwrap();
+        req.headers_mut().insert("authorization", a.connection_token().await.unwrap().unwrap().parse().unwrap());
+        tokio_tungstenite::connect_async(req).await
+    };
+    let mut open = Vec::new();
+    for _ in 0..peersync_server::app::MAX_SESSIONS_PER_DEVICE {
+        open.push(connect().await.expect("within the bound").0);
+    }
+    match connect().await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status().as_u16(), 429),
+        other => panic!("one past the bound must be refused: {:?}", other.map(|_| ())),
+    }
+    // Closing one gives its place back once the server has seen the close.
+    drop(open.pop());
+    eventually("a closed connection's place is given back", async || connect().await.is_ok()).await;
+    drop(open);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrollment_codes_are_single_use_expire_and_resist_guessing() {
     let dir = tempfile::tempdir().unwrap();
@@ -262,6 +289,9 @@ async fn coordinator_sessions_and_failed_logins_are_throttled() {
     assert_eq!(status, 400);
     assert!(bad_query["error"].as_str().unwrap().contains("from"), "{bad_query}");
     let _ = body;
+    // A login body past its bound is refused as too large, not as malformed.
+    let (status, big) = http(server.addr, "POST", "/v1/login", &[], Some(json!({ "org": ORG, "username": "sam", "password": "x".repeat(20_000) }))).await;
+    assert_eq!(status, 413, "{big}");
     server.stop().await;
 }
 
