@@ -277,7 +277,8 @@ async fn enroll(State(state): State<Arc<AppState>>, req: axum::extract::Request)
     let result = tokio::task::spawn_blocking(move || st.dir.enroll(&body.code, &body.device, &public_key, &body.name)).await;
     match result {
         Ok(Ok(d)) => {
-            state.code_throttle.succeed(&key);
+            // Only this attempt is taken back: wrong codes sent alongside still count.
+            state.code_throttle.forgive(&key);
             let _ = state.audit.record(&d.org, &format!("device:{} (worker {})", d.id, d.worker), "enroll", vec![], true, format!("device {:?} enrolled", d.name));
             Json(json!({ "org": d.org, "worker": d.worker, "device": d.id })).into_response()
         }
@@ -306,6 +307,12 @@ async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) 
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
+    // Names that are not ids are refused before they reach the throttle's keys or the log.
+    for (what, v) in [("org", &body.org), ("username", &body.username)] {
+        if let Err(e) = peersync_core::model::validate_id(what, v) {
+            return ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response();
+        }
+    }
     // Per account and address (5), and per address (50): a stranger elsewhere cannot lock a
     // coordinator out, nor one coordinator's typing their colleagues.
     let account = format!("acct:{}/{}@{ip}", body.org, body.username);
@@ -324,8 +331,17 @@ async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) 
     let ok = tokio::task::spawn_blocking(move || st.dir.check_password(&org, &user, &pass)).await;
     let ok = match ok {
         Ok(Ok(ok)) => ok,
-        Ok(Err(e)) => return ApiError::from(e).into_response(),
-        Err(e) => return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        // The server's trouble, not a wrong guess: the attempt is taken back.
+        Ok(Err(e)) => {
+            state.login_throttle.forgive(&account);
+            state.login_ip_throttle.forgive(&from);
+            return ApiError::from(e).into_response();
+        }
+        Err(e) => {
+            state.login_throttle.forgive(&account);
+            state.login_ip_throttle.forgive(&from);
+            return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+        }
     };
     let known_org = state.dir.org(&body.org).ok().flatten().is_some();
     let who = Principal::Coordinator { org: body.org.clone(), username: body.username.clone() };
@@ -454,6 +470,7 @@ struct AssignBody {
 async fn assign(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>, Path(id): Path<String>, Json(b): Json<AssignBody>) -> ApiResult {
     let (who, org) = authorize(&state, &headers, &q)?;
     peersync_core::model::validate_id("person", &id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    coordinator_may_assign(&state, &who, &org, &id)?;
     if state.dir.tombstone(&org, &id)?.is_some() {
         return Err(ApiError::new(StatusCode::GONE, "this person was erased"));
     }
@@ -477,15 +494,9 @@ async fn assign(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q)
 async fn unassign(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>, Path(id): Path<String>, Json(b): Json<AssignBody>) -> ApiResult {
     let (who, org) = authorize(&state, &headers, &q)?;
     peersync_core::model::validate_id("person", &id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    coordinator_may_assign(&state, &who, &org, &id)?;
     if state.dir.assignment(&org, &id, &b.worker)?.is_none() {
-        // For a person a coordinator may not see, "not assigned" and "unassigned" answer alike:
-        // otherwise trying each worker would tell who holds them.
-        let visible = matches!(who, Principal::Admin)
-            || (state.dir.consent(&org, &id)?.is_some_and(|c| c.share_with_coordinator) && state.dir.tombstone(&org, &id)?.is_none());
-        if visible {
-            return Err(ApiError::new(StatusCode::NOT_FOUND, "that worker is not assigned this person"));
-        }
-        return Ok(Json(json!({ "person": id, "worker": b.worker, "assigned": false })));
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "that worker is not assigned this person"));
     }
     let (st, o, i, w) = (state.clone(), org.clone(), id.clone(), b.worker.clone());
     tokio::task::spawn_blocking(move || st.hub.touch(&o, &i, |seq| st.dir.unassign(&o, &i, &w, seq)))
@@ -525,6 +536,29 @@ struct AuditQuery {
     limit: Option<usize>,
 }
 
+/// Coordinators assign and unassign only people they may see. For anyone else, answers (or
+/// the audit entries an unassignment leaves) would tell who holds them, and assigning them to
+/// a worker would hand their record to that worker's phones. The administrator (admin token,
+/// `peersync admin assign`) can.
+fn coordinator_may_assign(state: &AppState, who: &Principal, org: &str, person: &str) -> Result<(), ApiError> {
+    if matches!(who, Principal::Coordinator { .. }) && !shared_with_coordinators(state, org, person)? {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this person does not share their record with coordinators (or no record of them has reached the server yet): their assignments are changed by the server's administrator",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether coordinators may know of `person`: they share with coordinators now, or did when
+/// they were erased.
+fn shared_with_coordinators(state: &AppState, org: &str, person: &str) -> Result<bool, ApiError> {
+    Ok(match state.dir.tombstone(org, person)? {
+        Some(t) => t.shared,
+        None => state.dir.consent(org, person)?.is_some_and(|c| c.share_with_coordinator),
+    })
+}
+
 /// What a coordinator's audit view shows in place of the id of a person who does not share
 /// with coordinators.
 const NOT_SHARED: &str = "(a person not shared with coordinators)";
@@ -535,21 +569,22 @@ async fn read_audit(State(state): State<Arc<AppState>>, headers: HeaderMap, Quer
     if matches!(who, Principal::Coordinator { .. }) {
         // The log names everyone whose record was read or written; a coordinator sees the ids
         // of people they may see, not when and by whom the record of someone who does not
-        // share with them was synced. The erased stay named: their data is gone, and the
-        // erasure (a coordinator's act) names them anyway.
+        // share with them was synced. An erased person stays as they were (named if they
+        // shared); the erasure itself, a coordinator's act, names them.
         let mut visible: HashMap<String, bool> = HashMap::new();
         for e in &mut entries {
             let mut hidden = false;
             let mut people = Vec::with_capacity(e.people.len());
             for p in e.people.drain(..) {
-                let shown = match visible.get(&p) {
-                    Some(v) => *v,
-                    None => {
-                        let v = state.dir.tombstone(&org, &p)?.is_some() || state.dir.consent(&org, &p)?.is_some_and(|c| c.share_with_coordinator);
-                        visible.insert(p.clone(), v);
-                        v
-                    }
-                };
+                let shown = e.action == "erase"
+                    || match visible.get(&p) {
+                        Some(v) => *v,
+                        None => {
+                            let v = shared_with_coordinators(&state, &org, &p)?;
+                            visible.insert(p.clone(), v);
+                            v
+                        }
+                    };
                 if shown {
                     people.push(p);
                 } else {

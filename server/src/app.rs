@@ -377,11 +377,21 @@ pub(crate) fn no_delay(tcp: &mut tokio::net::TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "could not turn Nagle's algorithm off on an accepted socket");
     }
-    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(15));
-    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "ios", target_os = "freebsd"))]
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "ios", target_os = "freebsd", target_os = "netbsd", windows))]
+    let keepalive = keepalive.with_interval(Duration::from_secs(15));
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "ios", target_os = "freebsd", target_os = "netbsd"))]
     let keepalive = keepalive.with_retries(4);
-    if let Err(e) = socket2::SockRef::from(&*tcp).set_tcp_keepalive(&keepalive) {
+    let sock = socket2::SockRef::from(&*tcp);
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
         tracing::debug!(error = %e, "could not turn TCP keepalive on for an accepted socket");
+    }
+    // Keepalive waits while sent data is unacknowledged (a change just forwarded to a phone
+    // that vanished): this ends such a connection after two minutes too, not the kernel's
+    // fifteen.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(Duration::from_secs(120))) {
+        tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT on an accepted socket");
     }
 }
 
@@ -414,11 +424,11 @@ pub async fn serve(
         shutdown.await;
         let _ = shutdown_tx.send(true);
     };
-    use crate::conn::{HTTP_IDLE, Limited, MAX_CONNECTIONS};
+    use crate::conn::{HTTP_IDLE, Limited, MAX_CONNECTIONS, REQUEST_BUDGET};
     let served = match tls {
-        None => axum::serve(Limited::new(PlainListener(listener), MAX_CONNECTIONS, HTTP_IDLE), app).with_graceful_shutdown(signal).await,
+        None => axum::serve(Limited::new(PlainListener(listener), MAX_CONNECTIONS, HTTP_IDLE, REQUEST_BUDGET), app).with_graceful_shutdown(signal).await,
         Some(acceptor) => match crate::tls::TlsListener::new(listener, acceptor) {
-            Ok(listener) => axum::serve(Limited::new(listener, MAX_CONNECTIONS, HTTP_IDLE), app).with_graceful_shutdown(signal).await,
+            Ok(listener) => axum::serve(Limited::new(listener, MAX_CONNECTIONS, HTTP_IDLE, REQUEST_BUDGET), app).with_graceful_shutdown(signal).await,
             Err(e) => Err(e),
         },
     };

@@ -18,25 +18,30 @@ use tokio::time::{Instant, Sleep};
 /// Connections held at once. Past it the server accepts the next one only when one closes
 /// (the kernel's backlog holds the rest).
 pub const MAX_CONNECTIONS: usize = 4096;
-/// How long an HTTP connection may go without the server writing to it: each request must be
-/// sent (and answered) within this of the connection's start or the last answer. Bytes the
-/// client sends do not extend it, so dripping a header a byte at a time does not hold a
-/// connection. Requests are small (bodies at most 2 MiB, which even 2G sends in about 70 s;
-/// phones sync over websockets). A sync session, once upgraded, keeps its own timeouts
-/// (`session::IDLE_TIMEOUT`, and TCP keepalive for a live phone that waits quietly).
+/// How long an HTTP connection may wait for a request to start: after it opens, and after each
+/// answer (a keep-alive connection between a dashboard's requests).
 pub const HTTP_IDLE: Duration = Duration::from_secs(90);
+/// How long a request may take from its first byte to the start of its answer: sending it,
+/// and the server working on it. Bytes the client sends do not extend it, so dripping a header
+/// a byte at a time holds a connection this long at most. Phones sync over websockets; HTTP
+/// requests are small (login, enrollment) or the dashboard's.
+pub const REQUEST_BUDGET: Duration = Duration::from_secs(300);
+// A sync session, once upgraded, keeps its own timeouts (`session::IDLE_TIMEOUT`, and TCP
+// keepalive for a live phone that waits quietly): neither deadline applies to it.
 
 /// A listener whose connections are counted and timed out when idle.
 pub struct Limited<L> {
     inner: L,
     slots: Arc<Semaphore>,
     idle: Duration,
+    budget: Duration,
     warned: bool,
 }
 
 impl<L> Limited<L> {
-    pub fn new(inner: L, max: usize, idle: Duration) -> Self {
-        Self { inner, slots: Arc::new(Semaphore::new(max)), idle, warned: false }
+    /// At most `max` connections; `idle` to start a request, `budget` to have it answered.
+    pub fn new(inner: L, max: usize, idle: Duration, budget: Duration) -> Self {
+        Self { inner, slots: Arc::new(Semaphore::new(max)), idle, budget, warned: false }
     }
 }
 
@@ -59,7 +64,7 @@ where
             }
         };
         let (io, addr) = self.inner.accept().await;
-        (Guarded { io, _slot: permit, idle: self.idle, deadline: Box::pin(tokio::time::sleep(self.idle)), upgraded: false }, addr)
+        (Guarded { io, _slot: permit, idle: self.idle, budget: self.budget, deadline: Box::pin(tokio::time::sleep(self.idle)), awaiting: true, upgraded: false }, addr)
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
@@ -77,20 +82,34 @@ where
 }
 
 /// A connection that holds one of the listener's slots until it is dropped, and fails with
-/// `TimedOut` once the server has not written to it for too long, until it has upgraded to a
-/// websocket.
+/// `TimedOut` when a request is slow to start or to be answered (see [`HTTP_IDLE`],
+/// [`REQUEST_BUDGET`]), until it has upgraded to a websocket.
 pub struct Guarded<T> {
     io: T,
     _slot: OwnedSemaphorePermit,
     idle: Duration,
+    budget: Duration,
     deadline: Pin<Box<Sleep>>,
+    /// Waiting for a request to start (opened, or answered the last one).
+    awaiting: bool,
     upgraded: bool,
 }
 
 impl<T> Guarded<T> {
-    fn touch(&mut self) {
+    /// The server wrote (an answer, or part of one): the next request may take its time to start.
+    fn answered(&mut self) {
         if !self.upgraded {
+            self.awaiting = true;
             let next = Instant::now() + self.idle;
+            self.deadline.as_mut().reset(next);
+        }
+    }
+
+    /// Bytes came in: if they start a request, it has its budget from now.
+    fn received(&mut self) {
+        if !self.upgraded && self.awaiting {
+            self.awaiting = false;
+            let next = Instant::now() + self.budget;
             self.deadline.as_mut().reset(next);
         }
     }
@@ -102,7 +121,7 @@ impl<T> Guarded<T> {
 
     /// The server's answer switching protocols: from here the session times itself.
     fn note_upgrade(&mut self, first: &[u8]) {
-        if !self.upgraded && first.starts_with(b"HTTP/1.1 101") {
+        if !self.upgraded && first.len() >= 12 && first.starts_with(b"HTTP/1.") && &first[8..12] == b" 101" {
             self.upgraded = true;
         }
     }
@@ -115,10 +134,15 @@ fn timed_out() -> io::Error {
 impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
-            // What the client sends does not extend the deadline (see `HTTP_IDLE`); an idle
-            // wait for it does end there.
-            Poll::Ready(r) => Poll::Ready(r),
+            // What the client sends starts a request's budget, never extends it.
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.received();
+                }
+                Poll::Ready(r)
+            }
             Poll::Pending if this.expired(cx) => Poll::Ready(Err(timed_out())),
             Poll::Pending => Poll::Pending,
         }
@@ -131,7 +155,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         this.note_upgrade(buf);
         match Pin::new(&mut this.io).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => {
-                this.touch();
+                this.answered();
                 Poll::Ready(Ok(n))
             }
             Poll::Pending if this.expired(cx) => Poll::Ready(Err(timed_out())),
@@ -146,7 +170,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         }
         match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
             Poll::Ready(Ok(n)) => {
-                this.touch();
+                this.answered();
                 Poll::Ready(Ok(n))
             }
             Poll::Pending if this.expired(cx) => Poll::Ready(Err(timed_out())),
@@ -174,11 +198,34 @@ mod tests {
 
     /// An idle connection is closed, and so is one that drips bytes without being answered;
     /// one that upgraded is not; and the cap holds connections back until one closes.
+    /// A request being worked on (the client silent, the server not yet answering) has its
+    /// budget, not the shorter wait for a request to start; after the answer, the short one.
+    #[tokio::test]
+    async fn a_request_in_progress_has_its_budget() {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = Limited::new(tcp, 4, Duration::from_millis(300), Duration::from_millis(900));
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await;
+        client.write_all(b"GET /v1/report HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(server.read(&mut buf).await.unwrap() > 0);
+        // The handler works for longer than the idle wait: the connection stays.
+        let working = tokio::time::timeout(Duration::from_millis(500), server.read(&mut buf)).await;
+        assert!(working.is_err(), "cut while the server was working: {working:?}");
+        server.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+        // Answered: the next request must start within the idle wait.
+        let started = std::time::Instant::now();
+        let err = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_millis(600), "{:?}", started.elapsed());
+    }
+
     #[tokio::test]
     async fn idle_connections_close_and_the_cap_holds() {
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
-        let mut listener = Limited::new(tcp, 2, Duration::from_millis(300));
+        let mut listener = Limited::new(tcp, 2, Duration::from_millis(300), Duration::from_millis(600));
         let idle = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (mut a, _) = listener.accept().await;
         let mut buf = [0u8; 8];
@@ -191,7 +238,7 @@ mod tests {
         let mut dripping = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (mut d, _) = listener.accept().await;
         let drip = async {
-            for _ in 0..10 {
+            for _ in 0..20 {
                 if dripping.write_all(b"x").await.is_err() {
                     return;
                 }
@@ -209,7 +256,7 @@ mod tests {
         };
         let (_, (kind, after)) = tokio::join!(drip, reading);
         assert_eq!(kind, io::ErrorKind::TimedOut);
-        assert!(after < Duration::from_millis(700), "bytes from the client did not extend it: {after:?}");
+        assert!(after < Duration::from_millis(1100), "bytes from the client did not extend the request's budget: {after:?}");
         drop(d);
 
         let _upgrading = tokio::net::TcpStream::connect(addr).await.unwrap();

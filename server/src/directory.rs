@@ -86,6 +86,10 @@ pub struct Tombstone {
     pub by: String,
     /// Workers who had the person: their devices are told to purge.
     pub workers: Vec<String>,
+    /// Whether the person shared with coordinators when erased: a coordinator's audit view
+    /// keeps hiding the history of someone who did not (tombstones from before: not).
+    #[serde(default)]
+    pub shared: bool,
 }
 
 /// What the server knows of a person's current consent (from their document).
@@ -438,8 +442,9 @@ impl<S: LocalStore> Directory<S> {
             return Ok(());
         }
         let workers = self.assigned_workers(org, doc)?;
+        let shared = self.consent(org, doc)?.is_some_and(|c| c.share_with_coordinator);
         let mut writes = vec![
-            Write::Put(key(b'z', &[org, doc]), enc(&Tombstone { erased_at: Utc::now(), by: by.into(), workers })),
+            Write::Put(key(b'z', &[org, doc]), enc(&Tombstone { erased_at: Utc::now(), by: by.into(), workers, shared })),
             Write::Delete(key(b'q', &[org, doc])),
         ];
         for k in self.kv.keys_with_prefix(&key(b'a', &[org, doc, ""]))? {

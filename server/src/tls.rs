@@ -12,6 +12,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once.
+const MAX_HANDSHAKES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -59,8 +61,13 @@ impl TlsListener {
     pub fn new(tcp: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<Self> {
         let local = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
+        // Handshakes in progress at once: the server's connection cap (`conn::Limited`) counts
+        // only what this listener hands over, so without this bound a flood of half-done
+        // handshakes would hold sockets beyond it.
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         let accept_task = tokio::spawn(async move {
             loop {
+                let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
                 let (mut stream, peer) = match tcp.accept().await {
                     Ok(x) => x,
                     Err(e) => {
@@ -72,9 +79,14 @@ impl TlsListener {
                 crate::app::no_delay(&mut stream);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
+                            // Handed over within the handshake's time, or dropped: a server at
+                            // its cap does not keep a queue of sockets waiting.
+                            if tokio::time::timeout(HANDSHAKE_TIMEOUT, tx.send((tls, peer))).await.is_err() {
+                                tracing::debug!(%peer, "no room for the connection; closed");
+                            }
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
