@@ -184,8 +184,32 @@ pub fn authorize(state: &AppState, headers: &HeaderMap, q: &OrgQuery) -> Result<
     Ok((who, org))
 }
 
-fn client_ip(info: Option<&ConnectInfo<crate::app::Peer>>) -> String {
-    info.map(|c| c.0.0.ip().to_string()).unwrap_or_else(|| "unknown".into())
+/// The client's address: the socket's peer or, when the server trusts a proxy on the same host
+/// (`--trust-forwarded-for`) and the connection comes from loopback, the last address in
+/// `X-Forwarded-For` (the one that proxy appended; earlier ones are the client's to invent).
+fn client_ip(state: &AppState, headers: &HeaderMap, info: Option<&ConnectInfo<crate::app::Peer>>) -> String {
+    let peer = info.map(|c| c.0.0.ip());
+    let forwarded = || {
+        let all = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+        all.rsplit(',').next()?.trim().parse::<std::net::IpAddr>().ok()
+    };
+    let ip = match peer {
+        Some(p) if state.trust_forwarded_for && p.is_loopback() => forwarded().or(peer),
+        _ => peer,
+    };
+    ip.map_or_else(|| "unknown".into(), |ip| ip.to_string())
+}
+
+/// The throttles' key for an address: an IPv6 client by its /64, since one host usually holds
+/// a whole /64 and could otherwise guess from each of its addresses in turn.
+fn address_key(ip: &str) -> String {
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        _ => format!("ip:{ip}"),
+    }
 }
 
 fn audit(state: &AppState, org: &str, who: &Principal, action: &str, people: Vec<String>, ok: bool, detail: impl Into<String>) {
@@ -259,7 +283,7 @@ async fn small_json<T: serde::de::DeserializeOwned>(req: axum::extract::Request,
 }
 
 async fn enroll(State(state): State<Arc<AppState>>, req: axum::extract::Request) -> Response {
-    let ip = client_ip(req.extensions().get::<ConnectInfo<crate::app::Peer>>());
+    let ip = client_ip(&state, req.headers(), req.extensions().get::<ConnectInfo<crate::app::Peer>>());
     let body: EnrollBody = match small_json(req, 64 << 10, "{code, device, public_key, name}").await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -267,7 +291,7 @@ async fn enroll(State(state): State<Arc<AppState>>, req: axum::extract::Request)
     // Guessing is throttled per client address (codes carry 60 bits: a global lockout would
     // only let anyone block every enrollment).
     // Counted before the code is checked (see `Throttle::attempt`); taken back unless wrong.
-    let key = format!("ip:{ip}");
+    let key = address_key(&ip);
     if let Err(wait) = state.code_throttle.attempt(&key) {
         return ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("too many wrong codes; try again in {} s", wait.as_secs() + 1)).into_response();
     }
@@ -302,7 +326,7 @@ struct LoginBody {
 }
 
 async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) -> Response {
-    let ip = client_ip(req.extensions().get::<ConnectInfo<crate::app::Peer>>());
+    let ip = client_ip(&state, req.headers(), req.extensions().get::<ConnectInfo<crate::app::Peer>>());
     let body: LoginBody = match small_json(req, 16 << 10, "{org, username, password}").await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -315,8 +339,8 @@ async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) 
     }
     // Per account and address (5), and per address (50): a stranger elsewhere cannot lock a
     // coordinator out, nor one coordinator's typing their colleagues.
-    let account = format!("acct:{}/{}@{ip}", body.org, body.username);
-    let from = format!("ip:{ip}");
+    let from = address_key(&ip);
+    let account = format!("acct:{}/{}@{from}", body.org, body.username);
     // Each attempt counts before the password is checked (see `Throttle::attempt`) and is
     // taken back if it succeeds.
     if let Err(wait) = state.login_ip_throttle.attempt(&from) {
@@ -749,4 +773,36 @@ async fn documents(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ConnectInfo, HeaderMap, address_key, client_ip};
+
+    /// Behind a trusted proxy on the same host, the client is the address the proxy appended
+    /// (not one the client put first); from elsewhere, or untrusted, the socket's peer.
+    #[test]
+    fn the_client_address_comes_from_the_proxy_only_when_trusted() {
+        use crate::app::{AppState, Options, Peer};
+        let state = |trust: bool| {
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            let kv: crate::app::Kv = std::sync::Arc::new(peersync_core::store::MemoryStore::new());
+            AppState::new(kv, crate::keyring::Keyring::in_memory(), rx, Options { trust_forwarded_for: trust, ..Options::default() })
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", "203.0.113.9, 198.51.100.2".parse().unwrap());
+        let via = |ip: &str| ConnectInfo(Peer(format!("{ip}:5000").parse().unwrap()));
+        assert_eq!(client_ip(&state(true), &headers, Some(&via("127.0.0.1"))), "198.51.100.2");
+        assert_eq!(client_ip(&state(true), &headers, Some(&via("192.0.2.1"))), "192.0.2.1", "only a loopback peer is a trusted proxy");
+        assert_eq!(client_ip(&state(false), &headers, Some(&via("127.0.0.1"))), "127.0.0.1");
+        assert_eq!(client_ip(&state(true), &HeaderMap::new(), Some(&via("127.0.0.1"))), "127.0.0.1");
+    }
+
+    #[test]
+    fn ipv6_clients_are_throttled_by_their_slash_64() {
+        assert_eq!(address_key("192.0.2.7"), "ip:192.0.2.7");
+        assert_eq!(address_key("2001:db8:1:2:aaaa::1"), address_key("2001:db8:1:2:bbbb::9"));
+        assert_ne!(address_key("2001:db8:1:2::1"), address_key("2001:db8:1:3::1"));
+        assert_eq!(address_key("unknown"), "ip:unknown");
+    }
 }

@@ -64,6 +64,8 @@ pub struct AppState {
     /// Wrong enrollment codes per client address, and overall.
     pub code_throttle: Throttle,
     /// Whether the server speaks TLS (session cookies are then `Secure`).
+    /// See [`Options::trust_forwarded_for`].
+    pub trust_forwarded_for: bool,
     pub tls: bool,
     /// Sessions take this before handing a push's commit or a sync round to a blocking thread.
     /// The hub serialises writers anyway; waiting here instead of on its lock keeps one
@@ -127,11 +129,14 @@ pub struct Options {
     pub cache_mb: usize,
     pub admin_token: Option<String>,
     pub tls: bool,
+    /// A TLS proxy on the same host forwards the requests: a client's address is the last
+    /// `X-Forwarded-For` entry of a connection from loopback (for throttling and the log).
+    pub trust_forwarded_for: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { cache_docs: DEFAULT_CACHE_DOCS, cache_mb: DEFAULT_CACHE_MB, admin_token: None, tls: false }
+        Self { cache_docs: DEFAULT_CACHE_DOCS, cache_mb: DEFAULT_CACHE_MB, admin_token: None, tls: false, trust_forwarded_for: false }
     }
 }
 
@@ -153,6 +158,7 @@ impl AppState {
             login_ip_throttle: Throttle::new(50, Duration::from_secs(15 * 60)),
             code_throttle: Throttle::new(10, Duration::from_secs(10 * 60)),
             tls: opts.tls,
+            trust_forwarded_for: opts.trust_forwarded_for,
             write_gate: tokio::sync::Mutex::new(()),
             device_records: std::sync::Mutex::new(()),
             device_sessions: std::sync::Mutex::new(std::collections::HashMap::new()),

@@ -45,6 +45,11 @@ pub enum Command {
         /// unencrypted: only behind a TLS-terminating proxy on the same host.
         #[arg(long)]
         allow_plain_http: bool,
+        /// Behind a proxy on the same host: a client's address (for login and enrollment
+        /// throttles and the audit log) is the last `X-Forwarded-For` entry of a connection
+        /// from loopback. Without it every client behind the proxy is 127.0.0.1.
+        #[arg(long, env = "PEERSYNC_TRUST_FORWARDED_FOR")]
+        trust_forwarded_for: bool,
         /// Stop when stdin closes: for a server run as a child process (`peersync bench`), so
         /// that it never outlives its parent.
         #[arg(long, hide = true)]
@@ -201,7 +206,7 @@ pub enum CliError {
 /// Run the command line; returns when the command is done.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve { data, listen, cache_docs, cache_mb, admin_token, tls_cert, tls_key, allow_plain_http, stop_on_stdin_eof } => {
+        Command::Serve { data, listen, cache_docs, cache_mb, admin_token, tls_cert, tls_key, allow_plain_http, trust_forwarded_for, stop_on_stdin_eof } => {
             // It opens every organisation's administration, and guesses at it are not throttled.
             if admin_token.as_ref().is_some_and(|t| t.chars().count() < MIN_ADMIN_TOKEN) {
                 return Err(CliError::Usage(format!("--admin-token must have at least {MIN_ADMIN_TOKEN} characters (a random one: `uuidgen`, or `openssl rand -hex 16`)")));
@@ -216,7 +221,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 )));
             }
             let (tx, rx) = tokio::sync::watch::channel(false);
-            let opts = Options { cache_docs, cache_mb, admin_token, tls: tls.is_some() };
+            let opts = Options { cache_docs, cache_mb, admin_token, tls: tls.is_some(), trust_forwarded_for };
             // The port first: a server that cannot listen leaves no data directory behind.
             let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CliError::Listen { addr: listen, source })?;
             let state = Arc::new(AppState::open(&data, rx, opts)?);
