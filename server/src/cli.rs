@@ -485,11 +485,7 @@ fn out(text: std::fmt::Arguments) -> Result<(), CliError> {
 /// Write a file only its owner may read (the demo's password).
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-    o.open(path)?.write_all(bytes)
+    crate::keyring::owner_only().open(path)?.write_all(bytes)
 }
 
 /// `n` and `what`, plural when `n` is not 1 ("1 device", "3 devices").

@@ -207,8 +207,9 @@ impl Keyring {
     }
 }
 
-/// Options for a new file only its owner may read or write: the keys destroy-on-erase rests on.
-fn owner_only() -> std::fs::OpenOptions {
+/// Options for a new file only its owner may read or write (mode 600): the keys
+/// destroy-on-erase rests on, the demo's password.
+pub(crate) fn owner_only() -> std::fs::OpenOptions {
     let mut o = std::fs::OpenOptions::new();
     o.write(true).create(true).truncate(true);
     #[cfg(unix)]
