@@ -306,11 +306,11 @@ async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
         let events = crate::simulate::simulate(&crate::simulate::Params { workers: 6, people: 60, weeks: 8, seed: 1 });
         let opts = peersync_core::sync::SyncOptions::new(format!("ws://{addr}"));
         let started = std::time::Instant::now();
-        let progress = |done: usize, total: usize| tell(format_args!("\r  replaying {:<60}", crate::replay::progress_line(done, total, started.elapsed())));
-        let outcome = crate::replay::replay(&events, &opts, &token, DEMO_ORG, &data.join("demo-phones"), &progress)
-            .await
-            .map_err(|e| CliError::Usage(format!("demo setup failed: {e}; delete {} and run `peersync demo` again", data.display())))?;
-        tell(format_args!("\n"));
+        let bar = crate::progress::Progress::new("  replaying ");
+        let progress = |done: usize, total: usize| bar.update(crate::replay::progress_line(done, total, started.elapsed()));
+        let outcome = crate::replay::replay(&events, &opts, &token, DEMO_ORG, &data.join("demo-phones"), &progress).await;
+        bar.done();
+        let outcome = outcome.map_err(|e| CliError::Usage(format!("demo setup failed: {e}; delete {} and run `peersync demo` again", data.display())))?;
         for p in &outcome.problems {
             tell(format_args!("  problem: {p}\n"));
         }
@@ -391,9 +391,10 @@ async fn replay(file: PathBuf, server: Option<String>, admin_token: Option<Strin
     }
     let opts = peersync_core::sync::SyncOptions::new(url);
     let started = std::time::Instant::now();
-    let progress = |done: usize, total: usize| eprint!("\rreplaying: {:<60}", crate::replay::progress_line(done, total, started.elapsed()));
+    let bar = crate::progress::Progress::new("replaying: ");
+    let progress = |done: usize, total: usize| bar.update(crate::replay::progress_line(done, total, started.elapsed()));
     let outcome = crate::replay::replay_lines(&events, &lines, &opts, &token, &org, work.path(), &progress).await;
-    eprintln!();
+    bar.done();
     if let Some((stop, task)) = embedded {
         let _ = stop.send(());
         let _ = task.await;

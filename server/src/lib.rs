@@ -19,6 +19,7 @@ pub mod directory;
 pub mod docs;
 pub mod keyring;
 pub mod metrics;
+pub mod progress;
 pub mod replay;
 pub mod report;
 pub mod scenario;

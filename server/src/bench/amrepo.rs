@@ -416,6 +416,8 @@ impl PhoneProcs {
         let mut done = vec![false; total];
         let mut runs = Vec::with_capacity(total);
         let mut wall = Duration::ZERO;
+        // Ends its line on every way out of here.
+        let bar = crate::progress::Progress::new(format!("{}: ", self.name));
         while runs.len() < total {
             match self.recv(until, server).await? {
                 Some(Msg::Line(i, line)) => match serde_json::from_str::<PhoneOut>(&line) {
@@ -427,18 +429,18 @@ impl PhoneProcs {
                         runs.push(r);
                         wall = started.elapsed();
                         if wall > Duration::from_secs(2) || runs.len() == total {
-                            eprint!("\r{}: {} of {total} phones synced ", self.name, runs.len());
+                            bar.update(format_args!("{} of {total} phones synced", runs.len()));
                         }
                     }
-                    Err(_) => eprintln!("{}, {}'s phone: {line}", self.name, self.workers[i]),
+                    Err(_) => {
+                        bar.done();
+                        eprintln!("{}, {}'s phone: {line}", self.name, self.workers[i]);
+                    }
                 },
                 // A phone that has reported exits by itself.
                 Some(Msg::Eof(i)) if done[i] => {}
                 Some(Msg::Eof(i)) => return Err(self.failed(i, "ended before it synced").await),
                 None => {
-                    if !runs.is_empty() {
-                        eprintln!();
-                    }
                     return Err(err(format!(
                         "{} did not finish within {timeout:?}: {} of {total} phones synced; not synced: {}",
                         self.name,
@@ -448,7 +450,6 @@ impl PhoneProcs {
                 }
             }
         }
-        eprintln!();
         Ok((runs, wall))
     }
 

@@ -275,6 +275,7 @@ pub(crate) async fn phase(name: &'static str, phones: &[Phone], pid: Option<u32>
     let started = Instant::now();
     let done = AtomicUsize::new(0);
     let total = phones.len();
+    let bar = crate::progress::Progress::new(format!("{name}: "));
     let collect = async {
         let mut runs = Vec::with_capacity(total);
         while let Some(joined) = set.join_next().await {
@@ -283,13 +284,14 @@ pub(crate) async fn phase(name: &'static str, phones: &[Phone], pid: Option<u32>
             runs.push(PhoneRun { report, wall });
             let n = done.fetch_add(1, Relaxed) + 1;
             if started.elapsed() > Duration::from_secs(2) || n == total {
-                eprint!("\r{name}: {n} of {total} phones synced ");
+                bar.update(format_args!("{n} of {total} phones synced"));
             }
         }
-        eprintln!();
         Ok::<_, BenchError>(runs)
     };
-    let runs = tokio::time::timeout(timeout, collect).await.map_err(|_| BenchError::Timeout { phase: name, timeout })??;
+    let runs = tokio::time::timeout(timeout, collect).await;
+    bar.done();
+    let runs = runs.map_err(|_| BenchError::Timeout { phase: name, timeout })??;
     let wall = started.elapsed();
     let rss = pid.and_then(child::peak_rss);
     let server_cpu = cpu_before.zip(pid.and_then(child::cpu_time)).map(|(a, b)| b.saturating_sub(a));

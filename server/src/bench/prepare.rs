@@ -95,8 +95,10 @@ pub async fn record_offline(events: &[Event], phones: &[Phone]) -> Result<usize,
     drop(queues);
     let started = std::time::Instant::now();
     let line = || crate::replay::progress_line(shared.done.load(Ordering::Relaxed), total, started.elapsed());
-    let ended = crate::replay::ticking(futures_util::future::join_all(tasks), || eprint!("\rrecording offline: {:<60}", line())).await;
-    eprintln!("\rrecording offline: {:<60}", line());
+    let bar = crate::progress::Progress::new("recording offline: ");
+    let ended = crate::replay::ticking(futures_util::future::join_all(tasks), || bar.update(line())).await;
+    bar.update(line());
+    bar.done();
     let mut refused = std::mem::take(&mut *shared.refused.lock().expect("refused lock"));
     refused.sort_by_key(|(n, _)| *n);
     for (_, message) in refused.iter().take(5) {
