@@ -77,7 +77,10 @@ impl From<SyncError> for PeersyncError {
             SyncError::ClockSkew { .. } => Self::ClockSkew(message),
             SyncError::NotEnrolled => Self::NotEnrolled(message),
             SyncError::Wiped { .. } => Self::Wiped(message),
-            SyncError::Rejected { .. } | SyncError::Enrollment { .. } | SyncError::Server { .. } => Self::Refused(message),
+            SyncError::BadUrl { .. } => Self::Invalid(message),
+            SyncError::Rejected { .. } | SyncError::Enrollment { .. } | SyncError::AlreadyEnrolled { .. } | SyncError::Untrusted { .. } | SyncError::Server { .. } => {
+                Self::Refused(message)
+            }
             SyncError::Protocol(_) => Self::Incompatible(message),
         }
     }

@@ -69,6 +69,10 @@ struct Enrollment {
     org: String,
     worker: String,
     expires_at: DateTime<Utc>,
+    /// The device that used the code: kept until the code expires, so that a phone that lost
+    /// the answer can ask again with the same code and get it.
+    #[serde(default)]
+    used_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +146,9 @@ impl From<peersync_core::ValidationError> for DirectoryError {
 pub struct Directory<S: LocalStore> {
     kv: S,
     rng: SystemRandom,
+    /// Enrollment reads a code and then marks it used: two phones sending one code at once
+    /// must not both get in.
+    enrolling: std::sync::Mutex<()>,
 }
 
 fn key(tag: u8, parts: &[&str]) -> Vec<u8> {
@@ -171,7 +178,7 @@ pub fn hash_code(code: &str) -> String {
 
 impl<S: LocalStore> Directory<S> {
     pub fn new(kv: S) -> Self {
-        Self { kv, rng: SystemRandom::new() }
+        Self { kv, rng: SystemRandom::new(), enrolling: std::sync::Mutex::new(()) }
     }
 
     fn get<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StoreError> {
@@ -311,13 +318,14 @@ impl<S: LocalStore> Directory<S> {
         let raw = self.random(CODE_LEN)?;
         let code: String = raw.iter().map(|b| CODE_ALPHABET[(*b as usize) % CODE_ALPHABET.len()] as char).collect();
         let shown = format!("{}-{}-{}", &code[0..4], &code[4..8], &code[8..12]);
-        self.put(key(b'n', &[&hash_code(&code)]), &Enrollment { org: org.into(), worker: worker.into(), expires_at })?;
+        self.put(key(b'n', &[&hash_code(&code)]), &Enrollment { org: org.into(), worker: worker.into(), expires_at, used_by: None })?;
         Ok((shown, expires_at))
     }
 
     /// Use a code (once) to register a device's public key.
     pub fn enroll(&self, code: &str, device: &str, public_key: &[u8], name: &str) -> Result<DeviceRecord, DirectoryError> {
         let k = key(b'n', &[&hash_code(code)]);
+        let _one_at_a_time = self.enrolling.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let Some(e) = self.get::<Enrollment>(&k)? else { return Err(DirectoryError::BadCode) };
         if e.expires_at < Utc::now() {
             self.kv.apply(vec![Write::Delete(k)])?;
@@ -327,21 +335,35 @@ impl<S: LocalStore> Directory<S> {
         if public_key.len() != 32 {
             return Err(DirectoryError::Invalid("the public key must be a 32-byte Ed25519 key".into()));
         }
-        if self.device(device)?.is_some() {
-            return Err(DirectoryError::Exists { what: "device", id: device.into() });
+        // Enrollment is idempotent for the phone that made it: its answer can be lost on the
+        // way back, and the phone then asks again with the same key, with the same code or a
+        // new one for the same worker. Anyone else is refused as before.
+        let known = self.device(device)?;
+        let again = known.as_ref().filter(|d| d.public_key == public_key && d.revoked_at.is_none() && d.org == e.org && d.worker == e.worker);
+        match (&e.used_by, again) {
+            (Some(user), Some(d)) if user == device => return Ok(d.clone()),
+            (Some(_), _) => return Err(DirectoryError::BadCode),
+            (None, Some(d)) => {
+                let used = Enrollment { used_by: Some(device.into()), ..e };
+                self.kv.apply(vec![Write::Put(k, enc(&used))])?;
+                return Ok(d.clone());
+            }
+            (None, None) if known.is_some() => return Err(DirectoryError::Exists { what: "device", id: device.into() }),
+            (None, None) => {}
         }
         let d = DeviceRecord {
             id: device.into(),
-            org: e.org,
-            worker: e.worker,
+            org: e.org.clone(),
+            worker: e.worker.clone(),
             public_key: public_key.to_vec(),
             name: name.chars().take(80).collect(),
             enrolled_at: Utc::now(),
             revoked_at: None,
             revoked_by: None,
         };
-        // Single use: the code goes in the same atomic write that registers the device.
-        self.kv.apply(vec![Write::Delete(k), Write::Put(key(b'x', &[device]), enc(&d))])?;
+        // Single use: the code is marked used in the same atomic write that registers the device.
+        let used = Enrollment { used_by: Some(device.into()), ..e };
+        self.kv.apply(vec![Write::Put(k, enc(&used)), Write::Put(key(b'x', &[device]), enc(&d))])?;
         Ok(d)
     }
 
@@ -523,5 +545,32 @@ mod tests {
         assert_eq!((dev.org.as_str(), dev.worker.as_str()), ("org1", "w-001"));
         assert!(matches!(d.enroll(&code, "dev-2", &[7; 32], "phone"), Err(DirectoryError::BadCode)));
         assert!(matches!(d.enroll("AAAA-BBBB-CCCC", "dev-3", &[7; 32], "phone"), Err(DirectoryError::BadCode)));
+    }
+
+    #[test]
+    fn a_phone_that_lost_the_answer_may_ask_again_and_no_one_else_may() {
+        let d = dir();
+        let (code, _) = d.issue_code("org1", "w-001").unwrap();
+        let first = d.enroll(&code, "dev-1", &[7; 32], "phone").unwrap();
+        // The same phone with the same key, the same code: the same answer, nothing new.
+        assert_eq!(d.enroll(&code, "dev-1", &[7; 32], "phone").unwrap(), first);
+        // The same code with another key or for another device is a used code.
+        assert!(matches!(d.enroll(&code, "dev-1", &[8; 32], "phone"), Err(DirectoryError::BadCode)));
+        assert!(matches!(d.enroll(&code, "dev-2", &[7; 32], "phone"), Err(DirectoryError::BadCode)));
+        // A new code for the same worker, from the phone that is already in: the same answer,
+        // and that code is used up too.
+        let (second, _) = d.issue_code("org1", "w-001").unwrap();
+        assert_eq!(d.enroll(&second, "dev-1", &[7; 32], "phone").unwrap(), first);
+        assert!(matches!(d.enroll(&second, "dev-9", &[9; 32], "phone"), Err(DirectoryError::BadCode)));
+        // Another key for an existing device, or the device for another worker, is refused.
+        let (third, _) = d.issue_code("org1", "w-001").unwrap();
+        assert!(matches!(d.enroll(&third, "dev-1", &[8; 32], "phone"), Err(DirectoryError::Exists { .. })));
+        d.add_worker("org1", "w-002", "B", "peer_advocate").unwrap();
+        let (other, _) = d.issue_code("org1", "w-002").unwrap();
+        assert!(matches!(d.enroll(&other, "dev-1", &[7; 32], "phone"), Err(DirectoryError::Exists { .. })));
+        // A revoked device does not come back this way.
+        d.revoke("org1", "dev-1", "admin").unwrap();
+        assert!(matches!(d.enroll(&code, "dev-1", &[7; 32], "phone"), Err(DirectoryError::BadCode)));
+        assert!(matches!(d.enroll(&third, "dev-1", &[7; 32], "phone"), Err(DirectoryError::Exists { .. })));
     }
 }

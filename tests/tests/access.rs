@@ -242,6 +242,44 @@ async fn enrollment_codes_are_single_use_expire_and_resist_guessing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_enrollment_changes_nothing_and_can_be_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let nowhere = peersync_core::sync::SyncOptions::new("ws://127.0.0.1:1");
+    // An enrolled phone that is given a code again (a typo, a second code) keeps its identity.
+    let (a, _) = open_phone(dir.path(), "a").await;
+    a.enroll(&server.options(), &server.code("w-001"), "a").await.unwrap();
+    for code in ["AAAA-BBBB-CCCC".to_string(), server.code("w-002")] {
+        let err = a.enroll(&server.options(), &code, "a").await.unwrap_err();
+        assert!(matches!(&err, SyncError::AlreadyEnrolled { worker, .. } if worker == "w-001"), "{err:?}");
+    }
+    a.register_person(person("p-1", "AB")).await.unwrap();
+    assert_eq!(sync(&a, &server).await.docs_sent, 1, "the phone still syncs as itself");
+    // A new phone whose attempts fail stays simply not enrolled, then enrolls.
+    let (b, _) = open_phone(dir.path(), "b").await;
+    let err = b.enroll(&server.options(), "AAAA-BBBB-CCCC", "b").await.unwrap_err();
+    assert!(matches!(err, SyncError::Enrollment { status: 401, .. }), "{err:?}");
+    assert!(b.enroll(&nowhere, &server.code("w-002"), "b").await.is_err());
+    assert!(matches!(b.sync(&server.options()).await, Err(SyncError::NotEnrolled)));
+    b.enroll(&server.options(), &server.code("w-002"), "b").await.unwrap();
+    assert_eq!(sync(&b, &server).await.docs_received, 1);
+    // A phone whose answer was lost on the way back (its store as it was before the answer
+    // arrived) asks again with the same code and gets in as the same device.
+    let (c, _) = open_phone(dir.path(), "c").await;
+    assert!(c.enroll(&nowhere, "AAAA-BBBB-CCCC", "c").await.is_err(), "leaves the pending key");
+    drop(c);
+    copy_dir(&dir.path().join("c"), &dir.path().join("c-before-answer"));
+    let code = server.code("w-003");
+    let (c, _) = open_phone(dir.path(), "c").await;
+    let first = c.enroll(&server.options(), &code, "c").await.unwrap();
+    drop(c);
+    let (lost, _) = open_phone(dir.path(), "c-before-answer").await;
+    assert_eq!(lost.enroll(&server.options(), &code, "c").await.unwrap(), first);
+    assert_eq!(sync(&lost, &server).await.docs_received, 1, "the device the server knows, with its key");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_sessions_and_failed_logins_are_throttled() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;

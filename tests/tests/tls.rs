@@ -51,7 +51,7 @@ async fn devices_sync_over_verified_tls() {
     let (b, _) = open_phone(dir.path(), "b").await;
     // Without the CA, the certificate is not trusted: no enrollment, nothing sent.
     let err = a.enroll(&SyncOptions::new(url.clone()), &state.dir.issue_code(ORG, "w-001").unwrap().0, "a").await.unwrap_err();
-    assert!(matches!(&err, SyncError::Connect { reason, .. } if reason.contains("TLS")), "{err:?}");
+    assert!(matches!(&err, SyncError::Untrusted { reason, .. } if reason.contains("TLS")), "{err:?}");
     a.enroll(&trusted, &state.dir.issue_code(ORG, "w-001").unwrap().0, "a").await.unwrap();
     b.enroll(&trusted, &state.dir.issue_code(ORG, "w-002").unwrap().0, "b").await.unwrap();
     a.register_person(person("p-1", "AB")).await.unwrap();
@@ -61,10 +61,14 @@ async fn devices_sync_over_verified_tls() {
     b.sync(&trusted).await.unwrap();
     assert_eq!(visit_ids(&b, "p-1").await, ["v-1"]);
     // A sync without the CA fails before anything is sent.
-    assert!(matches!(a.sync(&SyncOptions::new(url.clone())).await, Err(SyncError::Connect { .. })));
+    let err = a.sync(&SyncOptions::new(url.clone())).await.unwrap_err();
+    assert!(matches!(&err, SyncError::Untrusted { .. }), "a certificate that does not verify is not a network fault: {err:?}");
+    // Plain ws:// to this TLS server is a wrong URL, not a network fault.
+    let err = a.sync(&SyncOptions::new(format!("ws://localhost:{port}"))).await.unwrap_err();
+    assert!(matches!(&err, SyncError::BadUrl { reason, .. } if reason.contains("wss://")), "{err:?}");
     // Plain ws:// to a host off loopback is refused on the device before connecting.
     let err = a.sync(&SyncOptions::new("ws://sync.example.org:8080")).await.unwrap_err();
-    assert!(matches!(&err, SyncError::Connect { reason, .. } if reason.contains("loopback")), "{err:?}");
+    assert!(matches!(&err, SyncError::BadUrl { reason, .. } if reason.contains("loopback")), "{err:?}");
 
     let _ = stop_tx.send(());
     let _ = task.await;

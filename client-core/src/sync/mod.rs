@@ -126,6 +126,10 @@ pub struct SyncReport {
 pub enum SyncError {
     #[error("cannot reach the server at {url}: {reason} (check the network; nothing was lost, sync again later)")]
     Connect { url: String, reason: String },
+    #[error("the server URL {url:?} cannot be used: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("the server at {url} could not be verified ({reason}): check the server URL and the certificate the app trusts; syncing again will not help")]
+    Untrusted { url: String, reason: String },
     #[error("the server refused the connection ({status}): {message}")]
     Rejected { status: u16, message: String },
     #[error("the phone's clock differs too much from the server's ({server_time}); set the clock")]
@@ -134,6 +138,8 @@ pub enum SyncError {
     NotEnrolled,
     #[error("enrollment failed ({status}): {message}")]
     Enrollment { status: u16, message: String },
+    #[error("this device is enrolled already, for worker {worker} of {org}; nothing was changed (a phone for another worker needs a store of its own)")]
+    AlreadyEnrolled { org: String, worker: String },
     #[error("the connection dropped during sync; what was acknowledged is kept, sync again to finish")]
     Dropped,
     #[error("the server did not answer within {0:?}; sync again to finish")]

@@ -97,7 +97,7 @@ pub(crate) struct Endpoint {
 }
 
 pub(crate) fn endpoint(url: &str) -> Result<Endpoint, SyncError> {
-    let err = |r: &str| SyncError::Connect { url: url.to_string(), reason: r.to_string() };
+    let err = |r: &str| SyncError::BadUrl { url: url.to_string(), reason: r.to_string() };
     let (tls, rest) = if let Some(r) = url.strip_prefix("wss://").or_else(|| url.strip_prefix("https://")) {
         (true, r)
     } else if let Some(r) = url.strip_prefix("ws://").or_else(|| url.strip_prefix("http://")) {
@@ -130,7 +130,7 @@ fn is_loopback(host: &str) -> bool {
 pub(crate) fn check_plain_allowed(url: &str, opts: &SyncOptions) -> Result<Endpoint, SyncError> {
     let e = endpoint(url)?;
     if !e.tls && !is_loopback(&e.host) && !opts.allow_insecure {
-        return Err(SyncError::Connect {
+        return Err(SyncError::BadUrl {
             url: url.to_string(),
             reason: "plain ws:// is allowed only on loopback; use wss:// (or allow insecure connections explicitly)".into(),
         });
@@ -144,8 +144,8 @@ fn tls_config(opts: &SyncOptions) -> Result<rustls::ClientConfig, SyncError> {
     if let Some(pem) = &opts.ca_pem {
         use rustls_pki_types::pem::PemObject;
         for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| SyncError::Connect { url: opts.server.clone(), reason: format!("bad CA certificate: {e}") })?;
-            roots.add(cert).map_err(|e| SyncError::Connect { url: opts.server.clone(), reason: format!("bad CA certificate: {e}") })?;
+            let cert = cert.map_err(|e| SyncError::Untrusted { url: opts.server.clone(), reason: format!("bad CA certificate: {e}") })?;
+            roots.add(cert).map_err(|e| SyncError::Untrusted { url: opts.server.clone(), reason: format!("bad CA certificate: {e}") })?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -175,7 +175,12 @@ pub(crate) async fn connect(url: &str, opts: &SyncOptions, timeout: Duration) ->
     let tls = tokio::time::timeout(timeout, connector.connect(name, counting))
         .await
         .map_err(|_| SyncError::Timeout(timeout))?
-        .map_err(|err| connect_err(format!("TLS: {err}")))?;
+        .map_err(|err| {
+            // A certificate that does not verify fails the same way on every try; anything else
+            // in the handshake may be the network.
+            let certificate = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
+            if certificate { SyncError::Untrusted { url: url.to_string(), reason: format!("TLS: {err}") } } else { connect_err(format!("TLS: {err}")) }
+        })?;
     Ok((Stream::Tls(Box::new(tls)), counters))
 }
 

@@ -51,6 +51,10 @@ impl WsConn {
                 let message = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).trim().to_string()).unwrap_or_default();
                 return Err(SyncError::Rejected { status: resp.status().as_u16(), message });
             }
+            // Something that is not HTTP answered: typically ws:// to a server that speaks TLS.
+            Ok(Err(e @ (tungstenite::Error::HttpFormat(_) | tungstenite::Error::Protocol(tungstenite::error::ProtocolError::HttparseError(_))))) => {
+                return Err(SyncError::BadUrl { url, reason: format!("the server did not answer as a peersync server ({e}); a server with TLS needs wss://") });
+            }
             Ok(Err(e)) => return Err(connect_err(e.to_string())),
             Ok(Ok(pair)) => pair,
         };
