@@ -17,6 +17,7 @@ use crate::caseload::{FollowUp, PersonSummary};
 use crate::clock::Clock;
 use crate::document::{PersonDoc, PersonRecord};
 use crate::error::{CoreError, ValidationError};
+use crate::protocol::MAX_DOC_BYTES;
 use crate::listeners::{Fanout, Listeners, Subscription};
 use crate::model::{
     Checkin, Consent, ConsentChange, NewCheckin, NewPerson, NewVisit, Person, Visit, VisitEdit, validate_id,
@@ -572,11 +573,21 @@ impl Inner {
         if chunks.is_empty() {
             return Ok((out, None));
         }
+        let new_bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        if origin == Origin::Local && loaded.snapshot + loaded.appended + new_bytes > MAX_DOC_BYTES as u64 {
+            // A record the server cannot take would stay on this phone for ever, re-sent on
+            // every sync. The stored sizes overstate it (uncompressed, with history to fold),
+            // so only a record already past the limit that way pays for measuring it exactly.
+            // The caller (`write`) drops the refused change from memory.
+            let size = loaded.doc.automerge().save().len();
+            if size > MAX_DOC_BYTES {
+                return Err(CoreError::RecordFull { person: id.to_string(), size, limit: MAX_DOC_BYTES });
+            }
+        }
         // A document received before its profile has no summary yet.
         let summary = loaded.doc.summary().ok();
         let mut writes = Vec::new();
         let new_chunks = chunks.len() as u64;
-        let new_bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         let limit = ((loaded.snapshot as f64 * COMPACT_RATIO) as u64).max(COMPACT_FLOOR);
         let mut compacted = None;
         // A document's first chunks are the whole document: a snapshot would hold the same.

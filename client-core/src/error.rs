@@ -86,6 +86,11 @@ pub enum CoreError {
     #[error("person {0:?} has withdrawn consent to a record being kept: nothing more can be recorded")]
     NoConsentToRecord(String),
     #[error(
+        "the record of person {person:?} would grow to {size} bytes, over the {limit} bytes one record may hold \
+         (the most a sync carries in one piece); nothing was written: shorten the notes"
+    )]
+    RecordFull { person: String, size: usize, limit: usize },
+    #[error(
         "this device was revoked by a coordinator and its records were deleted; close it, delete its \
          store and store key, and enroll a fresh store with a new code"
     )]

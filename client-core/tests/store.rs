@@ -187,3 +187,30 @@ async fn caseload_follow_ups_and_consent() {
     assert!(matches!(d.record_visit("p-2", visit("v-3", "")).await, Err(CoreError::NoConsentToRecord(_))));
     assert_eq!(d.pending_changes().await.unwrap().documents, 2);
 }
+
+#[tokio::test]
+async fn a_record_too_large_to_sync_is_refused_whole_and_the_record_kept() {
+    use rand::Rng;
+    let (d, _) = device("w-001").await;
+    d.register_person(person("p-1", "KM-1")).await.unwrap();
+    let limit = peersync_core::protocol::MAX_DOC_BYTES;
+    let mut recorded = 0;
+    let refusal = loop {
+        // Notes that barely compress: the record grows by nearly their size.
+        let notes: String = rand::thread_rng().sample_iter(rand::distributions::Alphanumeric).take(20_000).map(char::from).collect();
+        match d.record_visit("p-1", visit(&format!("v-{recorded}"), &notes)).await {
+            Ok(_) => recorded += 1,
+            Err(e) => break e,
+        }
+        assert!(recorded < 400, "a record of {recorded} such visits must have been refused");
+    };
+    assert!(matches!(&refusal, CoreError::RecordFull { person, limit: l, .. } if person == "p-1" && *l == limit), "{refusal:?}");
+    assert!(recorded >= 100, "the limit is the deflated size, reached only after {recorded} visits");
+    let record = d.person("p-1").await.unwrap();
+    assert_eq!(record.visits.len(), recorded, "the refused visit is not kept, the others are");
+    assert!(d.export_document("p-1").await.unwrap().len() <= limit, "what is kept can be sent");
+    // Other people are unaffected.
+    d.register_person(person("p-2", "KM-2")).await.unwrap();
+    d.record_visit("p-2", visit("w-1", NOTE)).await.unwrap();
+    assert_eq!(d.person("p-2").await.unwrap().visits.len(), 1);
+}

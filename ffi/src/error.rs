@@ -54,7 +54,7 @@ impl From<CoreError> for PeersyncError {
     fn from(e: CoreError) -> Self {
         let message = e.to_string();
         match e {
-            CoreError::Invalid(_) => Self::Invalid(message),
+            CoreError::Invalid(_) | CoreError::RecordFull { .. } => Self::Invalid(message),
             CoreError::Store(StoreError::WrongKey) => Self::WrongKey(message),
             CoreError::Store(StoreError::BadKeyLength(_)) => Self::Invalid(message),
             CoreError::Store(_) | CoreError::Document { .. } => Self::Storage(message),

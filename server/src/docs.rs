@@ -136,6 +136,31 @@ impl Working {
         DocWrite::Snapshot(data.to_vec())
     }
 
+    /// As [`Self::write`] (or [`Self::write_as_pushed`] given the pushed bytes), unless the
+    /// stored document would exceed [`MAX_DOC_BYTES`]: then nothing is recorded and the error
+    /// is the size it would have had; the caller resets the loaded document. Stored, such a
+    /// document could not be sent in one frame, and every fresh phone of the team would fail
+    /// its restore on it.
+    fn write_within(&mut self, before: &[ChangeHash], as_pushed: Option<&[u8]>) -> Result<DocWrite, usize> {
+        let undo = (self.data.clone(), self.increments, self.written);
+        let mut write = match as_pushed {
+            Some(data) => self.write_as_pushed(data),
+            None => self.write(before),
+        };
+        if self.data.len() > MAX_DOC_BYTES && matches!(write, DocWrite::Increment(_)) {
+            // A snapshot folds the increments in and may fit where they do not.
+            (self.data, self.increments, self.written) = undo.clone();
+            self.increments = COMPACT_AFTER;
+            write = self.write(before);
+        }
+        if self.data.len() > MAX_DOC_BYTES {
+            let size = self.data.len();
+            (self.data, self.increments, self.written) = undo;
+            return Err(size);
+        }
+        Ok(write)
+    }
+
     /// Record that the document changed from `before`: the write that stores it.
     fn write(&mut self, before: &[ChangeHash]) -> DocWrite {
         self.written = true;
@@ -262,6 +287,10 @@ pub type Pushed = HashMap<String, Vec<ChangeHash>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn too_large(size: usize) -> String {
+    format!("the record would grow to {size} bytes, over the {MAX_DOC_BYTES} one record may hold; it stays on the phone")
 }
 
 fn to_hash(h: &Hash) -> ChangeHash {
@@ -523,8 +552,14 @@ impl DocHub {
         let after = w.doc.get_heads();
         let complete = p.heads.iter().all(|h| w.doc.get_change_by_hash(&to_hash(h)).is_some());
         if after != before {
-            let write = if complete && !w.stored && !w.written { w.write_as_pushed(&p.data) } else { w.write(&before) };
-            appends.push((Append { doc: p.doc.clone(), write }, applied(&p.doc, w)));
+            let as_pushed = (complete && !w.stored && !w.written).then_some(p.data.as_slice());
+            match w.write_within(&before, as_pushed) {
+                Ok(write) => appends.push((Append { doc: p.doc.clone(), write }, applied(&p.doc, w))),
+                Err(size) => {
+                    w.reset(org, &p.doc)?;
+                    return Ok(refused(ErrorCode::TooLarge, too_large(size)));
+                }
+            }
         }
         if !complete {
             // Changes waiting for dependencies sit in automerge's queue: drop them (what did
@@ -850,9 +885,22 @@ impl DocHub {
                 }
                 let after = w.doc.get_heads();
                 if after != before {
-                    let write = w.write(&before);
-                    appends.push((Append { doc: m.doc.clone(), write }, applied(&m.doc, w)));
-                    out.stored.push(m.doc.clone());
+                    match w.write_within(&before, None) {
+                        Ok(write) => {
+                            appends.push((Append { doc: m.doc.clone(), write }, applied(&m.doc, w)));
+                            out.stored.push(m.doc.clone());
+                        }
+                        Err(size) => {
+                            // Not taken, as changes that fail to apply are not: the device's
+                            // reconciliation gives up on the document after its rounds, and the
+                            // push path tells it why.
+                            tracing::warn!(org, doc = %m.doc, size, "reconciliation would make a record too large; not stored");
+                            w.reset(org, &m.doc)?;
+                            *rounds.state(&m.doc) = SyncState::new();
+                            reply_for(w, &m.doc, rounds, &mut out);
+                            continue;
+                        }
+                    }
                 }
             }
             reply_for(w, &m.doc, rounds, &mut out);
@@ -1020,6 +1068,34 @@ mod tests {
         }
         let record = load("o", "p-1", &store.load_doc("o", "p-1").unwrap().unwrap().concat()).unwrap();
         assert_eq!(record.get_heads(), phone.0.get_heads());
+    }
+
+    #[test]
+    fn a_push_that_would_make_a_record_too_large_to_send_is_refused_and_changes_nothing() {
+        use rand::RngCore;
+        let (hub, store) = hub(100, 4 << 20);
+        let noise = |n: usize| {
+            let mut b = vec![0u8; n];
+            rand::thread_rng().fill_bytes(&mut b);
+            automerge::ScalarValue::Bytes(b)
+        };
+        let mut phone = Phone(Automerge::new());
+        let mut tx = phone.0.transaction();
+        tx.put(ROOT, "notes-1", noise(1_200_000)).unwrap();
+        tx.commit();
+        assert_eq!(phone.push(&hub, "p-1", None).unwrap(), AckStatus::Stored);
+        let acked = phone.0.get_heads();
+        let held = stored_heads(&store, "p-1");
+        let mut tx = phone.0.transaction();
+        tx.put(ROOT, "notes-2", noise(1_200_000)).unwrap();
+        tx.commit();
+        match phone.push(&hub, "p-1", Some(&acked)).unwrap() {
+            AckStatus::Refused { code: ErrorCode::TooLarge, message } => assert!(message.contains("stays on the phone"), "{message}"),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert_eq!(stored_heads(&store, "p-1"), held, "nothing of the refused push is stored");
+        assert_eq!(hub.heads("o", "p-1").unwrap().unwrap(), held, "nor cached");
+        assert!(store.load_doc("o", "p-1").unwrap().unwrap().concat().len() <= MAX_DOC_BYTES);
     }
 
     #[test]

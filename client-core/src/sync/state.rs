@@ -7,7 +7,7 @@ use automerge::ChangeHash;
 use crate::device::{DocSyncState, Inner, Origin, Staged, hex_heads};
 use crate::document::PersonDoc;
 use crate::error::CoreError;
-use crate::protocol::{Cursor, DocDown, DocPush};
+use crate::protocol::{Cursor, DocDown, DocPush, MAX_DOC_BYTES};
 use crate::store::StoredWrite;
 
 const META_CURSOR: &str = "cursor";
@@ -84,7 +84,8 @@ impl Inner {
         // columns far better than automerge's per-column deflate (on the wire about 0.5x of
         // the `save()` size, against 0.85x) for a fraction of its CPU.
         let data = if sync.server_heads.is_empty() {
-            doc.save_nocompress()
+            // A large record that fits the server's limit only deflated is sent deflated.
+            Some(doc.save_nocompress()).filter(|d| d.len() <= MAX_DOC_BYTES).unwrap_or_else(|| doc.save())
         } else {
             doc.save_after(&parse_heads(&sync.server_heads))
         };
