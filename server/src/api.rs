@@ -235,6 +235,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/people/{id}/erase", post(erase))
         .route("/v1/audit", get(read_audit))
         .route("/v1/report", get(report))
+        .route("/v1/report/weekly", get(report_weekly))
         .route("/v1/export", get(export))
         .route("/v1/admin/orgs", post(create_org))
         .route("/v1/admin/orgs/{org}/coordinators", post(create_coordinator))
@@ -728,6 +729,31 @@ async fn report(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q)
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
+#[derive(Deserialize)]
+struct WeeklyQuery {
+    org: Option<String>,
+    /// How many weeks, 1 to 52 (default 12).
+    weeks: Option<u32>,
+}
+
+/// The report week by week, for the dashboard's week-by-week view: one request instead of
+/// one per week, and no export to find where the data ends.
+async fn report_weekly(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<WeeklyQuery>) -> ApiResult {
+    let (_, org) = authorize(&state, &headers, &OrgQuery { org: q.org.clone() })?;
+    let weeks = q.weeks.unwrap_or(12);
+    if !(1..=52).contains(&weeks) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("weeks is 1 to 52, not {weeks}")));
+    }
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let workers: Vec<String> = st.dir.workers(&org)?.into_iter().map(|w| w.id).collect();
+        let rows = view_rows(&st, &org)?;
+        Ok(Json(crate::report::weekly(&workers, &rows, weeks, chrono::Utc::now())))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
 async fn export(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<ReportQuery>) -> Result<Response, ApiError> {
     let (who, org) = authorize(&state, &headers, &OrgQuery { org: q.org.clone() })?;
     let period = period(&q)?;
@@ -741,8 +767,17 @@ async fn export(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q)
     let rows = tokio::task::spawn_blocking(move || view_rows(&st, &o))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    let shared: Vec<String> = rows.iter().filter(|(_, r)| r.share_with_coordinator).map(|(d, _)| d.clone()).collect();
-    audit(&state, &org, &who, "export", shared, true, format!("{format} export of {kind}, {:?} to {:?}", q.from, q.to));
+    // The people whose rows the export names: those who share and have something in the period.
+    let in_period = |r: &crate::report::ViewRow| r.visits.iter().any(|v| period.contains(v.started_at)) || r.checkins.iter().any(|c| period.contains(c.taken_at));
+    let shared: Vec<String> = rows.iter().filter(|(_, r)| r.share_with_coordinator && in_period(r)).map(|(d, _)| d.clone()).collect();
+    let what = if format == "json" { "JSON export of visits and check-ins".to_string() } else { format!("CSV export of {kind}") };
+    let when = match (q.from, q.to) {
+        (None, None) => "all time".to_string(),
+        (Some(f), None) => format!("from {f}"),
+        (None, Some(t)) => format!("before {t}"),
+        (Some(f), Some(t)) => format!("from {f} to {t} (exclusive)"),
+    };
+    audit(&state, &org, &who, "export", shared, true, format!("{what}, {when}"));
     let stamp = chrono::Utc::now().format("%Y%m%d");
     Ok(match format.as_str() {
         "json" => Json(crate::report::export_json(&rows, period)).into_response(),

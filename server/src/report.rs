@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::Automerge;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -109,6 +109,24 @@ fn domain(c: &CheckinRow, name: &str) -> i64 {
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
+}
+
+/// The last `weeks` weeks (Monday to Monday, UTC) up to the week of the latest visit, or of
+/// `now` if there is none or the latest lies in the future (a mistyped year would otherwise
+/// show only empty weeks): each week's report.
+pub fn weekly(workers: &[String], rows: &[(String, ViewRow)], weeks: u32, now: DateTime<Utc>) -> Value {
+    let latest = rows.iter().flat_map(|(_, r)| r.visits.iter().map(|v| v.started_at)).filter(|t| *t <= now).max().unwrap_or(now);
+    let day = latest.date_naive();
+    let next_monday = day + chrono::Days::new(7 - u64::from(day.weekday().num_days_from_monday()));
+    let out: Vec<Value> = (1..=u64::from(weeks))
+        .rev()
+        .map(|i| {
+            let from = next_monday - chrono::Days::new(7 * i);
+            let to = from + chrono::Days::new(7);
+            json!({ "from": from, "to": to, "report": report(workers, rows, Period { from: Some(from), to: Some(to) }) })
+        })
+        .collect();
+    json!({ "weeks": out })
 }
 
 /// The coordinator report over `rows` (erased people have no row), for every worker in
@@ -392,6 +410,26 @@ mod tests {
         assert_eq!(json["visits"][2]["goals"], Value::Null);
         assert_eq!(json["visits"][2]["referrals"], Value::Null);
         assert_eq!(json["visits"][0]["referrals"], json!(["crisis_team"]));
+    }
+
+    /// Weeks run Monday to Monday up to the latest visit's week; a visit dated in the future
+    /// (a mistyped year) does not push the weeks past today.
+    #[test]
+    fn weekly_reports_end_with_the_latest_visit_and_not_in_the_future() {
+        // 2026-03-01 is a Sunday: its week began on Monday 2026-02-23.
+        let mut late = visit("v9", "w-1", 9);
+        late.started_at = Utc.with_ymd_and_hms(9999, 1, 1, 0, 0, 0).unwrap();
+        let rows = vec![("p-1".to_string(), row(true, vec![visit("v1", "w-1", 9), late]))];
+        let now = Utc.with_ymd_and_hms(2026, 3, 4, 12, 0, 0).unwrap();
+        let w = weekly(&["w-1".to_string()], &rows, 3, now);
+        let weeks = w["weeks"].as_array().unwrap();
+        let spans: Vec<(&str, &str)> = weeks.iter().map(|x| (x["from"].as_str().unwrap(), x["to"].as_str().unwrap())).collect();
+        assert_eq!(spans, [("2026-02-09", "2026-02-16"), ("2026-02-16", "2026-02-23"), ("2026-02-23", "2026-03-02")]);
+        assert_eq!(weeks[2]["report"]["workers"]["w-1"]["visits"], json!(1));
+        assert_eq!(weeks[0]["report"]["totals"]["visits"], json!(0));
+        // Nothing recorded: the weeks up to today's.
+        let w = weekly(&["w-1".to_string()], &[], 1, now);
+        assert_eq!(w["weeks"][0]["from"], json!("2026-03-02"));
     }
 
     /// A phone's data is untrusted: text a spreadsheet would run as a formula stays text.

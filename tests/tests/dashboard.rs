@@ -64,6 +64,22 @@ async fn a_coordinator_uses_the_dashboard_in_a_real_browser() {
     assert!(row.starts_with("w-001 6 6 270 12"), "{row:?}");
     let row = browser.text("#team-table tr[data-worker='w-002']").await;
     assert!(row.starts_with("w-002 3 3 135 0"), "{row:?}");
+    // Week by week: every visit falls in the twelve weeks shown; the metric and the kind of
+    // support can be chosen.
+    let week_sum = "return Array.from(Array.from(document.querySelectorAll('#weekly-table tbody tr')).find((r) => r.querySelector('th').textContent === 'w-001')
+        .querySelectorAll('td')).reduce((a, td) => a + Number(td.textContent), 0)";
+    assert_eq!(browser.script(week_sum).await, json!(6));
+    browser.script("const s = document.querySelector('#weekly-metric'); s.value = 'minutes'; s.dispatchEvent(new Event('change'))").await;
+    assert_eq!(browser.script(week_sum).await, json!(270));
+    browser.script("const s = document.querySelector('#weekly-kind'); s.value = 'by_setting'; s.dispatchEvent(new Event('change'))").await;
+    let kinds = browser.text("#weekly-kinds").await;
+    assert!(kinds.contains("Team visits by setting per week") && kinds.contains("community"), "{kinds:?}");
+    browser.script("document.querySelector('#weekly-table').scrollIntoView()").await;
+    browser.screenshot(&shots.join("weekly.png")).await;
+    browser.script("window.scrollTo(0, 0)").await;
+    // Looking is not exporting: the dashboard's load wrote no export to the audit log.
+    let (_, audit) = server.admin("GET", &format!("/v1/audit?org={ORG}"), None).await;
+    assert!(!audit.to_string().contains("export"), "{audit}");
     browser.screenshot(&shots.join("team.png")).await;
 
     // 3. Open a chart.
