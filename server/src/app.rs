@@ -276,7 +276,7 @@ async fn sync(State(state): State<Arc<AppState>>, request: axum::extract::Reques
         Err(e) => {
             state.metrics.auth_failures.fetch_add(1, Relaxed);
             let mut resp = (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
-            if let crate::auth::AuthError::Clock { server_time } = e
+            if let crate::auth::AuthError::Clock { server_time } | crate::auth::AuthError::BeforeStart { server_time } = e
                 && let Ok(v) = server_time.to_string().parse()
             {
                 resp.headers_mut().insert("x-peersync-time", v);

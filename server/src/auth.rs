@@ -42,6 +42,8 @@ pub enum AuthError {
     Invalid(String),
     #[error("the device's clock is off by more than {TOKEN_WINDOW_SECS} s; the server's time is {server_time}")]
     Clock { server_time: i64 },
+    #[error("the token is dated before the server last started, so it may have been used already; make a new one with the server's time, {server_time}")]
+    BeforeStart { server_time: i64 },
     #[error("this token was used already")]
     Replayed,
     #[error(transparent)]
@@ -101,11 +103,17 @@ pub trait Access: Send + Sync + 'static {
 pub struct SignedDevice<S: LocalStore> {
     pub dir: Arc<Directory<S>>,
     seen: Mutex<HashMap<String, VecDeque<(i64, String)>>>,
+    /// When this process began to take tokens. The nonces seen before it are gone, so a token
+    /// dated earlier may have been used already: it is refused as if the device's clock were
+    /// off, and a phone retries at once with the server's time (one more round trip, only for
+    /// a connection in the seconds around a restart). A captured token cannot be replayed by
+    /// restarting the server, and cannot be re-dated without the device's key.
+    started_at: i64,
 }
 
 impl<S: LocalStore> SignedDevice<S> {
     pub fn new(dir: Arc<Directory<S>>) -> Self {
-        Self { dir, seen: Mutex::new(HashMap::new()) }
+        Self { dir, seen: Mutex::new(HashMap::new()), started_at: chrono::Utc::now().timestamp() }
     }
 }
 
@@ -131,6 +139,9 @@ impl<S: LocalStore> Authenticator for SignedDevice<S> {
         // Checked: a forged time near i64::MIN must not wrap into the window.
         if now.checked_sub(time).is_none_or(|d| d.checked_abs().is_none_or(|d| d > TOKEN_WINDOW_SECS)) {
             return Err(AuthError::Clock { server_time: now });
+        }
+        if time < self.started_at {
+            return Err(AuthError::BeforeStart { server_time: now });
         }
         let record = self.dir.device(device)?.ok_or_else(|| AuthError::Invalid("unknown device".into()))?;
         let sig = B64.decode(sig).map_err(|_| AuthError::Invalid("bad signature encoding".into()))?;
