@@ -38,7 +38,7 @@ impl ApiError {
     }
 
     /// Unauthorized, saying what was wrong with what the request did send.
-    fn unauthorized_for(state: &AppState, headers: &HeaderMap) -> Self {
+    pub(crate) fn unauthorized_for(state: &AppState, headers: &HeaderMap) -> Self {
         if headers.contains_key(header::AUTHORIZATION) {
             let why = if state.admin_token.is_none() {
                 "this server has no admin token (start it with --admin-token or PEERSYNC_ADMIN_TOKEN)"

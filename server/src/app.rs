@@ -215,8 +215,22 @@ pub fn router(state: Arc<AppState>) -> Router {
     crate::api::routes()
         .route("/v1/sync", get(sync))
         .route("/healthz", get(|| async { "ok\n" }))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), signed_in))
         .layer(axum::middleware::from_fn(guard))
         .with_state(state)
+}
+
+/// `/v1` endpoints other than enrollment, login and sync (which prove themselves) answer 401
+/// to a request without a valid session or admin token before anything else: a stranger
+/// learns nothing from how a body is judged, nor which endpoints exist. Each handler still
+/// decides what its caller may do.
+async fn signed_in(State(state): State<Arc<AppState>>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = request.uri().path();
+    let open = !path.starts_with("/v1/") || matches!(path, "/v1/enroll" | "/v1/login" | "/v1/sync");
+    if open || crate::api::principal(&state, request.headers()).is_some() {
+        return next.run(request).await;
+    }
+    crate::api::ApiError::unauthorized_for(&state, request.headers()).into_response()
 }
 
 /// Around every request: a browser's cross-site request that would change something is

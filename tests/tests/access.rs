@@ -538,5 +538,16 @@ async fn unauthenticated_requests_get_401_everywhere_but_healthz() {
         let (status, _) = http(server.addr, method, path, &[("Authorization", "Bearer wrong-token".into())], body.clone()).await;
         assert_eq!(status, 401, "{method} {path}");
     }
+    // Without credentials, a bad body or an unknown endpoint is still 401: how a body is
+    // judged, or which endpoints exist, is not told to a stranger.
+    for (method, path, body) in [
+        ("POST", "/v1/admin/orgs", Some(json!({}))),
+        ("POST", "/v1/workers", Some(json!("not an object"))),
+        ("POST", "/v1/people/p-1/assign", None),
+        ("GET", "/v1/report?from=yesterday", None),
+        ("GET", "/v1/no-such-endpoint", None),
+    ] {
+        assert_eq!(http(server.addr, method, path, &[], body).await.0, 401, "{method} {path}");
+    }
     server.stop().await;
 }
