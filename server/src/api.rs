@@ -311,6 +311,8 @@ async fn enroll(State(state): State<Arc<AppState>>, req: axum::extract::Request)
             if !matches!(e, DirectoryError::BadCode) {
                 state.code_throttle.forgive(&key);
             }
+            // A wrong code names no organisation, so the server's log keeps it, not an audit log.
+            tracing::warn!(client = %ip, error = %e, "enrollment refused");
             ApiError::from(e).into_response()
         }
         Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
@@ -373,6 +375,13 @@ async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) 
     if !ok {
         if known_org {
             audit(&state, &body.org, &who, "login", vec![], false, format!("wrong username or password from {ip}"));
+            // Attempts refused during a lockout test no password and are not logged one by
+            // one (a flood would bury the log); the lockout itself is.
+            if state.login_throttle.locked(&account) {
+                audit(&state, &body.org, &who, "login-locked", vec![], false, format!("too many failed logins for this account from {ip}: refused for up to 15 minutes"));
+            } else if state.login_ip_throttle.locked(&from) {
+                audit(&state, &body.org, &who, "login-locked", vec![], false, format!("too many failed logins from {ip}: every account refused from there for up to 15 minutes"));
+            }
         }
         return ApiError::new(StatusCode::UNAUTHORIZED, "wrong organisation, username or password").into_response();
     }

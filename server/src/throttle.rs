@@ -38,6 +38,13 @@ impl Throttle {
         Ok(())
     }
 
+    /// Whether `key` is locked out now: its next attempt would be refused.
+    pub fn locked(&self, key: &str) -> bool {
+        let f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        f.get(key).is_some_and(|l| l.iter().filter(|t| now.duration_since(**t) < self.window).count() >= self.max)
+    }
+
     /// Take back one attempt counted by [`Throttle::attempt`] (it succeeded).
     pub fn forgive(&self, key: &str) {
         let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
@@ -67,6 +74,12 @@ mod tests {
 
     #[test]
     fn locks_out_after_max_failures() {
+        let t = Throttle::new(3, Duration::from_secs(60));
+        for _ in 0..3 {
+            assert!(!t.locked("k"));
+            t.attempt("k").unwrap();
+        }
+        assert!(t.locked("k"), "the third failure locks");
         let t = Throttle::new(3, Duration::from_secs(60));
         for _ in 0..3 {
             assert!(t.attempt("k").is_ok());

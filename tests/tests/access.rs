@@ -318,6 +318,9 @@ async fn coordinator_sessions_and_failed_logins_are_throttled() {
         assert_eq!(login(&server, ORG, "maya", "wrong password!!").await.0, 401);
     }
     assert_eq!(login(&server, ORG, "maya", pw).await.0, 429, "throttled even with the right password");
+    let (_, audit) = server.admin("GET", &format!("/v1/audit?org={ORG}"), None).await;
+    let locks = audit.as_array().unwrap().iter().filter(|e| e["action"] == "login-locked").count();
+    assert_eq!(locks, 1, "the lockout is in the audit log, once: {audit}");
     // Another coordinator at the same address is not locked out by maya's failures.
     assert_eq!(server.admin("POST", &format!("/v1/admin/orgs/{ORG}/coordinators"), Some(json!({ "username": "sam", "password": pw }))).await.0, 201);
     let (status, sam) = login(&server, ORG, "sam", pw).await;
