@@ -375,6 +375,9 @@ impl Device {
         }
         .await;
         observer.state(&end_state(&result));
+        // When a sync returns, its subscribers have heard all of it: nothing is still being
+        // delivered (an app that exits right after a sync is not called back while it ends).
+        self.inner.listeners.delivered(std::time::Duration::from_secs(5)).await;
         result
     }
 

@@ -40,6 +40,12 @@ impl Listeners {
             l.state(state);
         }
     }
+
+    /// Wait, at most `limit` in all, until every subscriber has been delivered what it was told.
+    pub(crate) async fn delivered(&self, limit: std::time::Duration) {
+        let waits: Vec<_> = self.snapshot().iter().filter_map(|l| l.delivered()).collect();
+        let _ = tokio::time::timeout(limit, futures_util::future::join_all(waits)).await;
+    }
 }
 
 /// A subscription to a device's changes. Cancelled by [`Subscription::cancel`] or when dropped.

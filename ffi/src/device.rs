@@ -138,7 +138,7 @@ impl Device {
 
     /// Sync once: send what the server lacks, receive what this phone lacks. `listener`, if
     /// given, hears this sync's progress and state, all of it before this call returns
-    /// (subscribers hear it too, on their own threads, possibly a moment later).
+    /// (and so have the device's subscribers, on their own threads).
     pub async fn sync(
         &self,
         config: SyncConfig,
@@ -176,7 +176,13 @@ impl Device {
     /// Hear every change of records on this device and every sync's progress and state, until
     /// the returned subscription is cancelled.
     pub fn subscribe(&self, listener: Arc<dyn DeviceListener>) -> Arc<Subscription> {
-        Arc::new(Subscription { inner: self.core.subscribe(Arc::new(Bridge::new(listener))) })
+        // The subscription keeps its own hold on the listener, so that the app's listener is
+        // released on the thread that cancels (an app thread), never last on the listener
+        // thread: a Python interpreter shutting down aborts when another thread enters it.
+        let bridge = Bridge::new(listener.clone());
+        let released = bridge.take_released();
+        let inner = self.core.subscribe(Arc::new(bridge));
+        Arc::new(Subscription { inner, held: Mutex::new(Some((listener, released))) })
     }
 
     /// Whether a coordinator revoked this device and its records were deleted. The app should
@@ -239,12 +245,30 @@ impl LiveSync {
 #[derive(uniffi::Object)]
 pub struct Subscription {
     inner: core::Subscription,
+    /// The app's listener and what answers once the listener thread has let go of it.
+    held: Mutex<Option<(Arc<dyn DeviceListener>, Option<std::sync::mpsc::Receiver<()>>)>>,
 }
 
 #[uniffi::export]
 impl Subscription {
-    /// Stop calling the listener. Also happens when the subscription is destroyed.
+    /// Stop calling the listener. Also happens when the subscription is destroyed. Events
+    /// already on their way are delivered first (for at most two seconds).
     pub fn cancel(&self) {
         self.inner.cancel();
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((listener, released)) = held {
+            // Not from inside a listener (cancelling itself): its thread cannot end meanwhile.
+            let on_listener_thread = std::thread::current().name() == Some(crate::sync::LISTENER_THREAD);
+            if let Some(released) = released.filter(|_| !on_listener_thread) {
+                let _ = released.recv_timeout(std::time::Duration::from_secs(2));
+            }
+            drop(listener);
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.cancel();
     }
 }

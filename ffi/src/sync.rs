@@ -169,18 +169,21 @@ enum Event {
 /// then blocks only that thread, never the library's runtime or a sync in progress. A listener
 /// that throws must not stop a sync or a write that already happened, so its failures are
 /// contained here.
+/// The name of every listener thread.
+pub(crate) const LISTENER_THREAD: &str = "peersync-listener";
+
 pub(crate) struct Bridge {
     events: std::sync::mpsc::Sender<Event>,
-    /// Resolves once the listener thread has released the app's listener and ended.
-    released: tokio::sync::oneshot::Receiver<()>,
+    /// Answers once the listener thread has released the app's listener and ended.
+    released: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
 impl Bridge {
     pub(crate) fn new(listener: Arc<dyn DeviceListener>) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<Event>();
-        let (released_tx, released) = tokio::sync::oneshot::channel();
+        let (released_tx, released) = std::sync::mpsc::channel();
         // The thread ends when the bridge (the subscription or sync holding it) is gone.
-        let spawned = std::thread::Builder::new().name("peersync-listener".into()).spawn(move || {
+        let spawned = std::thread::Builder::new().name(LISTENER_THREAD.into()).spawn(move || {
             for event in rx {
                 let l = listener.as_ref();
                 let call = || match event {
@@ -202,7 +205,13 @@ impl Bridge {
         if let Err(e) = spawned {
             tracing::warn!("cannot start a listener thread ({e}); the listener will not be called");
         }
-        Self { events: tx, released }
+        Self { events: tx, released: std::sync::Mutex::new(Some(released)) }
+    }
+
+    /// What answers once the listener thread has ended (taken once: a subscription waits on
+    /// it while the bridge itself belongs to the core's registry).
+    pub(crate) fn take_released(&self) -> Option<std::sync::mpsc::Receiver<()>> {
+        self.released.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Deliver everything sent so far, release the app's listener and end the thread; resolves
@@ -211,9 +220,11 @@ impl Bridge {
     /// it could call into an app runtime that is shutting down (a Python script that ends
     /// right after its last sync aborts when a thread enters the interpreter at that point).
     pub(crate) async fn close(self, limit: std::time::Duration) {
-        let Self { events, released } = self;
-        drop(events);
-        let _ = tokio::time::timeout(limit, released).await;
+        let released = self.take_released();
+        drop(self);
+        if let Some(released) = released {
+            let _ = tokio::task::spawn_blocking(move || released.recv_timeout(limit)).await;
+        }
     }
 
     /// Resolves once every event sent before has reached the listener (or its thread is gone).
@@ -240,5 +251,9 @@ impl core::SyncObserver for Bridge {
 
     fn state(&self, state: &core::SyncState) {
         self.send(Event::State(state.into()));
+    }
+
+    fn delivered(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        Some(self.flushed())
     }
 }

@@ -89,6 +89,12 @@ pub trait SyncObserver: Send + Sync {
     /// listeners subscribed with [`crate::Device::subscribe`]) because of a write on this device.
     fn records_changed(&self, _people: &[String]) {}
     fn state(&self, _state: &SyncState) {}
+    /// For an observer that hands events to a thread of its own: answers once everything it
+    /// was told so far has been delivered. A sync waits on its subscribers' before it returns
+    /// (a few seconds at most), so that nothing about it is still being delivered after.
+    fn delivered(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        None
+    }
 }
 
 /// A document the server would not take; the device keeps its data.
