@@ -147,8 +147,12 @@ where
 impl Device {
     /// Open (or create) the store at `path`, sealed with the app's 32-byte `key`.
     pub async fn open(path: impl AsRef<Path>, key: &[u8], clock: Arc<dyn Clock>) -> Result<Device, CoreError> {
-        // A wrong-sized key is refused before anything is created on disk.
+        // A wrong-sized key, or no path at all (which would put the store in the process's
+        // working directory), is refused before anything is created on disk.
         crate::crypto::Cipher::new(key)?;
+        if path.as_ref().as_os_str().is_empty() {
+            return Err(ValidationError::new("path", "is empty: give the directory the store lives in").into());
+        }
         let path = path.as_ref().to_path_buf();
         let key = key.to_vec();
         blocking(move || {
@@ -638,11 +642,22 @@ impl Inner {
 
     fn import(&self, id: &str, data: &[u8]) -> Result<bool, CoreError> {
         let mut st = self.lock();
-        if !st.docs.contains_key(id) && self.store.load_doc(id)?.is_none() {
+        let placeholder = !st.docs.contains_key(id) && self.store.load_doc(id)?.is_none();
+        if placeholder {
             st.docs.insert(id.to_string(), Loaded::new(PersonDoc::empty(id, self.actor.clone())));
         }
+        let changed = self.import_into(&mut st, id, data);
+        // An import that brought nothing leaves no empty document behind for a person this
+        // device does not hold: reading them stays `UnknownPerson`.
+        if placeholder && !matches!(changed, Ok(true)) {
+            st.docs.remove(id);
+        }
+        changed
+    }
+
+    fn import_into(&self, st: &mut State, id: &str, data: &[u8]) -> Result<bool, CoreError> {
         let mut changed = false;
-        self.write(&mut st, id, false, |doc| {
+        self.write(st, id, false, |doc| {
             let before = doc.heads();
             doc.automerge_mut().load_incremental(data).map_err(|e| CoreError::document(id, e))?;
             let after = doc.heads();

@@ -5,7 +5,7 @@ mod common;
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, ObjType, ROOT, ReadDoc};
 use common::*;
-use peersync_core::{ConsentChange, NewVisit, PersonDoc, VisitEdit};
+use peersync_core::{ConsentChange, CoreError, NewVisit, PersonDoc, VisitEdit};
 
 /// Two phones record different visits for the same person while offline; after exchanging
 /// documents both hold both visits.
@@ -340,4 +340,16 @@ async fn consent_resists_damaged_statements_bad_clocks_and_double_registration()
     assert!(!read.share_with_coordinator && read.record);
     let (skeleton, _) = PersonDoc::create("p-3", ActorId::random());
     assert!(peersync_core::document::profile_and_consent(skeleton.automerge()).1.is_none(), "before registration, none");
+}
+
+#[tokio::test]
+async fn an_import_that_brings_nothing_leaves_no_empty_person_behind() {
+    let (a, _) = device("w-001").await;
+    // Damaged bytes, and a document with no changes at all.
+    assert!(a.import_document("p-x", b"not automerge".to_vec()).await.is_err());
+    assert!(!a.import_document("p-x", automerge::Automerge::new().save()).await.unwrap());
+    for read in [a.export_document("p-x").await.err(), a.heads("p-x").await.err(), a.person("p-x").await.err()] {
+        assert!(matches!(read, Some(CoreError::UnknownPerson(_))), "{read:?}");
+    }
+    assert!(a.people().await.unwrap().is_empty());
 }

@@ -74,6 +74,8 @@ async fn a_wrong_key_is_refused_clearly() {
     assert!(err.to_string().contains("another key"));
     let short = Device::open(dir.path(), &[1; 16], Arc::new(ManualClock::new(t(1, 9)))).await.err().unwrap();
     assert!(matches!(short, CoreError::Store(StoreError::BadKeyLength(16))));
+    let nowhere = Device::open("", &KEY, Arc::new(ManualClock::new(t(1, 9)))).await.err().unwrap();
+    assert!(matches!(&nowhere, CoreError::Invalid(e) if e.field == "path"), "{nowhere:?}");
     // The right key still works afterwards: the refusal changed nothing.
     assert_eq!(open(dir.path(), &KEY).await.unwrap().person("p-1").await.unwrap().visits.len(), 40);
 }
