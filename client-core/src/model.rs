@@ -204,6 +204,28 @@ fn score(field: &str, value: u8) -> Result<(), ValidationError> {
     }
 }
 
+/// A time a record may carry: from 2000 to before 2200, as consent times go (see
+/// `document::plausible`). Outside it is a mistyped year or a broken clock, and one such visit
+/// would stretch every report that goes by time.
+fn plausible_time(field: &str, t: DateTime<Utc>) -> Result<(), ValidationError> {
+    if crate::document::plausible(&t) {
+        Ok(())
+    } else {
+        Err(ValidationError::new(field, format!("{} is not a plausible time: it must fall between 2000 and 2199", t.to_rfc3339())))
+    }
+}
+
+/// A follow-up date: plausible, and not before the visit it follows (when known).
+fn follow_up(d: NaiveDate, visit: Option<DateTime<Utc>>) -> Result<(), ValidationError> {
+    if !(2000..2200).contains(&d.year()) {
+        return Err(ValidationError::new("follow_up", format!("{d} is not a plausible date: it must fall between 2000 and 2199")));
+    }
+    match visit {
+        Some(v) if d < v.date_naive() => Err(ValidationError::new("follow_up", format!("{d} is before the visit ({})", v.date_naive()))),
+        _ => Ok(()),
+    }
+}
+
 fn duration(value: u32) -> Result<(), ValidationError> {
     if (1..=MAX_DURATION_MIN).contains(&value) {
         Ok(())
@@ -268,6 +290,10 @@ impl NewVisit {
         if let Some(id) = &self.id {
             validate_id("id", id)?;
         }
+        plausible_time("started_at", self.started_at)?;
+        if let Some(d) = self.follow_up {
+            follow_up(d, Some(self.started_at))?;
+        }
         duration(self.duration_min)?;
         one_of("mode", &self.mode, vocab::MODES)?;
         one_of("setting", &self.setting, vocab::SETTINGS)?;
@@ -280,6 +306,12 @@ impl NewVisit {
 
 impl VisitEdit {
     pub fn validate(&self) -> Result<(), ValidationError> {
+        if let Some(t) = self.started_at {
+            plausible_time("started_at", t)?;
+        }
+        if let Some(Some(d)) = self.follow_up {
+            follow_up(d, self.started_at)?;
+        }
         if let Some(d) = self.duration_min {
             duration(d)?;
         }
@@ -313,6 +345,9 @@ impl NewCheckin {
     pub fn validate(&self) -> Result<(), ValidationError> {
         if let Some(id) = &self.id {
             validate_id("id", id)?;
+        }
+        if let Some(t) = self.taken_at {
+            plausible_time("taken_at", t)?;
         }
         if self.wellbeing.len() != vocab::WELLBEING_ITEMS {
             return Err(ValidationError::new(

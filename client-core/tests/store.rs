@@ -142,6 +142,16 @@ async fn invalid_writes_name_the_field_and_write_nothing() {
     p.year_of_birth = 1776;
     assert!(matches!(d.register_person(p).await, Err(CoreError::Invalid(e)) if e.field == "year_of_birth"));
     assert!(matches!(d.record_visit("nobody", visit("v-2", "")).await, Err(CoreError::UnknownPerson(_))));
+    // Times from a mistyped year or a broken clock.
+    let mut v = visit("v-1", "");
+    v.started_at = chrono::DateTime::parse_from_rfc3339("9999-03-02T10:00:00Z").unwrap().into();
+    assert!(matches!(d.record_visit("p-1", v).await, Err(CoreError::Invalid(e)) if e.field == "started_at"));
+    let mut v = visit("v-1", "");
+    v.follow_up = Some(v.started_at.date_naive() - chrono::Days::new(1));
+    assert!(matches!(d.record_visit("p-1", v).await, Err(CoreError::Invalid(e)) if e.field == "follow_up" && e.problem.contains("before the visit")));
+    let mut c = checkin("c-1");
+    c.taken_at = Some(chrono::DateTime::from_timestamp(0, 0).unwrap());
+    assert!(matches!(d.record_checkin("p-1", c).await, Err(CoreError::Invalid(e)) if e.field == "taken_at"));
 
     assert_eq!(d.pending_changes().await.unwrap(), before, "nothing was written");
     assert_eq!(d.person("p-1").await.unwrap().visits.len(), 0);
