@@ -308,8 +308,14 @@ async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
         let started = std::time::Instant::now();
         let bar = crate::progress::Progress::new("  replaying ");
         let progress = |done: usize, total: usize| bar.update(crate::replay::progress_line(done, total, started.elapsed()));
-        let outcome = crate::replay::replay(&events, &opts, &token, DEMO_ORG, &data.join("demo-phones"), &progress).await;
+        let phones = data.join("demo-phones");
+        let outcome = crate::replay::replay(&events, &opts, &token, DEMO_ORG, &phones, &progress).await;
         bar.done();
+        // The simulated phones' stores are sealed with keys that lived only in this process:
+        // nothing could open them again, so they are not left behind.
+        if let Err(e) = std::fs::remove_dir_all(&phones) {
+            tell(format_args!("  note: could not remove {}: {e}\n", phones.display()));
+        }
         let outcome = outcome.map_err(|e| CliError::Usage(format!("demo setup failed: {e}; delete {} and run `peersync demo` again", data.display())))?;
         for p in &outcome.problems {
             tell(format_args!("  problem: {p}\n"));
@@ -584,5 +590,5 @@ pub fn init_tracing() {
     {
         filter = filter.add_directive(quiet);
     }
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init();
 }

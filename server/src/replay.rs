@@ -341,7 +341,7 @@ async fn run_phone(worker: String, device: Device, clock: ManualClock, opts: Syn
                         Ok(r) => {
                             for refusal in r.refused {
                                 if !(refusal.code == ErrorCode::Erased && shared.erased(&refusal.person)) {
-                                    shared.problem(i, format!("{worker}: push of {} refused: {}", refusal.person, refusal.message));
+                                    shared.problem(i, format!("line {} ({worker}'s sync): push of {} refused: {}", shared.line(i), refusal.person, refusal.message));
                                 }
                             }
                             let _ = finished.send(());

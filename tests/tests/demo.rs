@@ -62,6 +62,7 @@ async fn the_demo_serves_a_team_and_reuses_its_data() {
     assert_eq!(status, 200);
     assert!(report["totals"]["visits"].as_u64().unwrap() > 50, "{report}");
     assert_eq!(report["workers"].as_object().unwrap().len(), 6);
+    assert!(!data.join("demo-phones").exists(), "the simulated phones' stores, which nothing could open again, are gone");
     let _ = child.kill();
     let _ = child.wait();
 
