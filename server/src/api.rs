@@ -546,6 +546,17 @@ async fn erase(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q):
     if state.dir.tombstone(&org, &id)?.is_some() {
         return Ok(Json(json!({ "person": id, "erased": true, "already": true })));
     }
+    // Written ahead: if the ledger cannot keep it, nothing is erased and the coordinator is
+    // told; an erasure cut short after this is finished at the next start.
+    if let Some(ledger) = &state.erasures {
+        let entry = crate::erasures::Erasure { org: org.clone(), person: id.clone(), at: chrono::Utc::now(), by: who.actor() };
+        let l = ledger.path().to_path_buf();
+        let st = state.clone();
+        tokio::task::spawn_blocking(move || st.erasures.as_ref().map(|ledger| ledger.record(&entry)).unwrap_or(Ok(())))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("nothing was erased: {e} (the server's operator must make {} writable)", l.display())))?;
+    }
     let (st, o, i, actor) = (state.clone(), org.clone(), id.clone(), who.actor());
     // A person registered on a phone that has not synced since is unknown here, and erasing
     // them is still right: the tombstone refuses what that phone sends and has it purge them.

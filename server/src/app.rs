@@ -47,6 +47,8 @@ pub type Kv = Arc<dyn LocalStore>;
 pub struct AppState {
     pub hub: DocHub,
     pub dir: Arc<Directory<Kv>>,
+    /// Erasures, kept outside the data directory too (`None`: not kept).
+    pub erasures: Option<crate::erasures::ErasureLedger>,
     pub audit: AuditLog<Kv>,
     pub auth: Arc<dyn Authenticator>,
     pub access: Arc<dyn Access>,
@@ -132,16 +134,27 @@ pub struct Options {
     /// A TLS proxy on the same host forwards the requests: a client's address is the last
     /// `X-Forwarded-For` entry of a connection from loopback (for throttling and the log).
     pub trust_forwarded_for: bool,
+    /// Where erasures are also written, outside the data directory (see `erasures`).
+    pub erasure_ledger: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { cache_docs: DEFAULT_CACHE_DOCS, cache_mb: DEFAULT_CACHE_MB, admin_token: None, tls: false, trust_forwarded_for: false }
+        Self { cache_docs: DEFAULT_CACHE_DOCS, cache_mb: DEFAULT_CACHE_MB, admin_token: None, tls: false, trust_forwarded_for: false, erasure_ledger: None }
     }
+}
+
+/// The ledger's usual place: beside the data directory, not in it, so that a copy of the data
+/// directory (a backup) does not take it along.
+pub fn default_erasure_ledger(data_dir: &Path) -> std::path::PathBuf {
+    let mut name = data_dir.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "peersync-data".into());
+    name.push(".erasures");
+    data_dir.with_file_name(name)
 }
 
 impl AppState {
     pub fn new(kv: Kv, keyring: Keyring, shutdown: watch::Receiver<bool>, opts: Options) -> Self {
+        let erasures = opts.erasure_ledger.clone().map(crate::erasures::ErasureLedger::new);
         let dir = Arc::new(Directory::new(kv.clone()));
         let store: Arc<dyn ServerStore> = Arc::new(KvServerStore::with_keyring(kv.clone(), keyring));
         Self {
@@ -150,6 +163,7 @@ impl AppState {
             access: Arc::new(Assignments { dir: dir.clone() }),
             audit: AuditLog::new(kv),
             dir,
+            erasures,
             metrics: Metrics::default(),
             shutdown,
             admin_token: opts.admin_token.filter(|t| !t.is_empty()),
@@ -175,7 +189,30 @@ impl AppState {
         private_dir(data_dir)?;
         let kv = SledStore::open_for_server(&data_dir.join("store"), SLED_CACHE_BYTES)?;
         let keyring = Keyring::open(&data_dir.join("keys"))?;
-        Ok(Self::new(Arc::new(kv), keyring, shutdown, opts))
+        let state = Self::new(Arc::new(kv), keyring, shutdown, opts);
+        state.reapply_erasures()?;
+        Ok(state)
+    }
+
+    /// Erase again everyone the erasure ledger names whom the store still holds: a data
+    /// directory restored from a backup made before their erasure. Returns how many.
+    pub fn reapply_erasures(&self) -> Result<usize, peersync_core::StoreError> {
+        let Some(ledger) = &self.erasures else { return Ok(0) };
+        let entries = ledger.entries().map_err(|e| peersync_core::StoreError::Io(e.to_string()))?;
+        let mut again = 0;
+        for e in entries {
+            if self.dir.org(&e.org)?.is_none() || self.dir.tombstone(&e.org, &e.person)?.is_some() {
+                continue;
+            }
+            let by = format!("{} (again from the erasure ledger, after a restore)", e.by);
+            self.hub.erase(&e.org, &e.person, || self.dir.bury(&e.org, &e.person, &by))?;
+            let _ = self.audit.record(&e.org, "server", "erase", vec![e.person.clone()], true, format!("erased on {} by {}; erased again at start: the data directory did not know it (restored from an earlier backup?)", e.at, e.by));
+            again += 1;
+        }
+        if again > 0 {
+            tracing::warn!(count = again, ledger = %ledger.path().display(), "erased again people the erasure ledger names: the data directory predates their erasure");
+        }
+        Ok(again)
     }
 
     /// Audit a device's action; a failure to audit is logged, never fatal to the sync.

@@ -50,6 +50,11 @@ pub enum Command {
         /// from loopback. Without it every client behind the proxy is 127.0.0.1.
         #[arg(long, env = "PEERSYNC_TRUST_FORWARDED_FOR")]
         trust_forwarded_for: bool,
+        /// Where every erasure is also written, outside the data directory [default: beside
+        /// it, `<data>.erasures`]. Keep it out of the data directory's backups: a server
+        /// restored from a backup erases again at start everyone it names.
+        #[arg(long, env = "PEERSYNC_ERASURE_LEDGER")]
+        erasure_ledger: Option<PathBuf>,
         /// Stop when stdin closes: for a server run as a child process (`peersync bench`), so
         /// that it never outlives its parent.
         #[arg(long, hide = true)]
@@ -206,7 +211,7 @@ pub enum CliError {
 /// Run the command line; returns when the command is done.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve { data, listen, cache_docs, cache_mb, admin_token, tls_cert, tls_key, allow_plain_http, trust_forwarded_for, stop_on_stdin_eof } => {
+        Command::Serve { data, listen, cache_docs, cache_mb, admin_token, tls_cert, tls_key, allow_plain_http, trust_forwarded_for, erasure_ledger, stop_on_stdin_eof } => {
             // It opens every organisation's administration, and guesses at it are not throttled.
             if admin_token.as_ref().is_some_and(|t| t.chars().count() < MIN_ADMIN_TOKEN) {
                 return Err(CliError::Usage(format!("--admin-token must have at least {MIN_ADMIN_TOKEN} characters (a random one: `uuidgen`, or `openssl rand -hex 16`)")));
@@ -221,7 +226,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 )));
             }
             let (tx, rx) = tokio::sync::watch::channel(false);
-            let opts = Options { cache_docs, cache_mb, admin_token, tls: tls.is_some(), trust_forwarded_for };
+            let erasure_ledger = Some(erasure_ledger.unwrap_or_else(|| crate::app::default_erasure_ledger(&data)));
+            let opts = Options { cache_docs, cache_mb, admin_token, tls: tls.is_some(), trust_forwarded_for, erasure_ledger };
             // The port first: a server that cannot listen leaves no data directory behind.
             let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CliError::Listen { addr: listen, source })?;
             let state = Arc::new(AppState::open(&data, rx, opts)?);
@@ -282,7 +288,7 @@ const MIN_ADMIN_TOKEN: usize = 16;
 async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
     let token = uuid::Uuid::new_v4().to_string();
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let opts = Options { admin_token: Some(token.clone()), ..Options::default() };
+    let opts = Options { admin_token: Some(token.clone()), erasure_ledger: Some(crate::app::default_erasure_ledger(&data)), ..Options::default() };
     let state = Arc::new(AppState::open(&data, rx, opts)?);
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CliError::Listen { addr: listen, source })?;
     let addr = listener.local_addr().map_err(CliError::Serve)?;

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod conn;
 pub mod directory;
 pub mod docs;
+pub mod erasures;
 pub mod keyring;
 pub mod metrics;
 pub mod progress;

@@ -119,3 +119,40 @@ async fn cursor_lost() {
     assert_eq!(visit_ids(&b, "p-1").await, ["v-a", "v-b"]);
     server.stop().await;
 }
+
+/// An erasure outlives the backups made before it: the server restored from one erases the
+/// person again at start (from the erasure ledger beside the data directory), so no phone
+/// gets them back and no report counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_outlives_a_backup_made_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let backup = dir.path().join("backup");
+    let server = TestServer::start(&data).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    a.register_person(person("p-1", "KEEP")).await.unwrap();
+    a.register_person(person("p-9", "GHOST")).await.unwrap();
+    a.record_visit("p-9", visit("v-9", "GHOSTNOTE")).await.unwrap();
+    sync(&a, &server).await;
+    server.stop().await;
+    copy_dir(&data, &backup);
+    let server = TestServer::start(&data).await;
+    let (status, body) = server.admin("POST", &format!("/v1/people/p-9/erase?org={ORG}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(sync(&a, &server).await.purged, 1);
+    // Disaster recovery from the backup, which still holds p-9 and p-9's key.
+    server.stop().await;
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_dir(&backup, &data);
+    let server = TestServer::start(&data).await;
+    assert!(server.state.dir.tombstone(ORG, "p-9").unwrap().is_some(), "erased again at start");
+    assert_eq!(server.state.hub.heads(ORG, "p-9").unwrap(), None);
+    sync(&a, &server).await;
+    assert!(a.person("p-9").await.is_err(), "the phone does not get p-9 back");
+    let (b, _) = server.phone(dir.path(), "w-002").await;
+    sync(&b, &server).await;
+    assert!(b.person("p-9").await.is_err() && b.person("p-1").await.is_ok(), "nor does a fresh phone");
+    let (_, report) = server.admin("GET", &format!("/v1/report?org={ORG}"), None).await;
+    assert_eq!(report["totals"]["visits"], 0, "{report}");
+    server.stop().await;
+}

@@ -1,0 +1,111 @@
+//! The erasure ledger: every erasure is also written to a file kept outside the data
+//! directory, so that it outlives the data directory's backups. A server restored from a
+//! backup made before an erasure would otherwise bring the person back: the backup holds
+//! their record and their key, and phones that purged them would receive them again. At
+//! start, the server erases again everyone the ledger names whom its store still holds.
+//!
+//! The ledger holds organisation and person ids, the time and who erased: nothing of the
+//! record. Lines are JSON, appended and synced before the erasure is carried out (a crash in
+//! between leaves an erasure to finish at the next start, as the coordinator asked).
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Erasure {
+    pub org: String,
+    pub person: String,
+    pub at: DateTime<Utc>,
+    pub by: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("erasure ledger {path}: {reason}")]
+pub struct LedgerError {
+    path: PathBuf,
+    reason: String,
+}
+
+pub struct ErasureLedger {
+    path: PathBuf,
+    /// Appends one at a time: lines never interleave.
+    append: Mutex<()>,
+}
+
+impl ErasureLedger {
+    /// The ledger at `path` (created on first use, readable by its owner only).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into(), append: Mutex::new(()) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn error(&self, reason: impl std::fmt::Display) -> LedgerError {
+        LedgerError { path: self.path.clone(), reason: reason.to_string() }
+    }
+
+    /// Append `e` and sync it to disk.
+    pub fn record(&self, e: &Erasure) -> Result<(), LedgerError> {
+        let _one = self.append.lock().unwrap_or_else(|p| p.into_inner());
+        let mut line = serde_json::to_vec(e).map_err(|err| self.error(err))?;
+        line.push(b'\n');
+        let mut options = std::fs::OpenOptions::new();
+        options.append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut f = options.open(&self.path).map_err(|err| self.error(format!("cannot open: {err}")))?;
+        f.write_all(&line).and_then(|()| f.sync_data()).map_err(|err| self.error(format!("cannot write: {err}")))
+    }
+
+    /// Every erasure recorded, oldest first. A missing ledger is empty; a line that cannot be
+    /// read (a write cut short by a crash) is skipped with a warning.
+    pub fn entries(&self) -> Result<Vec<Erasure>, LedgerError> {
+        let f = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.error(format!("cannot read: {e}"))),
+        };
+        let mut out = Vec::new();
+        for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(|e| self.error(format!("cannot read: {e}")))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str(&line) {
+                Ok(e) => out.push(e),
+                Err(e) => tracing::warn!(ledger = %self.path.display(), line = n + 1, error = %e, "an unreadable line of the erasure ledger is skipped"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erasures_are_kept_in_order_and_a_torn_line_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = ErasureLedger::new(dir.path().join("erasures"));
+        assert!(ledger.entries().unwrap().is_empty(), "no ledger yet: nothing erased");
+        let e = |p: &str| Erasure { org: "o".into(), person: p.into(), at: Utc::now(), by: "coordinator:o/maya".into() };
+        ledger.record(&e("p-1")).unwrap();
+        std::fs::OpenOptions::new().append(true).open(ledger.path()).unwrap().write_all(b"{\"org\":\"o\",\"per").unwrap();
+        std::fs::OpenOptions::new().append(true).open(ledger.path()).unwrap().write_all(b"\n").unwrap();
+        ledger.record(&e("p-2")).unwrap();
+        let people: Vec<String> = ledger.entries().unwrap().into_iter().map(|e| e.person).collect();
+        assert_eq!(people, ["p-1", "p-2"]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(ledger.path()).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+    }
+}
