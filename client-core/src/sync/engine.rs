@@ -45,6 +45,9 @@ struct Engine<'a, C: FrameConn> {
     conn: &'a mut C,
     opts: &'a SyncOptions,
     report: SyncReport,
+    /// People purged in this sync: one refused push and the server's purge of the same
+    /// person are one purge.
+    purged: std::collections::HashSet<String>,
 }
 
 /// Run one sync exchange over `conn`. Every acknowledged batch and every received batch is
@@ -131,7 +134,7 @@ pub(crate) async fn run_until<C: FrameConn>(
     opening: Option<Opening>,
 ) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
-    let mut e = Engine { inner, conn, opts, report: SyncReport::default() };
+    let mut e = Engine { inner, conn, opts, report: SyncReport::default(), purged: Default::default() };
     let result = match live {
         None => e.exchange(false, opening).await,
         Some(stop) => match e.exchange(true, opening).await {
@@ -221,7 +224,7 @@ impl<C: FrameConn> Engine<'_, C> {
                 ServerMsg::Docs { docs, purge, cursor, remaining, done } => {
                     received += docs.len() as u64;
                     self.report.docs_received += docs.len() as u64;
-                    self.report.purged += purge.len() as u64;
+                    self.count_purged(&purge);
                     let changed = blocking(self.inner, move |i| i.receive_docs(docs, purge, Some(cursor))).await?;
                     if let (Some(o), false) = (&self.opts.observer, changed.is_empty()) {
                         o.records_changed(&changed);
@@ -250,7 +253,7 @@ impl<C: FrameConn> Engine<'_, C> {
                 match self.recv().await? {
                     ServerMsg::Docs { docs, purge, cursor, done, .. } => {
                         self.report.docs_received += docs.len() as u64;
-                        self.report.purged += purge.len() as u64;
+                        self.count_purged(&purge);
                         let changed = blocking(self.inner, move |i| i.receive_docs(docs, purge, Some(cursor))).await?;
                         if let (Some(o), false) = (&self.opts.observer, changed.is_empty()) {
                             o.records_changed(&changed);
@@ -266,6 +269,11 @@ impl<C: FrameConn> Engine<'_, C> {
             self.reconcile(need_sync).await?;
         }
         Ok(())
+    }
+
+    fn count_purged(&mut self, people: &[String]) {
+        self.purged.extend(people.iter().cloned());
+        self.report.purged = self.purged.len() as u64;
     }
 
     /// Record what the server did with one batch of pushes: acknowledged heads are stored,
@@ -289,7 +297,7 @@ impl<C: FrameConn> Engine<'_, C> {
         }
         let n = stored.len() as u64;
         self.report.docs_sent += n;
-        self.report.purged += erased.len() as u64;
+        self.count_purged(&erased);
         blocking(self.inner, move |i| {
             i.acknowledge(&stored)?;
             if !erased.is_empty() {
@@ -331,7 +339,7 @@ impl<C: FrameConn> Engine<'_, C> {
                     }
                     Ok(ServerMsg::Docs { docs, purge, cursor, .. }) => {
                         self.report.docs_received += docs.len() as u64;
-                        self.report.purged += purge.len() as u64;
+                        self.count_purged(&purge);
                         let changed = blocking(self.inner, move |i| i.receive_docs(docs, purge, Some(cursor))).await?;
                         if let (Some(o), false) = (&self.opts.observer, changed.is_empty()) {
                             o.records_changed(&changed);
