@@ -461,6 +461,7 @@ async fn list_devices(State(state): State<Arc<AppState>>, headers: HeaderMap, Qu
 async fn revoke(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<OrgQuery>, Path(device): Path<String>) -> ApiResult {
     let (who, org) = authorize(&state, &headers, &q)?;
     let d = state.dir.revoke(&org, &device, &who.actor())?;
+    state.hub.announce_revoked(&org, &d.id);
     audit(&state, &org, &who, "revoke", vec![], true, format!("device {device} of worker {}", d.worker));
     Ok(Json(json!({ "device": d.id, "revoked_at": d.revoked_at })))
 }

@@ -269,6 +269,8 @@ fn load(org: &str, doc: &str, data: &[u8]) -> Result<Automerge, StoreError> {
 pub struct Announcement {
     pub org: String,
     pub seq: u64,
+    /// A device revoked: its live sessions end with `Wipe` at once (others ignore this).
+    pub revoked: Option<String>,
 }
 
 pub struct DocHub {
@@ -368,6 +370,12 @@ impl DocHub {
 
     pub fn store(&self) -> &Arc<dyn ServerStore> {
         &self.store
+    }
+
+    /// Tell the live sessions that `device` was revoked: they end with `Wipe` now rather than
+    /// at the device's next frame or forwarded change.
+    pub fn announce_revoked(&self, org: &str, device: &str) {
+        let _ = self.announce.send(Announcement { org: org.to_string(), seq: 0, revoked: Some(device.to_string()) });
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Announcement> {
@@ -610,7 +618,7 @@ impl DocHub {
         self.cache_batch(org, batch);
         self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(last) = cursors.last() {
-            let _ = self.announce.send(Announcement { org: org.to_string(), seq: last.seq });
+            let _ = self.announce.send(Announcement { org: org.to_string(), seq: last.seq, revoked: None });
         }
         Ok(())
     }
@@ -787,7 +795,7 @@ impl DocHub {
         before(self.store.head(org)?.seq + 1)?;
         let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Touch }])?;
         let seq = c.last().map_or(0, |c| c.seq);
-        let _ = self.announce.send(Announcement { org: org.to_string(), seq });
+        let _ = self.announce.send(Announcement { org: org.to_string(), seq, revoked: None });
         Ok(seq)
     }
 
@@ -803,7 +811,7 @@ impl DocHub {
         let c = self.store.append(org, vec![Append { doc: doc.to_string(), write: DocWrite::Erase }])?;
         self.evict(org, doc);
         if let Some(c) = c.last() {
-            let _ = self.announce.send(Announcement { org: org.to_string(), seq: c.seq });
+            let _ = self.announce.send(Announcement { org: org.to_string(), seq: c.seq, revoked: None });
         }
         Ok(known)
     }

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::app::AppState;
 use crate::auth::DeviceIdentity;
-use crate::docs::{DocsBatch, Pushed};
+use crate::docs::{Announcement, DocsBatch, Pushed};
 use crate::store::DeviceSync;
 
 /// A download's first batch is smaller: the phone stores it while the rest is on its way,
@@ -145,7 +145,7 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
     };
     let end = loop {
         // A device revoked while connected (a phone reported lost mid-session) is cut off at
-        // its next frame or forwarded change.
+        // its next frame, or at once if it is live (the revocation is announced).
         let idle = if s.live && s.exchanged { Duration::MAX } else { IDLE_TIMEOUT };
         tokio::select! {
             incoming = tokio::time::timeout(idle, s.conn.recv()) => {
@@ -163,6 +163,8 @@ pub async fn run<C: Conn>(mut conn: C, state: Arc<AppState>, who: DeviceIdentity
             }
             note = announcements.recv(), if s.live && s.exchanged => {
                 let relevant = match note {
+                    Ok(Announcement { revoked: Some(device), .. }) if device == s.who.device => break SessionEnd::Revoked,
+                    Ok(Announcement { revoked: Some(_), .. }) => false,
                     Ok(a) => a.org == s.who.org && a.seq > s.cursor.seq,
                     // Missed some: catch up from the cursor all the same.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,

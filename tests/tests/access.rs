@@ -126,6 +126,34 @@ async fn revoked_device_is_refused_and_wipes() {
     server.stop().await;
 }
 
+/// A phone revoked while it stays connected is cut off at once, quiet as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_live_device_revoked_is_cut_off_at_once_and_wipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (c, _) = server.phone(dir.path(), "w-003").await;
+    a.register_person(person("p-1", "AB")).await.unwrap();
+    sync(&a, &server).await;
+    let live = c.sync_live(&server.options()).await.unwrap();
+    eventually("the connected phone holds p-1", async || c.people().await.unwrap().len() == 1).await;
+    let device = c.device_id().await.unwrap();
+    assert_eq!(server.admin("POST", &format!("/v1/devices/{device}/revoke?org={ORG}"), None).await.0, 200);
+    // Nothing else happens: no change to forward, no frame from the phone.
+    eventually("the quiet live phone was told to wipe", async || c.is_wiped()).await;
+    let end = live.stop().await;
+    assert!(matches!(end, Err(SyncError::Wiped { .. })), "{end:?}");
+    // Another live phone of the team is not disturbed.
+    let live_a = a.sync_live(&server.options()).await.unwrap();
+    let (d, _) = server.phone(dir.path(), "w-002").await;
+    let d_id = d.device_id().await.unwrap();
+    assert_eq!(server.admin("POST", &format!("/v1/devices/{d_id}/revoke?org={ORG}"), None).await.0, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!live_a.is_finished() && !a.is_wiped());
+    live_a.stop().await.unwrap();
+    server.stop().await;
+}
+
 /// A phone revoked while it stays connected is cut off at the next change it would receive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_revoked_while_connected_is_cut_off_and_wipes() {
