@@ -244,9 +244,17 @@ impl Entry for CheckinRow {
     }
 }
 
+/// When an exported row says it happened: the time, or for a person who does not share with
+/// coordinators only the day (all the report goes by). Exact times would let their visits be
+/// told apart and followed from week to week, as a calendar of one unnamed person.
+fn shown_at(at: DateTime<Utc>, named: bool) -> String {
+    if named { at.to_rfc3339() } else { at.date_naive().to_string() }
+}
+
 /// The visits (or check-ins: `items` picks) in `period`, in the order exports list them: by
 /// time, then worker, then person and id. Not by person id first: the unnamed rows of people
-/// who do not share would sit in the gaps between the named ids, and so name them.
+/// who do not share would sit in the gaps between the named ids, and so name them. Unnamed
+/// rows go by their day (their exact time would show in their place among named rows).
 fn listed<'a, T: Entry>(rows: &'a [(String, ViewRow)], period: Period, items: impl Fn(&'a ViewRow) -> &'a [T]) -> Vec<Listed<'a, T>> {
     let mut out: Vec<Listed<'a, T>> = rows
         .iter()
@@ -255,7 +263,11 @@ fn listed<'a, T: Entry>(rows: &'a [(String, ViewRow)], period: Period, items: im
             items(row).iter().filter(move |i| period.contains(i.at())).map(move |item| Listed { person, item })
         })
         .collect();
-    let key = |l: &Listed<'a, T>| (l.item.at(), l.item.by().to_string(), l.person.is_none(), l.person, l.person.map(|_| l.item.id().to_string()));
+    let when = |l: &Listed<'a, T>| match l.person {
+        Some(_) => l.item.at(),
+        None => l.item.at().date_naive().and_time(chrono::NaiveTime::MIN).and_utc(),
+    };
+    let key = |l: &Listed<'a, T>| (when(l), l.item.by().to_string(), l.person.is_none(), l.person, l.person.map(|_| l.item.id().to_string()));
     out.sort_by_cached_key(key);
     out
 }
@@ -271,7 +283,7 @@ pub fn visits_csv(rows: &[(String, ViewRow)], period: Period) -> String {
             person.unwrap_or_default().to_string(),
             shared(v.id.clone()),
             v.by.clone(),
-            v.started_at.to_rfc3339(),
+            shown_at(v.started_at, person.is_some()),
             v.duration_min.to_string(),
             v.mode.clone(),
             v.setting.clone(),
@@ -309,7 +321,7 @@ pub fn checkins_csv(rows: &[(String, ViewRow)], period: Period) -> String {
                 c.substance_use_days_28d.map(|d| d.to_string()).unwrap_or_default(),
             ],
             None => {
-                let mut f = vec![String::new(), String::new(), c.by.clone(), c.taken_at.to_rfc3339()];
+                let mut f = vec![String::new(), String::new(), c.by.clone(), shown_at(c.taken_at, false)];
                 f.resize(14, String::new());
                 f
             }
@@ -329,7 +341,7 @@ pub fn export_json(rows: &[(String, ViewRow)], period: Period) -> Value {
             let shared = person.is_some();
             json!({
                 "person": person, "visit": shared.then_some(&v.id), "worker": v.by,
-                "started_at": v.started_at, "duration_min": v.duration_min, "mode": v.mode, "setting": v.setting,
+                "started_at": if shared { json!(v.started_at) } else { json!(shown_at(v.started_at, false)) }, "duration_min": v.duration_min, "mode": v.mode, "setting": v.setting,
                 "activities": v.activities, "goals": shared.then_some(&v.goals), "referrals": shared.then_some(&v.referrals),
             })
         })
@@ -342,7 +354,7 @@ pub fn export_json(rows: &[(String, ViewRow)], period: Period) -> Value {
                     "social_support": c.social_support, "self_efficacy": c.self_efficacy,
                     "quality_of_life": c.quality_of_life, "housing": c.housing, "employment": c.employment,
                     "hospital_nights_28d": c.hospital_nights_28d, "substance_use_days_28d": c.substance_use_days_28d }),
-            None => json!({ "person": null, "checkin": null, "worker": c.by, "taken_at": c.taken_at }),
+            None => json!({ "person": null, "checkin": null, "worker": c.by, "taken_at": shown_at(c.taken_at, false) }),
         })
         .collect();
     json!({ "visits": visits, "checkins": checkins })
@@ -402,14 +414,17 @@ mod tests {
         let all = Period { from: None, to: None };
         let csv = visits_csv(&rows, all);
         let lines: Vec<&str> = csv.lines().skip(1).collect();
-        assert!(lines[0].starts_with("p-1,v1,") && lines[1].starts_with("p-3,v3,"), "{csv}");
-        assert_eq!(lines[2], format!(",,w-1,{},30,phone,home,support,,", visit("", "", 11).started_at.to_rfc3339()), "no ids, goals or referrals");
+        // The unnamed row says only its day, and goes by it: first of that day.
+        assert_eq!(lines[0], ",,w-1,2026-03-01,30,phone,home,support,,", "no ids, goals, referrals or time of day");
+        assert!(lines[1].starts_with("p-1,v1,") && lines[2].starts_with("p-3,v3,"), "{csv}");
+        assert!(lines[1].contains(&visit("", "", 9).started_at.to_rfc3339()), "named rows keep their time: {csv}");
         let json = export_json(&rows, all);
         let people: Vec<&Value> = json["visits"].as_array().unwrap().iter().map(|v| &v["person"]).collect();
-        assert_eq!(people, [&json!("p-1"), &json!("p-3"), &Value::Null]);
-        assert_eq!(json["visits"][2]["goals"], Value::Null);
-        assert_eq!(json["visits"][2]["referrals"], Value::Null);
-        assert_eq!(json["visits"][0]["referrals"], json!(["crisis_team"]));
+        assert_eq!(people, [&Value::Null, &json!("p-1"), &json!("p-3")]);
+        assert_eq!(json["visits"][0]["started_at"], json!("2026-03-01"));
+        assert_eq!(json["visits"][0]["goals"], Value::Null);
+        assert_eq!(json["visits"][0]["referrals"], Value::Null);
+        assert_eq!(json["visits"][1]["referrals"], json!(["crisis_team"]));
     }
 
     /// Weeks run Monday to Monday up to the latest visit's week; a visit dated in the future
