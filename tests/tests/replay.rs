@@ -275,3 +275,40 @@ async fn simulated_scenarios_replay_and_their_reports_are_right() {
         server.stop().await;
     }
 }
+
+/// The command itself, as the README runs it: `peersync replay FILE --report OUT` exits 0 and
+/// writes the report; a scenario with a problem exits 1 naming its line; a missing file is an
+/// error that says so.
+#[test]
+fn the_replay_command_writes_its_report_and_fails_with_the_line_at_fault() {
+    const BIN: &str = env!("CARGO_BIN_EXE_server_process");
+    let dir = tempfile::tempdir().unwrap();
+    let text = generate(&["--workers", "3", "--people", "20", "--weeks", "2", "--seed", "11"]);
+    let file = dir.path().join("field.jsonl");
+    std::fs::write(&file, &text).unwrap();
+    let report = dir.path().join("report.json");
+    let run = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(BIN).arg("replay").args(args).env("PEERSYNC_LOG", "warn").output().expect("the command runs")
+    };
+    let out = run(&[file.as_os_str(), "--report".as_ref(), report.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("all devices converged"), "{stderr}");
+    let written: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(written, expected_report(&text));
+
+    // A visit by a worker who never joined: reported with its line, exit status 1.
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let visit = lines.iter().position(|l| l.starts_with("{\"type\":\"visit\"")).unwrap();
+    lines[visit] = lines[visit].replacen("\"by\":\"w-", "\"by\":\"x-", 1);
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, lines.join("\n")).unwrap();
+    let out = run(&[bad.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("line {}", visit + 1)), "{stderr}");
+
+    let out = run(&[dir.path().join("missing.jsonl").as_os_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.jsonl"), "{}", String::from_utf8_lossy(&out.stderr));
+}
