@@ -43,6 +43,18 @@ impl SledStore {
                     }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
+                // sled's own checksums failed: the file is damaged (a failing flash chip, an
+                // interrupted copy). Say what can be done, not sled's debug text.
+                // Unsupported: sled's reading of a damaged `conf` file.
+                Err(sled::Error::Corruption { .. } | sled::Error::Unsupported(_)) => {
+                    return Err(StoreError::Corrupt {
+                        key: path.display().to_string(),
+                        reason: "the store's files are damaged. Move the directory aside (keep it for recovery) and open a fresh \
+                                 store: on a phone, enroll it again and everything that had synced comes back from the server; \
+                                 on a server, restore the data directory from a backup"
+                            .into(),
+                    });
+                }
                 Err(e) => return Err(StoreError::Io(format!("cannot open store at {}: {e}", path.display()))),
             }
         };
@@ -201,6 +213,40 @@ mod suite {
         }
         let s = SledStore::open(dir.path()).unwrap();
         assert_eq!(s.get(b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    /// A store whose files were damaged is refused with what to do, not sled's debug text;
+    /// whatever the damage, opening it does not panic. (Damage to a value in the log is
+    /// caught when it is read, by the sealed store's integrity check.)
+    #[test]
+    fn a_damaged_store_says_so_and_what_to_do() {
+        let mut saw_corrupt = false;
+        for file in ["db", "conf"] {
+            for at in [0usize, 8, 30, 100, 1000, 20_000] {
+                let dir = tempfile::tempdir().unwrap();
+                {
+                    let s = SledStore::open(dir.path()).unwrap();
+                    for i in 0..200u32 {
+                        s.apply(vec![Write::Put(i.to_be_bytes().to_vec(), vec![i as u8; 500])]).unwrap();
+                    }
+                    s.db.flush().unwrap();
+                }
+                let Some(path) = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with(file)) else { continue };
+                let mut bytes = std::fs::read(&path).unwrap();
+                let i = at.min(bytes.len() - 1);
+                bytes[i] ^= 0xff;
+                std::fs::write(&path, bytes).unwrap();
+                let opened = SledStore::open(dir.path());
+                if let Err(e) = opened {
+                    if let crate::error::StoreError::Corrupt { reason, .. } = &e {
+                        assert!(reason.contains("Move the directory aside"), "{e}");
+                        saw_corrupt = true;
+                    }
+                    assert!(!e.to_string().contains("backtrace"), "{e}");
+                }
+            }
+        }
+        assert!(saw_corrupt, "damage to the store's configuration is detected at open");
     }
 
     /// Phones created their stores with 64 KiB log segments before; sled refuses to open a
