@@ -52,6 +52,22 @@ pub struct PendingChanges {
     pub changes: u64,
 }
 
+/// How large a record may grow with new entries (visits, check-ins, edits): below the most
+/// one record may hold ([`MAX_DOC_BYTES`], what fits a frame), so that a full record still
+/// takes the person's changes of consent, and a teammate's entries merged in still fit.
+pub(crate) const RECORD_WRITE_LIMIT: usize = MAX_DOC_BYTES - (256 << 10);
+
+/// What a write is, for [`Inner::write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Recorded on this phone: pending until the server has it, and bounded in size.
+    Record,
+    /// The person's word on consent: pending like a record, and taken however full it is.
+    Consent,
+    /// From another phone (an imported document): not pending.
+    Import,
+}
+
 /// Where a change to a document came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Origin {
@@ -534,10 +550,10 @@ impl Inner {
         &self,
         st: &mut State,
         id: &str,
-        local: bool,
+        kind: Written,
         f: impl FnOnce(&mut PersonDoc) -> Result<(Vec<Vec<u8>>, T), CoreError>,
     ) -> Result<T, CoreError> {
-        let result = self.commit_change(st, id, local, f);
+        let result = self.commit_change(st, id, kind, f);
         if result.is_err() {
             // Memory may hold a change the store refused: reload from disk next time.
             st.docs.remove(id);
@@ -545,16 +561,18 @@ impl Inner {
         result
     }
 
-    /// Apply `f` to the loaded document and commit what it returns. `local` changes count as
+    /// Apply `f` to the loaded document and commit what it returns. Changes made here count as
     /// pending until the server acknowledges them; imported ones do not.
     fn commit_change<T>(
         &self,
         st: &mut State,
         id: &str,
-        local: bool,
+        kind: Written,
         f: impl FnOnce(&mut PersonDoc) -> Result<(Vec<Vec<u8>>, T), CoreError>,
     ) -> Result<T, CoreError> {
-        let (out, staged) = self.stage(st, id, if local { Origin::Local } else { Origin::Peer }, f)?;
+        let local = kind != Written::Import;
+        let limit = (kind == Written::Record).then_some(RECORD_WRITE_LIMIT);
+        let (out, staged) = self.stage(st, id, if local { Origin::Local } else { Origin::Peer }, limit, f)?;
         if let Some(staged) = staged {
             self.store.commit(staged.writes.clone())?;
             self.finish(st, staged);
@@ -567,11 +585,13 @@ impl Inner {
 
     /// Apply `f` to the loaded document in memory and prepare the store writes that make it
     /// durable (nothing is written yet). `None` if `f` changed nothing.
+    /// `limit`: the size the record may not pass with this change (see [`RECORD_WRITE_LIMIT`]).
     pub(crate) fn stage<T>(
         &self,
         st: &mut State,
         id: &str,
         origin: Origin,
+        limit: Option<usize>,
         f: impl FnOnce(&mut PersonDoc) -> Result<(Vec<Vec<u8>>, T), CoreError>,
     ) -> Result<(T, Option<Staged>), CoreError> {
         let loaded = self.loaded(st, id)?;
@@ -581,14 +601,16 @@ impl Inner {
             return Ok((out, None));
         }
         let new_bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-        if origin == Origin::Local && loaded.snapshot + loaded.appended + new_bytes > MAX_DOC_BYTES as u64 {
+        if let Some(limit) = limit
+            && loaded.snapshot + loaded.appended + new_bytes > limit as u64
+        {
             // A record the server cannot take would stay on this phone for ever, re-sent on
             // every sync. The stored sizes overstate it (uncompressed, with history to fold),
             // so only a record already past the limit that way pays for measuring it exactly.
             // The caller (`write`) drops the refused change from memory.
             let size = loaded.doc.automerge().save().len();
-            if size > MAX_DOC_BYTES {
-                return Err(CoreError::RecordFull { person: id.to_string(), size, limit: MAX_DOC_BYTES });
+            if size > limit {
+                return Err(CoreError::RecordFull { person: id.to_string(), size, limit });
             }
         }
         // A document received before its profile has no summary yet.
@@ -657,7 +679,7 @@ impl Inner {
 
     fn import_into(&self, st: &mut State, id: &str, data: &[u8]) -> Result<bool, CoreError> {
         let mut changed = false;
-        self.write(st, id, false, |doc| {
+        self.write(st, id, Written::Import, |doc| {
             let before = doc.heads();
             doc.automerge_mut().load_incremental(data).map_err(|e| CoreError::document(id, e))?;
             let after = doc.heads();
@@ -708,7 +730,7 @@ impl Inner {
         };
         let (doc, skeleton) = PersonDoc::create(&id, self.actor.clone());
         st.docs.insert(id.clone(), Loaded::new(doc));
-        let result = self.write(&mut st, &id, true, |doc| {
+        let result = self.write(&mut st, &id, Written::Record, |doc| {
             let profile = doc.write_profile(&person, &consent)?;
             Ok((vec![skeleton, profile], person.clone()))
         });
@@ -745,7 +767,7 @@ impl Inner {
             follow_up: v.follow_up,
             recorded_at: self.clock.now(),
         };
-        self.write(&mut st, person, true, |doc| {
+        self.write(&mut st, person, Written::Record, |doc| {
             if doc.has_visit(&id) {
                 return Err(CoreError::RecordExists(id.clone()));
             }
@@ -774,7 +796,7 @@ impl Inner {
             hospital_nights_28d: c.hospital_nights_28d,
             substance_use_days_28d: c.substance_use_days_28d,
         };
-        self.write(&mut st, person, true, |doc| {
+        self.write(&mut st, person, Written::Record, |doc| {
             if doc.has_checkin(&id) {
                 return Err(CoreError::RecordExists(id.clone()));
             }
@@ -787,7 +809,7 @@ impl Inner {
         let mut st = self.lock();
         self.worker(&st)?;
         let now = self.clock.now();
-        self.write(&mut st, person, true, |doc| {
+        self.write(&mut st, person, Written::Record, |doc| {
             let change = doc.edit_visit(visit, &edit, now)?;
             let current = doc.record()?.visits.into_iter().find(|v| v.id == visit).ok_or_else(|| {
                 CoreError::UnknownVisit { person: person.to_string(), visit: visit.to_string() }
@@ -800,7 +822,7 @@ impl Inner {
         let mut st = self.lock();
         let by = self.worker(&st)?;
         let now = self.clock.now();
-        self.write(&mut st, person, true, |doc| {
+        self.write(&mut st, person, Written::Consent, |doc| {
             // Never dated before a word this phone already holds (its clock may be behind, or
             // the last change came this very millisecond): this change is the latest word. A
             // clock far off (reset to 1970, or centuries ahead) would have it ignored: then it

@@ -86,8 +86,8 @@ pub enum CoreError {
     #[error("person {0:?} has withdrawn consent to a record being kept: nothing more can be recorded")]
     NoConsentToRecord(String),
     #[error(
-        "the record of person {person:?} would grow to {size} bytes, over the {limit} bytes one record may hold \
-         (the most a sync carries in one piece); nothing was written: shorten the notes"
+        "the record of person {person:?} would grow to {size} bytes, over the {limit} bytes one record may take \
+         in entries (a sync carries a record in one piece); nothing was written. Changes of consent are still taken"
     )]
     RecordFull { person: String, size: usize, limit: usize },
     #[error(

@@ -253,6 +253,9 @@ pub struct RoundOutcome {
     pub sent: Vec<String>,
     /// Documents of which the server now holds everything the device has.
     pub caught_up: Vec<String>,
+    /// A document whose changes would make it larger than one record may be, and the size:
+    /// the session ends the sync saying so (reconciling it again would only repeat this).
+    pub too_large: Option<(String, usize)>,
 }
 
 /// Documents loaded by one batch, by id.
@@ -899,14 +902,13 @@ impl DocHub {
                             out.stored.push(m.doc.clone());
                         }
                         Err(size) => {
-                            // Not taken, as changes that fail to apply are not: the device's
-                            // reconciliation gives up on the document after its rounds, and the
-                            // push path tells it why.
+                            // Not taken. Nothing of this round is answered: the session ends
+                            // the sync with the reason (what was stored before stays stored).
                             tracing::warn!(org, doc = %m.doc, size, "reconciliation would make a record too large; not stored");
                             w.reset(org, &m.doc)?;
-                            *rounds.state(&m.doc) = SyncState::new();
-                            reply_for(w, &m.doc, rounds, &mut out);
-                            continue;
+                            out.caught_up.retain(|d| *d != m.doc);
+                            out.too_large = Some((m.doc.clone(), size));
+                            break;
                         }
                     }
                 }
@@ -1104,6 +1106,28 @@ mod tests {
         assert_eq!(stored_heads(&store, "p-1"), held, "nothing of the refused push is stored");
         assert_eq!(hub.heads("o", "p-1").unwrap().unwrap(), held, "nor cached");
         assert!(store.load_doc("o", "p-1").unwrap().unwrap().concat().len() <= MAX_DOC_BYTES);
+
+        // Through reconciliation (automerge's sync protocol) instead: refused the same way, the
+        // round says so (the session ends the sync with it), and nothing counts as caught up.
+        let mut state = SyncState::new();
+        let mut rounds = SyncRounds::default();
+        let mut refused = None;
+        for _ in 0..6 {
+            let Some(msg) = phone.0.generate_sync_message(&mut state) else { break };
+            let msgs = vec![DocSync { doc: "p-1".into(), msg: msg.encode() }];
+            let out = hub.sync_round(&who(), &Open::default(), msgs, &mut rounds).unwrap();
+            if let Some(too_large) = out.too_large {
+                assert!(out.caught_up.is_empty());
+                refused = Some(too_large);
+                break;
+            }
+            for r in out.replies {
+                phone.0.receive_sync_message(&mut state, SyncMessage::decode(&r.msg).unwrap()).unwrap();
+            }
+        }
+        let (doc, size) = refused.expect("the round refuses the record");
+        assert!(doc == "p-1" && size > MAX_DOC_BYTES);
+        assert_eq!(stored_heads(&store, "p-1"), held);
     }
 
     #[test]

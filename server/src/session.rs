@@ -289,6 +289,12 @@ impl<C: Conn> Session<C> {
                 self.sync_rounds = rounds;
                 self.written.extend(outcome.stored);
                 self.read.extend(outcome.sent);
+                if let Some((doc, size)) = outcome.too_large {
+                    return Err(SessionEnd::protocol(
+                        ErrorCode::TooLarge,
+                        format!("the record of {doc} would grow to {size} bytes, over the {} one record may hold; it stays on the phone", protocol::MAX_DOC_BYTES),
+                    ));
+                }
                 let reconciled = outcome.caught_up.iter().filter(|d| self.need_sync.remove(*d)).count() as u64;
                 if reconciled > 0 {
                     self.reconciled(reconciled).await;

@@ -130,7 +130,7 @@ impl Inner {
                 if new {
                     st.docs.insert(d.doc.clone(), crate::device::Loaded::new(PersonDoc::empty(&d.doc, self.actor.clone())));
                 }
-                let (_, s) = self.stage(&mut st, &d.doc, Origin::Server, |doc| {
+                let (_, s) = self.stage(&mut st, &d.doc, Origin::Server, None, |doc| {
                     let before = doc.heads();
                     doc.automerge_mut().load_incremental(&d.data).map_err(|e| CoreError::document(&d.doc, e))?;
                     if doc.heads() == before {
@@ -211,7 +211,7 @@ impl Inner {
         send_needed_again(state, &msg);
         let mut st = self.lock();
         let mut changed = false;
-        self.write(&mut st, id, false, |doc| {
+        self.write(&mut st, id, crate::device::Written::Import, |doc| {
             let before = doc.heads();
             doc.automerge_mut().receive_sync_message(state, msg).map_err(|e| CoreError::document(id, e))?;
             if doc.heads() == before {
