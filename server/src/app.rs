@@ -145,11 +145,26 @@ impl Default for Options {
 }
 
 /// The ledger's usual place: beside the data directory, not in it, so that a copy of the data
-/// directory (a backup) does not take it along.
-pub fn default_erasure_ledger(data_dir: &Path) -> std::path::PathBuf {
-    let mut name = data_dir.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "peersync-data".into());
+/// directory (a backup) does not take it along. `--data .` or `..` are resolved first (their
+/// "file name" would otherwise put the ledger inside).
+pub fn default_erasure_ledger(data_dir: &Path) -> Result<std::path::PathBuf, peersync_core::StoreError> {
+    let absolute = std::path::absolute(data_dir).map_err(|e| peersync_core::StoreError::Io(format!("cannot resolve {}: {e}", data_dir.display())))?;
+    let mut resolved = std::path::PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                resolved.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => resolved.push(other),
+        }
+    }
+    let Some(name) = resolved.file_name() else {
+        return Err(peersync_core::StoreError::Io("the data directory is the filesystem's root: give the erasure ledger a place (--erasure-ledger)".into()));
+    };
+    let mut name = name.to_os_string();
     name.push(".erasures");
-    data_dir.with_file_name(name)
+    Ok(resolved.with_file_name(name))
 }
 
 impl AppState {
@@ -188,6 +203,9 @@ impl AppState {
         }
         private_dir(data_dir)?;
         let kv = SledStore::open_for_server(&data_dir.join("store"), SLED_CACHE_BYTES)?;
+        if let Some(ledger) = &opts.erasure_ledger {
+            crate::erasures::ErasureLedger::new(ledger).check_place(data_dir).map_err(|e| peersync_core::StoreError::Io(e.to_string()))?;
+        }
         let keyring = Keyring::open(&data_dir.join("keys"))?;
         let state = Self::new(Arc::new(kv), keyring, shutdown, opts);
         state.reapply_erasures()?;

@@ -226,7 +226,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 )));
             }
             let (tx, rx) = tokio::sync::watch::channel(false);
-            let erasure_ledger = Some(erasure_ledger.unwrap_or_else(|| crate::app::default_erasure_ledger(&data)));
+            let erasure_ledger = Some(match erasure_ledger {
+                Some(l) => l,
+                None => crate::app::default_erasure_ledger(&data)?,
+            });
             let opts = Options { cache_docs, cache_mb, admin_token, tls: tls.is_some(), trust_forwarded_for, erasure_ledger };
             // The port first: a server that cannot listen leaves no data directory behind.
             let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CliError::Listen { addr: listen, source })?;
@@ -288,7 +291,7 @@ const MIN_ADMIN_TOKEN: usize = 16;
 async fn demo(data: PathBuf, listen: SocketAddr) -> Result<(), CliError> {
     let token = uuid::Uuid::new_v4().to_string();
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let opts = Options { admin_token: Some(token.clone()), erasure_ledger: Some(crate::app::default_erasure_ledger(&data)), ..Options::default() };
+    let opts = Options { admin_token: Some(token.clone()), erasure_ledger: Some(crate::app::default_erasure_ledger(&data)?), ..Options::default() };
     let state = Arc::new(AppState::open(&data, rx, opts)?);
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CliError::Listen { addr: listen, source })?;
     let addr = listener.local_addr().map_err(CliError::Serve)?;

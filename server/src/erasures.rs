@@ -50,16 +50,43 @@ impl ErasureLedger {
         LedgerError { path: self.path.clone(), reason: reason.to_string() }
     }
 
+    /// Check at start that the ledger can be written and lies outside `data_dir`: found out at
+    /// the first erasure, a ledger that cannot be written would refuse every erasure until an
+    /// operator noticed, and one inside the data directory would come back with its backups.
+    pub fn check_place(&self, data_dir: &Path) -> Result<(), LedgerError> {
+        let existed = self.path.exists();
+        self.open_append().map_err(|e| self.error(format!("cannot be written ({e}); give --erasure-ledger a writable place outside the data directory")))?;
+        let parent = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !existed {
+            // The new file's name must survive a crash as well as its lines.
+            if let Ok(d) = std::fs::File::open(parent) {
+                let _ = d.sync_all();
+            }
+        }
+        let (Ok(data), Ok(dir)) = (data_dir.canonicalize(), parent.canonicalize()) else { return Ok(()) };
+        if dir.starts_with(&data) {
+            return Err(self.error(format!(
+                "is inside the data directory {}: backups of it would carry the ledger back with them; put it beside the data directory (the default) or elsewhere",
+                data.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn open_append(&self) -> std::io::Result<std::fs::File> {
+        let mut options = std::fs::OpenOptions::new();
+        options.append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.open(&self.path)
+    }
+
     /// Append `e` and sync it to disk.
     pub fn record(&self, e: &Erasure) -> Result<(), LedgerError> {
         let _one = self.append.lock().unwrap_or_else(|p| p.into_inner());
         let mut line = serde_json::to_vec(e).map_err(|err| self.error(err))?;
         line.push(b'\n');
-        let mut options = std::fs::OpenOptions::new();
-        options.append(true).create(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut f = options.open(&self.path).map_err(|err| self.error(format!("cannot open: {err}")))?;
+        let mut f = self.open_append().map_err(|err| self.error(format!("cannot open: {err}")))?;
         f.write_all(&line).and_then(|()| f.sync_data()).map_err(|err| self.error(format!("cannot write: {err}")))
     }
 
@@ -89,6 +116,24 @@ impl ErasureLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ledger_must_be_writable_and_outside_the_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        assert!(ErasureLedger::new(dir.path().join("data.erasures")).check_place(&data).is_ok());
+        let inside = ErasureLedger::new(data.join("erasures")).check_place(&data).unwrap_err();
+        assert!(inside.to_string().contains("inside the data directory"), "{inside}");
+        let nowhere = ErasureLedger::new(dir.path().join("no-such-dir/erasures")).check_place(&data).unwrap_err();
+        assert!(nowhere.to_string().contains("cannot be written"), "{nowhere}");
+        // The default beside the data directory, however the directory is named.
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(crate::app::default_erasure_ledger(Path::new(".")).unwrap(), cwd.with_file_name(format!("{}.erasures", cwd.file_name().unwrap().to_string_lossy())));
+        assert_eq!(crate::app::default_erasure_ledger(&data).unwrap(), dir.path().join("data.erasures"));
+        assert_eq!(crate::app::default_erasure_ledger(&data.join("x/..")).unwrap(), dir.path().join("data.erasures"));
+        assert!(crate::app::default_erasure_ledger(Path::new("/")).is_err());
+    }
 
     #[test]
     fn erasures_are_kept_in_order_and_a_torn_line_is_skipped() {

@@ -60,7 +60,7 @@ impl TestServer {
     /// Start with a document cache of `cache_docs` entries.
     pub async fn start_with(data: &Path, addr: &str, cache_docs: usize) -> TestServer {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let erasure_ledger = Some(peersync_server::app::default_erasure_ledger(data));
+        let erasure_ledger = Some(peersync_server::app::default_erasure_ledger(data).expect("a place for the erasure ledger"));
         let opts = Options { cache_docs, admin_token: Some(ADMIN_TOKEN.into()), tls: false, erasure_ledger, ..Options::default() };
         let state = Arc::new(AppState::open(data, rx, opts).expect("server store opens"));
         seed(&state);
