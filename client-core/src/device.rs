@@ -380,7 +380,7 @@ impl Device {
     /// time per device; a failed sync keeps local data and resumes where it stopped.
     pub async fn sync(&self, options: &crate::sync::SyncOptions) -> Result<crate::sync::SyncReport, crate::sync::SyncError> {
         use crate::sync::{SyncObserver, SyncProgress, SyncReport, SyncState};
-        let _one_at_a_time = self.sync_lock.lock().await;
+        let one_at_a_time = self.sync_lock.lock().await;
         let (options, observer) = self.observed(options);
         observer.state(&SyncState::Connecting);
         let result = async {
@@ -397,7 +397,11 @@ impl Device {
         observer.state(&end_state(&result));
         // When a sync returns, its subscribers have heard all of it: nothing is still being
         // delivered (an app that exits right after a sync is not called back while it ends).
-        self.inner.listeners.delivered(std::time::Duration::from_secs(5)).await;
+        // Waited for after the sync lock is let go, so that the next sync does not wait too.
+        drop(one_at_a_time);
+        if options.wait_for_subscribers {
+            self.inner.listeners.delivered(std::time::Duration::from_secs(5)).await;
+        }
         result
     }
 

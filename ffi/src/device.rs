@@ -146,8 +146,13 @@ impl Device {
     ) -> Result<SyncReport, PeersyncError> {
         let d = self.core.clone();
         let bridge = listener.map(|l| Arc::new(Bridge::new(l)));
+        // Called from inside a subscriber's callback (Kotlin `runBlocking` polls this future on
+        // the calling thread): waiting for subscribers would be waiting on that callback.
+        let from_listener = std::thread::current().name() == Some(crate::sync::LISTENER_THREAD);
         run(async move {
-            let result = d.sync(&config.options(bridge.clone())).await;
+            let mut options = config.options(bridge.clone());
+            options.wait_for_subscribers = !from_listener;
+            let result = d.sync(&options).await;
             // When `sync` returns, its listener has heard everything about it, the final state
             // included, and the library holds it no more. A listener stuck for longer than
             // this does not hold the caller.
@@ -181,8 +186,9 @@ impl Device {
         // thread: a Python interpreter shutting down aborts when another thread enters it.
         let bridge = Bridge::new(listener.clone());
         let released = bridge.take_released();
+        let flags = bridge.flags();
         let inner = self.core.subscribe(Arc::new(bridge));
-        Arc::new(Subscription { inner, held: Mutex::new(Some((listener, released))) })
+        Arc::new(Subscription { inner, flags, held: Mutex::new(Some((listener, released))) })
     }
 
     /// Whether a coordinator revoked this device and its records were deleted. The app should
@@ -245,19 +251,24 @@ impl LiveSync {
 #[derive(uniffi::Object)]
 pub struct Subscription {
     inner: core::Subscription,
+    flags: Arc<crate::sync::ListenerFlags>,
     /// The app's listener and what answers once the listener thread has let go of it.
     held: Mutex<Option<(Arc<dyn DeviceListener>, Option<std::sync::mpsc::Receiver<()>>)>>,
 }
 
 #[uniffi::export]
 impl Subscription {
-    /// Stop calling the listener. Also happens when the subscription is destroyed. Events
-    /// already on their way are delivered first (for at most two seconds).
+    /// Stop calling the listener: events not yet delivered are dropped. Also happens when the
+    /// subscription is destroyed.
     pub fn cancel(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.flags.cancelled.store(true, SeqCst);
         self.inner.cancel();
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some((listener, released)) = held {
-            // Not from inside a listener (cancelling itself): its thread cannot end meanwhile.
+            // The listener thread, with nothing more to deliver, ends as soon as any callback in
+            // progress returns (at most two seconds are waited); then the app's listener is let
+            // go here, on the app's thread. Not from inside a listener cancelling itself.
             let on_listener_thread = std::thread::current().name() == Some(crate::sync::LISTENER_THREAD);
             if let Some(released) = released.filter(|_| !on_listener_thread) {
                 let _ = released.recv_timeout(std::time::Duration::from_secs(2));

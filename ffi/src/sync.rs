@@ -176,23 +176,39 @@ pub(crate) struct Bridge {
     events: std::sync::mpsc::Sender<Event>,
     /// Answers once the listener thread has released the app's listener and ended.
     released: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    flags: Arc<ListenerFlags>,
+}
+
+/// Shared with a listener thread.
+#[derive(Default)]
+pub(crate) struct ListenerFlags {
+    /// Cancelled: events not yet delivered are dropped.
+    pub(crate) cancelled: std::sync::atomic::AtomicBool,
 }
 
 impl Bridge {
     pub(crate) fn new(listener: Arc<dyn DeviceListener>) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<Event>();
         let (released_tx, released) = std::sync::mpsc::channel();
+        let flags = Arc::new(ListenerFlags::default());
+        let f = flags.clone();
         // The thread ends when the bridge (the subscription or sync holding it) is gone.
         let spawned = std::thread::Builder::new().name(LISTENER_THREAD.into()).spawn(move || {
+            use std::sync::atomic::Ordering::SeqCst;
             for event in rx {
+                if let Event::Flush(done) = event {
+                    let _ = done.send(());
+                    continue;
+                }
+                if f.cancelled.load(SeqCst) {
+                    continue;
+                }
                 let l = listener.as_ref();
                 let call = || match event {
                     Event::Progress(p) => l.on_progress(p),
                     Event::State(s) => l.on_state(s),
                     Event::Changed(people) => l.on_records_changed(people),
-                    Event::Flush(done) => {
-                        let _ = done.send(());
-                    }
+                    Event::Flush(_) => {}
                 };
                 if std::panic::catch_unwind(AssertUnwindSafe(call)).is_err() {
                     tracing::warn!("an app listener failed; the sync goes on");
@@ -205,7 +221,11 @@ impl Bridge {
         if let Err(e) = spawned {
             tracing::warn!("cannot start a listener thread ({e}); the listener will not be called");
         }
-        Self { events: tx, released: std::sync::Mutex::new(Some(released)) }
+        Self { events: tx, released: std::sync::Mutex::new(Some(released)), flags }
+    }
+
+    pub(crate) fn flags(&self) -> Arc<ListenerFlags> {
+        self.flags.clone()
     }
 
     /// What answers once the listener thread has ended (taken once: a subscription waits on

@@ -34,11 +34,15 @@ pub struct SyncOptions {
     pub ca_pem: Option<Vec<u8>>,
     /// Allow plain `ws://` to a server that is not on loopback. Never in production.
     pub allow_insecure: bool,
+    /// When the sync ends, wait (a few seconds at most) until the device's subscribers have
+    /// been delivered all of it. On by default; off for a sync started from inside a
+    /// subscriber's callback, which would be waiting on itself.
+    pub wait_for_subscribers: bool,
 }
 
 impl SyncOptions {
     pub fn new(server: impl Into<String>) -> Self {
-        Self { server: server.into(), frame_timeout: Duration::from_secs(60), observer: None, ca_pem: None, allow_insecure: false }
+        Self { server: server.into(), frame_timeout: Duration::from_secs(60), observer: None, ca_pem: None, allow_insecure: false, wait_for_subscribers: true }
     }
 
     pub fn trust_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
