@@ -45,15 +45,23 @@ impl SledStore {
                 }
                 // sled's own checksums failed: the file is damaged (a failing flash chip, an
                 // interrupted copy). Say what can be done, not sled's debug text.
-                // Unsupported: sled's reading of a damaged `conf` file.
-                Err(sled::Error::Corruption { .. } | sled::Error::Unsupported(_)) => {
+                Err(sled::Error::Corruption { .. }) => {
                     return Err(StoreError::Corrupt {
                         key: path.display().to_string(),
-                        reason: "the store's files are damaged. Move the directory aside (keep it for recovery) and open a fresh \
-                                 store: on a phone, enroll it again and everything that had synced comes back from the server; \
-                                 on a server, restore the data directory from a backup"
+                        reason: "the store's files are damaged. Move the directory aside (keep it: records not yet synced are \
+                                 only there) and open a fresh store: on a phone, enroll it again and everything that had synced \
+                                 comes back from the server; on a server, restore the data directory from a backup"
                             .into(),
                     });
+                }
+                // A damaged `conf` file, or a store of another sled version: either way not
+                // to be thrown away.
+                Err(sled::Error::Unsupported(reason)) => {
+                    return Err(StoreError::Io(format!(
+                        "the store at {} cannot be opened ({reason}): its settings file is damaged or it was made by another \
+                         version. Keep the directory: records not yet synced are only there",
+                        path.display()
+                    )));
                 }
                 Err(e) => return Err(StoreError::Io(format!("cannot open store at {}: {e}", path.display()))),
             }
@@ -238,11 +246,9 @@ mod suite {
                 std::fs::write(&path, bytes).unwrap();
                 let opened = SledStore::open(dir.path());
                 if let Err(e) = opened {
-                    if let crate::error::StoreError::Corrupt { reason, .. } = &e {
-                        assert!(reason.contains("Move the directory aside"), "{e}");
-                        saw_corrupt = true;
-                    }
+                    assert!(e.to_string().contains("not yet synced are only there"), "{e}");
                     assert!(!e.to_string().contains("backtrace"), "{e}");
+                    saw_corrupt = true;
                 }
             }
         }
