@@ -788,7 +788,18 @@ impl Inner {
         let checkin = Checkin {
             id: id.clone(),
             by: me,
-            taken_at: c.taken_at.unwrap_or_else(|| self.clock.now()),
+            taken_at: match c.taken_at {
+                Some(t) => t,
+                // The phone's clock, which may be off as far as 1970.
+                None => {
+                    let now = self.clock.now();
+                    crate::model::plausible_time("taken_at", now).map_err(|mut e| {
+                        e.problem = format!("{} (the phone's clock): set the clock, or give the time", e.problem);
+                        e
+                    })?;
+                    now
+                }
+            },
             wellbeing: c.wellbeing,
             distress: c.distress,
             coping: c.coping,
@@ -818,6 +829,11 @@ impl Inner {
             let current = doc.record()?.visits.into_iter().find(|v| v.id == visit).ok_or_else(|| {
                 CoreError::UnknownVisit { person: person.to_string(), visit: visit.to_string() }
             })?;
+            // The edit against the visit as it stands: a follow-up may not come before it. (A
+            // refusal here drops the edit from memory: `write` reloads the stored document.)
+            if let (Some(d), true) = (current.follow_up, edit.started_at.is_some() || matches!(edit.follow_up, Some(Some(_)))) {
+                crate::model::follow_up(d, Some(current.started_at))?;
+            }
             Ok((vec![change], current))
         })
     }

@@ -207,7 +207,7 @@ fn score(field: &str, value: u8) -> Result<(), ValidationError> {
 /// A time a record may carry: from 2000 to before 2200, as consent times go (see
 /// `document::plausible`). Outside it is a mistyped year or a broken clock, and one such visit
 /// would stretch every report that goes by time.
-fn plausible_time(field: &str, t: DateTime<Utc>) -> Result<(), ValidationError> {
+pub(crate) fn plausible_time(field: &str, t: DateTime<Utc>) -> Result<(), ValidationError> {
     if crate::document::plausible(&t) {
         Ok(())
     } else {
@@ -216,7 +216,7 @@ fn plausible_time(field: &str, t: DateTime<Utc>) -> Result<(), ValidationError> 
 }
 
 /// A follow-up date: plausible, and not before the visit it follows (when known).
-fn follow_up(d: NaiveDate, visit: Option<DateTime<Utc>>) -> Result<(), ValidationError> {
+pub(crate) fn follow_up(d: NaiveDate, visit: Option<DateTime<Utc>>) -> Result<(), ValidationError> {
     if !(2000..2200).contains(&d.year()) {
         return Err(ValidationError::new("follow_up", format!("{d} is not a plausible date: it must fall between 2000 and 2199")));
     }

@@ -229,3 +229,24 @@ async fn a_record_too_large_to_sync_is_refused_whole_and_the_record_kept() {
     d.record_visit("p-2", visit("w-1", NOTE)).await.unwrap();
     assert_eq!(d.person("p-2").await.unwrap().visits.len(), 1);
 }
+
+#[tokio::test]
+async fn times_are_checked_against_the_visit_and_the_phones_clock() {
+    let (d, clock) = device("w-001").await;
+    d.register_person(person("p-1", "KM-1")).await.unwrap();
+    let v = d.record_visit("p-1", visit("v-1", "")).await.unwrap();
+    // A follow-up moved before the visit, or the visit moved after its follow-up.
+    let before = v.started_at.date_naive() - chrono::Days::new(1);
+    let edit = peersync_core::VisitEdit { follow_up: Some(Some(before)), ..Default::default() };
+    assert!(matches!(d.edit_visit("p-1", "v-1", edit).await, Err(CoreError::Invalid(e)) if e.field == "follow_up"));
+    let edit = peersync_core::VisitEdit { follow_up: Some(Some(v.started_at.date_naive())), ..Default::default() };
+    d.edit_visit("p-1", "v-1", edit).await.unwrap();
+    let edit = peersync_core::VisitEdit { started_at: Some(v.started_at + chrono::Duration::days(3)), ..Default::default() };
+    assert!(matches!(d.edit_visit("p-1", "v-1", edit).await, Err(CoreError::Invalid(e)) if e.field == "follow_up"));
+    let kept = d.person("p-1").await.unwrap().visits.remove(0);
+    assert_eq!((kept.started_at, kept.follow_up), (v.started_at, Some(v.started_at.date_naive())), "refused edits change nothing");
+    // A check-in dated by a phone whose clock reads 1970.
+    clock.set(chrono::DateTime::from_timestamp(0, 0).unwrap());
+    let err = d.record_checkin("p-1", checkin("c-1")).await.unwrap_err();
+    assert!(matches!(&err, CoreError::Invalid(e) if e.field == "taken_at" && e.problem.contains("clock")), "{err:?}");
+}

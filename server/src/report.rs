@@ -218,6 +218,8 @@ trait Entry {
     fn at(&self) -> DateTime<Utc>;
     fn by(&self) -> &str;
     fn id(&self) -> &str;
+    /// What an unnamed row shows besides its day and worker, to order such rows by.
+    fn shown(&self) -> String;
 }
 
 impl Entry for VisitRow {
@@ -230,6 +232,9 @@ impl Entry for VisitRow {
     fn id(&self) -> &str {
         &self.id
     }
+    fn shown(&self) -> String {
+        format!("{:05}|{}|{}|{}", self.duration_min, self.mode, self.setting, self.activities.join(";"))
+    }
 }
 
 impl Entry for CheckinRow {
@@ -241,6 +246,9 @@ impl Entry for CheckinRow {
     }
     fn id(&self) -> &str {
         &self.id
+    }
+    fn shown(&self) -> String {
+        String::new()
     }
 }
 
@@ -267,7 +275,15 @@ fn listed<'a, T: Entry>(rows: &'a [(String, ViewRow)], period: Period, items: im
         Some(_) => l.item.at(),
         None => l.item.at().date_naive().and_time(chrono::NaiveTime::MIN).and_utc(),
     };
-    let key = |l: &Listed<'a, T>| (when(l), l.item.by().to_string(), l.person.is_none(), l.person, l.person.map(|_| l.item.id().to_string()));
+    // Unnamed rows of one day and worker go by what they show: in the order they were read
+    // (by person id), the same person would come first every day, and could be followed.
+    let key = |l: &Listed<'a, T>| {
+        let tie = match l.person {
+            Some(_) => l.item.id().to_string(),
+            None => l.item.shown(),
+        };
+        (when(l), l.item.by().to_string(), l.person.is_none(), l.person, tie)
+    };
     out.sort_by_cached_key(key);
     out
 }
@@ -425,6 +441,14 @@ mod tests {
         assert_eq!(json["visits"][0]["goals"], Value::Null);
         assert_eq!(json["visits"][0]["referrals"], Value::Null);
         assert_eq!(json["visits"][1]["referrals"], json!(["crisis_team"]));
+        // Two unnamed people seen by one worker on one day: ordered by what the rows show,
+        // not by person id (which would put the same person first every day).
+        let mut long = visit("v4", "w-1", 8);
+        long.duration_min = 90;
+        let rows = vec![("p-4".to_string(), row(false, vec![long])), ("p-5".to_string(), row(false, vec![visit("v5", "w-1", 15)]))];
+        let csv = visits_csv(&rows, all);
+        let durations: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').nth(4).unwrap()).collect();
+        assert_eq!(durations, ["30", "90"], "{csv}");
     }
 
     /// Weeks run Monday to Monday up to the latest visit's week; a visit dated in the future
