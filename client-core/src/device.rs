@@ -354,6 +354,9 @@ impl Device {
     /// keeps the private key in the sealed store and registers the public key.
     pub async fn enroll(&self, options: &crate::sync::SyncOptions, code: &str, device_name: &str) -> Result<crate::sync::Enrollment, crate::sync::SyncError> {
         self.check_not_wiped()?;
+        // One at a time (a double tap): two attempts could each make a pending key, and the
+        // one left on the phone might not be the one the server took.
+        let _one_at_a_time = self.sync_lock.lock().await;
         crate::sync::enroll(&self.inner, options, code, device_name).await
     }
 
