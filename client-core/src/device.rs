@@ -140,6 +140,8 @@ pub(crate) struct Inner {
 pub struct Device {
     pub(crate) inner: Arc<Inner>,
     sync_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Enrollment attempts, one at a time (not the sync lock: a live sync holds that).
+    enroll_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -203,6 +205,7 @@ impl Device {
         }
         Ok(Device {
             sync_lock: Arc::new(tokio::sync::Mutex::new(())),
+            enroll_lock: Arc::new(tokio::sync::Mutex::new(())),
             inner: Arc::new(Inner {
                 store,
                 clock,
@@ -356,7 +359,7 @@ impl Device {
         self.check_not_wiped()?;
         // One at a time (a double tap): two attempts could each make a pending key, and the
         // one left on the phone might not be the one the server took.
-        let _one_at_a_time = self.sync_lock.lock().await;
+        let _one_at_a_time = self.enroll_lock.lock().await;
         crate::sync::enroll(&self.inner, options, code, device_name).await
     }
 
