@@ -50,7 +50,11 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_API_RESPONSE: usize = 64 << 20;
 
 pub(crate) async fn api(opts: &SyncOptions, token: &str, method: &str, path: &str, body: Option<Value>) -> Result<Value, ReplayError> {
-    let (status, v) = request(opts, method, path, Some(token), body.as_ref(), TIMEOUT, MAX_API_RESPONSE).await?;
+    let (status, v) = request(opts, method, path, Some(token), body.as_ref(), TIMEOUT, MAX_API_RESPONSE).await.map_err(|e| match e {
+        // The phone's wording ("nothing was lost, sync again later") does not fit a replay.
+        peersync_core::sync::SyncError::Connect { url, reason } => ReplayError::Other(format!("cannot reach the server's API at {url} ({method} {path}): {reason}")),
+        e => ReplayError::Sync(e),
+    })?;
     if !(200..300).contains(&status) {
         let message = v.get("error").and_then(|m| m.as_str()).unwrap_or("").to_string();
         return Err(ReplayError::Api { what: format!("{method} {path}"), status, message });
