@@ -256,6 +256,9 @@ pub struct RoundOutcome {
     /// A document whose changes would make it larger than one record may be, and the size:
     /// the session ends the sync saying so (reconciling it again would only repeat this).
     pub too_large: Option<(String, usize)>,
+    /// Documents erased: the device is to purge them (a device that held a person the server
+    /// erased while it restored from a backup reconciles them; they cannot converge).
+    pub erased: Vec<String>,
 }
 
 /// Documents loaded by one batch, by id.
@@ -861,7 +864,12 @@ impl DocHub {
             if !may_read {
                 continue;
             }
-            let may_write = access.check_write(who, &m.doc, w.stored)?.is_none();
+            let refusal = access.check_write(who, &m.doc, w.stored)?;
+            if let Some(AckStatus::Refused { code: ErrorCode::Erased, .. }) = refusal {
+                out.erased.push(m.doc.clone());
+                continue;
+            }
+            let may_write = refusal.is_none();
             if !m.msg.is_empty() {
                 let before = w.doc.get_heads();
                 let Ok(msg) = SyncMessage::decode(&m.msg) else {

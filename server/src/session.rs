@@ -299,6 +299,14 @@ impl<C: Conn> Session<C> {
                 if reconciled > 0 {
                     self.reconciled(reconciled).await;
                 }
+                if !outcome.erased.is_empty() {
+                    // Purged now, before the round's answer; the cursor stays where it is.
+                    for d in &outcome.erased {
+                        self.need_sync.remove(d);
+                    }
+                    let purge = ServerMsg::Docs { docs: vec![], purge: outcome.erased, cursor: self.cursor, remaining: 0, done: false };
+                    self.send(&purge).await?;
+                }
                 self.send(&ServerMsg::Sync { msgs: outcome.replies }).await
             }
             ClientMsg::Fetch { skip } => {

@@ -156,3 +156,37 @@ async fn an_erasure_outlives_a_backup_made_before_it() {
     assert_eq!(report["totals"]["visits"], 0, "{report}");
     server.stop().await;
 }
+
+/// The same restore, with a phone that still holds the person erased after the backup (it did
+/// not sync since): its next sync, reconciling with the restored server, purges them and
+/// finishes, and what it recorded after the backup reaches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_holding_a_person_erased_after_the_backup_purges_them_after_the_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let backup = dir.path().join("backup");
+    let server = TestServer::start(&data).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    a.register_person(person("p-1", "KEEP")).await.unwrap();
+    a.register_person(person("p-2", "GHOST")).await.unwrap();
+    sync(&a, &server).await;
+    server.stop().await;
+    copy_dir(&data, &backup);
+    let server = TestServer::start(&data).await;
+    a.register_person(person("p-3", "LATER")).await.unwrap();
+    sync(&a, &server).await;
+    // Erased while the phone is offline; then the server comes back from the backup.
+    assert_eq!(server.admin("POST", &format!("/v1/people/p-2/erase?org={ORG}"), None).await.0, 200);
+    server.stop().await;
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_dir(&backup, &data);
+    let server = TestServer::start(&data).await;
+    let r = a.sync(&server.options()).await.expect("the sync finishes");
+    assert_eq!(r.purged, 1, "{r:?}");
+    assert!(a.person("p-2").await.is_err(), "the phone purged the erased person");
+    assert!(a.person("p-1").await.is_ok() && a.person("p-3").await.is_ok());
+    assert!(server.state.hub.heads(ORG, "p-3").unwrap().is_some(), "what the phone recorded after the backup is back on the server");
+    assert!(server.state.hub.heads(ORG, "p-2").unwrap().is_none());
+    assert!(sync(&a, &server).await.refused.is_empty());
+    server.stop().await;
+}

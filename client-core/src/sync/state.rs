@@ -210,6 +210,10 @@ impl Inner {
         let msg = SyncMessage::decode(msg).map_err(|e| CoreError::document(id, e))?;
         send_needed_again(state, &msg);
         let mut st = self.lock();
+        // An answer for a person purged meanwhile is not taken: it would bring them back.
+        if !st.docs.contains_key(id) && self.store.load_doc(id)?.is_none() {
+            return Ok(false);
+        }
         let mut changed = false;
         self.write(&mut st, id, crate::device::Written::Import, |doc| {
             let before = doc.heads();
@@ -237,7 +241,13 @@ impl Inner {
         let mut msgs = Vec::new();
         for id in ids {
             let state = states.entry(id.clone()).or_default();
-            if let Some(m) = self.loaded(&mut st, id)?.doc.automerge().generate_sync_message(state) {
+            let loaded = match self.loaded(&mut st, id) {
+                Ok(l) => l,
+                // Purged meanwhile (erased, or no longer assigned): nothing to reconcile.
+                Err(CoreError::UnknownPerson(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            if let Some(m) = loaded.doc.automerge().generate_sync_message(state) {
                 msgs.push(crate::protocol::DocSync { doc: id.clone(), msg: m.encode() });
             }
         }
@@ -252,7 +262,11 @@ impl Inner {
         let mut writes = Vec::new();
         let mut updated = Vec::new();
         for id in ids {
-            let heads = self.loaded(st, id)?.doc.heads();
+            let heads = match self.loaded(st, id) {
+                Ok(l) => l.doc.heads(),
+                Err(CoreError::UnknownPerson(_)) => continue,
+                Err(e) => return Err(e),
+            };
             let s = DocSyncState { server_heads: hex_heads(&heads), pending: 0 };
             writes.push(StoredWrite::DocMeta { doc: id.clone(), name: "sync".into(), value: serde_json::to_vec(&s).expect("serializes") });
             updated.push((id.clone(), s));
