@@ -59,3 +59,39 @@ async fn offline_records_on_three_devices_converge() {
     assert_eq!((idle.docs_sent, idle.docs_received, idle.round_trips), (0, 0, 1));
     server.stop().await;
 }
+
+/// A record filled to the phone's limit between two syncs (megabytes of notes that barely
+/// compress) still reaches the server, and so does the person's withdrawal of consent after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_filled_between_syncs_still_syncs_and_so_does_consent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    a.register_person(person("p-1", "FULL")).await.unwrap();
+    sync(&a, &server).await;
+    // Notes from a fixed pseudo-random sequence: reproducible, and they barely compress.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut noise = || {
+        (0..20_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (b'a' + (x % 26) as u8) as char
+            })
+            .collect::<String>()
+    };
+    let mut n = 0;
+    while a.record_visit("p-1", visit(&format!("v-{n}"), &noise())).await.is_ok() {
+        n += 1;
+        assert!(n < 400);
+    }
+    a.set_consent("p-1", peersync_core::ConsentChange { share_with_coordinator: Some(false), ..Default::default() }).await.unwrap();
+    let r = sync(&a, &server).await;
+    assert!(r.refused.is_empty(), "{r:?}");
+    assert_eq!(a.pending_changes().await.unwrap().documents, 0);
+    let held = server.state.hub.record(ORG, "p-1").unwrap().unwrap();
+    assert_eq!(held.visits.len(), n, "every visit the phone took is on the server");
+    assert!(!held.consent.share_with_coordinator, "and the withdrawal");
+    server.stop().await;
+}

@@ -87,7 +87,11 @@ impl Inner {
             // A large record that fits the server's limit only deflated is sent deflated.
             Some(doc.save_nocompress()).filter(|d| d.len() <= MAX_DOC_BYTES).unwrap_or_else(|| doc.save())
         } else {
-            doc.save_after(&parse_heads(&sync.server_heads))
+            // Changes are sent as they are, uncompressed: past the limit (megabytes of notes
+            // recorded since the last sync), the whole record deflated is smaller and fits, as
+            // every record the phone accepts does. The server takes what it lacks from either.
+            let changes = doc.save_after(&parse_heads(&sync.server_heads));
+            if changes.len() > MAX_DOC_BYTES { doc.save() } else { changes }
         };
         if data.is_empty() {
             return Ok(None);
