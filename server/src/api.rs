@@ -276,6 +276,11 @@ struct EnrollBody {
 /// A small JSON body read whole (whatever its content type: phones and the dashboard send
 /// JSON): 413 past `limit` bytes, 400 naming the `shape` expected if it does not parse.
 async fn small_json<T: serde::de::DeserializeOwned>(req: axum::extract::Request, limit: usize, shape: &str) -> Result<T, ApiError> {
+    // A declared length over the limit is refused at once, not waited for.
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over {} KiB", limit >> 10)));
+    }
     // A body that cannot be read whole within the limit (or a client gone mid-body).
     let bytes = axum::body::to_bytes(req.into_body(), limit)
         .await
@@ -788,8 +793,12 @@ async fn export(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q)
     let rows = tokio::task::spawn_blocking(move || view_rows(&st, &o))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    // The people whose rows the export names: those who share and have something in the period.
-    let in_period = |r: &crate::report::ViewRow| r.visits.iter().any(|v| period.contains(v.started_at)) || r.checkins.iter().any(|c| period.contains(c.taken_at));
+    // The people whose rows the export names: those who share and have rows of its kind in
+    // the period (JSON holds both kinds).
+    let (with_visits, with_checkins) = (format == "json" || kind == "visits", format == "json" || kind == "checkins");
+    let in_period = |r: &crate::report::ViewRow| {
+        (with_visits && r.visits.iter().any(|v| period.contains(v.started_at))) || (with_checkins && r.checkins.iter().any(|c| period.contains(c.taken_at)))
+    };
     let shared: Vec<String> = rows.iter().filter(|(_, r)| r.share_with_coordinator && in_period(r)).map(|(d, _)| d.clone()).collect();
     let what = if format == "json" { "JSON export of visits and check-ins".to_string() } else { format!("CSV export of {kind}") };
     let when = match (q.from, q.to) {

@@ -87,6 +87,12 @@ impl ErasureLedger {
         let mut line = serde_json::to_vec(e).map_err(|err| self.error(err))?;
         line.push(b'\n');
         let mut f = self.open_append().map_err(|err| self.error(format!("cannot open: {err}")))?;
+        // After a write cut short (no newline at the end), start a line of its own: appended
+        // to the torn one, this erasure would be unreadable with it.
+        let torn = std::fs::read(&self.path).map(|b| b.last().is_some_and(|c| *c != b'\n')).unwrap_or(false);
+        if torn {
+            line.insert(0, b'\n');
+        }
         f.write_all(&line).and_then(|()| f.sync_data()).map_err(|err| self.error(format!("cannot write: {err}")))
     }
 
@@ -106,7 +112,9 @@ impl ErasureLedger {
             }
             match serde_json::from_str(&line) {
                 Ok(e) => out.push(e),
-                Err(e) => tracing::warn!(ledger = %self.path.display(), line = n + 1, error = %e, "an unreadable line of the erasure ledger is skipped"),
+                // A write cut short by a crash, before its erasure was carried out (the
+                // coordinator was not told it was done). Damage looks the same: said loudly.
+                Err(e) => tracing::error!(ledger = %self.path.display(), line = n + 1, error = %e, "a line of the erasure ledger cannot be read and is skipped: if it was not cut short by a crash, repair it"),
             }
         }
         Ok(out)
@@ -133,6 +141,18 @@ mod tests {
         assert_eq!(crate::app::default_erasure_ledger(&data).unwrap(), dir.path().join("data.erasures"));
         assert_eq!(crate::app::default_erasure_ledger(&data.join("x/..")).unwrap(), dir.path().join("data.erasures"));
         assert!(crate::app::default_erasure_ledger(Path::new("/")).is_err());
+    }
+
+    #[test]
+    fn an_erasure_after_a_torn_write_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = ErasureLedger::new(dir.path().join("erasures"));
+        let e = |p: &str| Erasure { org: "o".into(), person: p.into(), at: Utc::now(), by: "x".into() };
+        ledger.record(&e("p-1")).unwrap();
+        std::fs::OpenOptions::new().append(true).open(ledger.path()).unwrap().write_all(b"{\"org\":\"o\",\"per").unwrap();
+        ledger.record(&e("p-2")).unwrap();
+        let people: Vec<String> = ledger.entries().unwrap().into_iter().map(|e| e.person).collect();
+        assert_eq!(people, ["p-1", "p-2"]);
     }
 
     #[test]

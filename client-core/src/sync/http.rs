@@ -53,7 +53,9 @@ pub async fn request(
 
 fn parse_response(buf: &[u8]) -> Result<(u16, serde_json::Value), SyncError> {
     let garbled = |r: &str| SyncError::Protocol(crate::protocol::ProtocolError::Garbled(format!("HTTP response: {r}")));
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| garbled("no header end"))?;
+    // No whole header: the connection closed before the answer (a server that went down
+    // after acting, perhaps) — a network fault, to try again, not an incompatible server.
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or(SyncError::Dropped)?;
     let head = std::str::from_utf8(&buf[..split]).map_err(|_| garbled("header not UTF-8"))?;
     let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| garbled("no status"))?;
     let mut body = &buf[split + 4..];
