@@ -247,13 +247,17 @@ impl LiveSync {
     }
 }
 
+/// What a subscription keeps until it is cancelled: the app's listener, and what answers once
+/// the listener thread has let go of it.
+type Held = (Arc<dyn DeviceListener>, Option<std::sync::mpsc::Receiver<()>>);
+
 /// A listener's subscription (see `Device.subscribe`).
 #[derive(uniffi::Object)]
 pub struct Subscription {
     inner: core::Subscription,
     flags: Arc<crate::sync::ListenerFlags>,
     /// The app's listener and what answers once the listener thread has let go of it.
-    held: Mutex<Option<(Arc<dyn DeviceListener>, Option<std::sync::mpsc::Receiver<()>>)>>,
+    held: Mutex<Option<Held>>,
 }
 
 #[uniffi::export]
