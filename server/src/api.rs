@@ -72,7 +72,7 @@ impl From<DirectoryError> for ApiError {
         let status = match &e {
             DirectoryError::Store(_) => return ApiError::from(match e { DirectoryError::Store(s) => s, _ => unreachable!() }),
             DirectoryError::Invalid(_) => StatusCode::BAD_REQUEST,
-            DirectoryError::Exists { .. } => StatusCode::CONFLICT,
+            DirectoryError::Exists { .. } | DirectoryError::DeviceTaken(_) => StatusCode::CONFLICT,
             DirectoryError::NoOrg(_) | DirectoryError::NoWorker { .. } | DirectoryError::NoDevice(_) => StatusCode::NOT_FOUND,
             DirectoryError::BadCode => StatusCode::UNAUTHORIZED,
         };

@@ -135,6 +135,11 @@ pub enum DirectoryError {
     NoDevice(String),
     #[error("the enrollment code is not valid: it is wrong, used already, or expired (ask your coordinator for a new one)")]
     BadCode,
+    #[error(
+        "this device {0:?} is enrolled already, for another worker or with another key (revoked, perhaps): enroll it with a code \
+         for its own worker, or enroll a fresh store"
+    )]
+    DeviceTaken(String),
 }
 
 impl From<peersync_core::ValidationError> for DirectoryError {
@@ -348,7 +353,7 @@ impl<S: LocalStore> Directory<S> {
                 self.kv.apply(vec![Write::Put(k, enc(&used))])?;
                 return Ok(d.clone());
             }
-            (None, None) if known.is_some() => return Err(DirectoryError::Exists { what: "device", id: device.into() }),
+            (None, None) if known.is_some() => return Err(DirectoryError::DeviceTaken(device.into())),
             (None, None) => {}
         }
         let d = DeviceRecord {
@@ -564,13 +569,13 @@ mod tests {
         assert!(matches!(d.enroll(&second, "dev-9", &[9; 32], "phone"), Err(DirectoryError::BadCode)));
         // Another key for an existing device, or the device for another worker, is refused.
         let (third, _) = d.issue_code("org1", "w-001").unwrap();
-        assert!(matches!(d.enroll(&third, "dev-1", &[8; 32], "phone"), Err(DirectoryError::Exists { .. })));
+        assert!(matches!(d.enroll(&third, "dev-1", &[8; 32], "phone"), Err(DirectoryError::DeviceTaken(_))));
         d.add_worker("org1", "w-002", "B", "peer_advocate").unwrap();
         let (other, _) = d.issue_code("org1", "w-002").unwrap();
-        assert!(matches!(d.enroll(&other, "dev-1", &[7; 32], "phone"), Err(DirectoryError::Exists { .. })));
+        assert!(matches!(d.enroll(&other, "dev-1", &[7; 32], "phone"), Err(DirectoryError::DeviceTaken(_))));
         // A revoked device does not come back this way.
         d.revoke("org1", "dev-1", "admin").unwrap();
         assert!(matches!(d.enroll(&code, "dev-1", &[7; 32], "phone"), Err(DirectoryError::BadCode)));
-        assert!(matches!(d.enroll(&third, "dev-1", &[7; 32], "phone"), Err(DirectoryError::Exists { .. })));
+        assert!(matches!(d.enroll(&third, "dev-1", &[7; 32], "phone"), Err(DirectoryError::DeviceTaken(_))));
     }
 }
