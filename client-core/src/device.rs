@@ -704,6 +704,12 @@ impl Inner {
 
     fn register_person(&self, p: NewPerson) -> Result<Person, CoreError> {
         let now = self.clock.now();
+        // Registration is dated by the phone's clock, and so is the consent given with it (and
+        // the year of birth is judged by it).
+        crate::model::plausible_time("created_at", now).map_err(|mut e| {
+            e.problem = format!("{} (the phone's clock): set the clock", e.problem);
+            e
+        })?;
         p.validate(now)?;
         if !p.record {
             return Err(ValidationError::new(

@@ -245,8 +245,10 @@ async fn times_are_checked_against_the_visit_and_the_phones_clock() {
     assert!(matches!(d.edit_visit("p-1", "v-1", edit).await, Err(CoreError::Invalid(e)) if e.field == "follow_up"));
     let kept = d.person("p-1").await.unwrap().visits.remove(0);
     assert_eq!((kept.started_at, kept.follow_up), (v.started_at, Some(v.started_at.date_naive())), "refused edits change nothing");
-    // A check-in dated by a phone whose clock reads 1970.
+    // A check-in, or a registration, dated by a phone whose clock reads 1970.
     clock.set(chrono::DateTime::from_timestamp(0, 0).unwrap());
     let err = d.record_checkin("p-1", checkin("c-1")).await.unwrap_err();
     assert!(matches!(&err, CoreError::Invalid(e) if e.field == "taken_at" && e.problem.contains("clock")), "{err:?}");
+    let err = d.register_person(person("p-2", "KM-2")).await.unwrap_err();
+    assert!(matches!(&err, CoreError::Invalid(e) if e.field == "created_at"), "{err:?}");
 }
