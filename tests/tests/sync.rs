@@ -95,3 +95,43 @@ async fn a_record_filled_between_syncs_still_syncs_and_so_does_consent() {
     assert!(!held.consent.share_with_coordinator, "and the withdrawal");
     server.stop().await;
 }
+
+/// Two phones that fill one person's record offline can merge past what one record may hold:
+/// the second one's push is refused, and its entries stay on it, counted as pending (never
+/// taken for synced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_refused_for_size_stay_pending_on_the_phone() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
+    a.register_person(person("p-1", "FULL")).await.unwrap();
+    sync(&a, &server).await;
+    sync(&b, &server).await;
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut noise = || {
+        (0..20_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (b'a' + (x % 26) as u8) as char
+            })
+            .collect::<String>()
+    };
+    for i in 0..30 {
+        b.record_visit("p-1", visit(&format!("b-{i}"), &noise())).await.unwrap();
+    }
+    let mut n = 0;
+    while a.record_visit("p-1", visit(&format!("a-{n}"), &noise())).await.is_ok() {
+        n += 1;
+    }
+    assert!(sync(&a, &server).await.refused.is_empty());
+    let r = sync(&b, &server).await;
+    assert!(r.refused.iter().any(|f| f.person == "p-1"), "{r:?}");
+    let pending = b.pending_changes().await.unwrap();
+    assert_eq!(pending.documents, 1, "B's entries are not on the server: {pending:?}");
+    let again = sync(&b, &server).await;
+    assert_eq!(b.pending_changes().await.unwrap().documents, 1, "{again:?}");
+    server.stop().await;
+}
