@@ -555,7 +555,7 @@ async fn erase(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q):
     // Written ahead: if the ledger cannot keep it, nothing is erased and the coordinator is
     // told; an erasure cut short after this is finished at the next start.
     if let Some(ledger) = &state.erasures {
-        let entry = crate::erasures::Erasure { org: org.clone(), person: id.clone(), at: chrono::Utc::now(), by: who.actor() };
+        let entry = crate::erasures::Erasure { org: org.clone(), person: id.clone(), at: chrono::Utc::now(), by: who.actor(), store: Some(state.dir.instance()?) };
         let l = ledger.path().to_path_buf();
         let st = state.clone();
         tokio::task::spawn_blocking(move || st.erasures.as_ref().map(|ledger| ledger.record(&entry)).unwrap_or(Ok(())))

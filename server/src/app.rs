@@ -217,9 +217,11 @@ impl AppState {
     pub fn reapply_erasures(&self) -> Result<usize, peersync_core::StoreError> {
         let Some(ledger) = &self.erasures else { return Ok(0) };
         let entries = ledger.entries().map_err(|e| peersync_core::StoreError::Io(e.to_string()))?;
+        let instance = self.dir.instance()?;
         let mut again = 0;
         for e in entries {
-            if self.dir.org(&e.org)?.is_none() || self.dir.tombstone(&e.org, &e.person)?.is_some() {
+            let other_store = e.store.as_ref().is_some_and(|s| *s != instance);
+            if other_store || self.dir.org(&e.org)?.is_none() || self.dir.tombstone(&e.org, &e.person)?.is_some() {
                 continue;
             }
             let by = format!("{} (again from the erasure ledger, after a restore)", e.by);

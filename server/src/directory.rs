@@ -204,6 +204,19 @@ impl<S: LocalStore> Directory<S> {
         Ok(b)
     }
 
+    /// This store's identity: made when the store is first opened, and carried by its copies
+    /// (backups). The erasure ledger names it, so that a store made afresh later is not
+    /// held to the erasures of another (ids can repeat across stores: a demo's, a replay's).
+    pub fn instance(&self) -> Result<String, StoreError> {
+        let k = vec![b'I'];
+        if let Some(id) = self.get::<String>(&k)? {
+            return Ok(id);
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        self.put(k, &id)?;
+        Ok(id)
+    }
+
     // Organisations ---------------------------------------------------------------------
 
     pub fn create_org(&self, id: &str, name: &str) -> Result<Org, DirectoryError> {

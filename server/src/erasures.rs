@@ -21,6 +21,10 @@ pub struct Erasure {
     pub person: String,
     pub at: DateTime<Utc>,
     pub by: String,
+    /// The store the erasure was made in (`Directory::instance`): only it and its backups
+    /// are held to it.
+    #[serde(default)]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +151,7 @@ mod tests {
     fn an_erasure_after_a_torn_write_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = ErasureLedger::new(dir.path().join("erasures"));
-        let e = |p: &str| Erasure { org: "o".into(), person: p.into(), at: Utc::now(), by: "x".into() };
+        let e = |p: &str| Erasure { org: "o".into(), person: p.into(), at: Utc::now(), by: "x".into(), store: None };
         ledger.record(&e("p-1")).unwrap();
         std::fs::OpenOptions::new().append(true).open(ledger.path()).unwrap().write_all(b"{\"org\":\"o\",\"per").unwrap();
         ledger.record(&e("p-2")).unwrap();
@@ -160,7 +164,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ledger = ErasureLedger::new(dir.path().join("erasures"));
         assert!(ledger.entries().unwrap().is_empty(), "no ledger yet: nothing erased");
-        let e = |p: &str| Erasure { org: "o".into(), person: p.into(), at: Utc::now(), by: "coordinator:o/maya".into() };
+        let e = |p: &str| Erasure { org: "o".into(), person: p.into(), at: Utc::now(), by: "coordinator:o/maya".into(), store: None };
         ledger.record(&e("p-1")).unwrap();
         std::fs::OpenOptions::new().append(true).open(ledger.path()).unwrap().write_all(b"{\"org\":\"o\",\"per").unwrap();
         std::fs::OpenOptions::new().append(true).open(ledger.path()).unwrap().write_all(b"\n").unwrap();

@@ -154,6 +154,18 @@ async fn an_erasure_outlives_a_backup_made_before_it() {
     assert!(b.person("p-9").await.is_err() && b.person("p-1").await.is_ok(), "nor does a fresh phone");
     let (_, report) = server.admin("GET", &format!("/v1/report?org={ORG}"), None).await;
     assert_eq!(report["totals"]["visits"], 0, "{report}");
+    // A data directory made afresh (not a backup) is not held to the old store's erasures,
+    // though its ids repeat.
+    server.stop().await;
+    std::fs::remove_dir_all(&data).unwrap();
+    let server = TestServer::start(&data).await;
+    let (c, _) = server.phone(dir.path(), "w-003").await;
+    c.register_person(person("p-9", "ANOTHER")).await.unwrap();
+    sync(&c, &server).await;
+    server.stop().await;
+    let server = TestServer::start(&data).await;
+    assert!(server.state.dir.tombstone(ORG, "p-9").unwrap().is_none(), "a new store's p-9 is not erased");
+    assert!(server.state.hub.heads(ORG, "p-9").unwrap().is_some());
     server.stop().await;
 }
 
