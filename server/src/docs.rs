@@ -126,58 +126,49 @@ impl Working {
         Ok(())
     }
 
-    /// A document new to the store, whose push loaded completely into the empty document: the
-    /// pushed bytes are stored as they are, since they load into exactly this document and
-    /// re-encoding it (automerge deflates every column afresh) costs more than loading it did.
-    fn write_as_pushed(&mut self, data: &[u8]) -> DocWrite {
-        self.written = true;
-        self.data = data.to_vec();
-        self.increments = 0;
-        DocWrite::Snapshot(data.to_vec())
-    }
-
-    /// As [`Self::write`] (or [`Self::write_as_pushed`] given the pushed bytes), unless the
-    /// stored document would exceed [`MAX_DOC_BYTES`]: then nothing is recorded and the error
-    /// is the size it would have had; the caller resets the loaded document. Stored, such a
+    /// Record that the document changed from `before`: the write that stores it. `as_pushed`:
+    /// a document new to the store whose push loaded completely into the empty document is
+    /// stored as pushed, since those bytes load into exactly this document and re-encoding it
+    /// (automerge deflates every column afresh) costs more than loading it did.
+    ///
+    /// Nothing is recorded if the stored document would exceed [`MAX_DOC_BYTES`]: the error is
+    /// the size it would have had, and the caller resets the loaded document. Stored, such a
     /// document could not be sent in one frame, and every fresh phone of the team would fail
     /// its restore on it.
-    fn write_within(&mut self, before: &[ChangeHash], as_pushed: Option<&[u8]>) -> Result<DocWrite, usize> {
-        let undo = (self.data.clone(), self.increments, self.written);
-        let mut write = match as_pushed {
-            Some(data) => self.write_as_pushed(data),
-            None => self.write(before),
-        };
-        if self.data.len() > MAX_DOC_BYTES && matches!(write, DocWrite::Increment(_)) {
-            // A snapshot folds the increments in and may fit where they do not.
-            (self.data, self.increments, self.written) = undo.clone();
-            self.increments = COMPACT_AFTER;
-            write = self.write(before);
+    fn write(&mut self, before: &[ChangeHash], as_pushed: Option<&[u8]>) -> Result<DocWrite, usize> {
+        if let Some(data) = as_pushed {
+            if data.len() > MAX_DOC_BYTES {
+                return Err(data.len());
+            }
+            self.hold_snapshot(data.to_vec());
+            return Ok(DocWrite::Snapshot(data.to_vec()));
         }
-        if self.data.len() > MAX_DOC_BYTES {
-            let size = self.data.len();
-            (self.data, self.increments, self.written) = undo;
-            return Err(size);
-        }
-        Ok(write)
-    }
-
-    /// Record that the document changed from `before`: the write that stores it.
-    fn write(&mut self, before: &[ChangeHash]) -> DocWrite {
-        self.written = true;
         if self.stored && self.increments < COMPACT_AFTER {
             let inc = self.doc.save_after(before);
-            self.data.extend_from_slice(&inc);
-            self.increments += 1;
-            DocWrite::Increment(inc)
-        } else {
-            // New to the store, or enough increments: the whole document, replacing them.
-            // Without changes still waiting for dependencies: those are a session's to keep
-            // (see `SyncRounds`), and once applied they come in an increment.
-            let snapshot = self.doc.save_with_options(SaveOptions { deflate: true, retain_orphans: false });
-            self.data.clone_from(&snapshot);
-            self.increments = 0;
-            DocWrite::Snapshot(snapshot)
+            // Past the limit as increments, a snapshot (which folds them in) may still fit.
+            if self.data.len() + inc.len() <= MAX_DOC_BYTES {
+                self.data.extend_from_slice(&inc);
+                self.written = true;
+                self.increments += 1;
+                return Ok(DocWrite::Increment(inc));
+            }
         }
+        // New to the store, or enough increments: the whole document, replacing them. Without
+        // changes still waiting for dependencies: those are a session's to keep (see
+        // `SyncRounds`), and once applied they come in an increment.
+        let snapshot = self.doc.save_with_options(SaveOptions { deflate: true, retain_orphans: false });
+        if snapshot.len() > MAX_DOC_BYTES {
+            return Err(snapshot.len());
+        }
+        self.hold_snapshot(snapshot.clone());
+        Ok(DocWrite::Snapshot(snapshot))
+    }
+
+    /// The stored bytes are now `data`, a snapshot.
+    fn hold_snapshot(&mut self, data: Vec<u8>) {
+        self.written = true;
+        self.data = data;
+        self.increments = 0;
     }
 }
 
@@ -567,7 +558,7 @@ impl DocHub {
         let complete = p.heads.iter().all(|h| w.doc.get_change_by_hash(&to_hash(h)).is_some());
         if after != before {
             let as_pushed = (complete && !w.stored && !w.written).then_some(p.data.as_slice());
-            match w.write_within(&before, as_pushed) {
+            match w.write(&before, as_pushed) {
                 Ok(write) => appends.push((Append { doc: p.doc.clone(), write }, applied(&p.doc, w))),
                 Err(size) => {
                     w.reset(org, &p.doc)?;
@@ -904,7 +895,7 @@ impl DocHub {
                 }
                 let after = w.doc.get_heads();
                 if after != before {
-                    match w.write_within(&before, None) {
+                    match w.write(&before, None) {
                         Ok(write) => {
                             appends.push((Append { doc: m.doc.clone(), write }, applied(&m.doc, w)));
                             out.stored.push(m.doc.clone());
