@@ -6,6 +6,23 @@ use std::sync::Arc;
 use peersync_core::{Device, ManualClock};
 use peersync_tests::*;
 
+/// Stop the server, copy its data directory to `backup`, start it again.
+async fn backed_up(server: TestServer, backup: &std::path::Path) -> TestServer {
+    let data = server.data.clone();
+    server.stop().await;
+    copy_dir(&data, backup);
+    TestServer::start(&data).await
+}
+
+/// Stop the server, put `backup` in place of its data directory, start it again.
+async fn restored(server: TestServer, backup: &std::path::Path) -> TestServer {
+    let data = server.data.clone();
+    server.stop().await;
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_dir(backup, &data);
+    TestServer::start(&data).await
+}
+
 /// The server is restored from an old backup: it lost changes that devices believe it has.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restored_from_backup() {
@@ -21,9 +38,7 @@ async fn server_restored_from_backup() {
     sync(&a, &server).await;
     sync(&b, &server).await;
     // 1. Back up, then carry on: both phones add visits and sync them.
-    server.stop().await;
-    copy_dir(&data, &backup);
-    let server = TestServer::start(&data).await;
+    let server = backed_up(server, &backup).await;
     a.record_visit("p-1", visit("v-a1", "")).await.unwrap();
     b.record_visit("p-2", visit("v-b1", "")).await.unwrap();
     b.register_person(person("p-9", "NEW")).await.unwrap();
@@ -32,10 +47,7 @@ async fn server_restored_from_backup() {
     sync(&a, &server).await;
     // 2. Disaster: the server comes back from the backup, without those changes. A has also
     //    recorded something new meanwhile (its base is gone on the server).
-    server.stop().await;
-    std::fs::remove_dir_all(&data).unwrap();
-    copy_dir(&backup, &data);
-    let server = TestServer::start(&data).await;
+    let server = restored(server, &backup).await;
     a.record_visit("p-1", visit("v-a2", "")).await.unwrap();
     // 3. Each phone's next sync notices and reconciles.
     let ra = sync(&a, &server).await;
@@ -134,17 +146,12 @@ async fn an_erasure_outlives_a_backup_made_before_it() {
     a.register_person(person("p-9", "GHOST")).await.unwrap();
     a.record_visit("p-9", visit("v-9", "GHOSTNOTE")).await.unwrap();
     sync(&a, &server).await;
-    server.stop().await;
-    copy_dir(&data, &backup);
-    let server = TestServer::start(&data).await;
+    let server = backed_up(server, &backup).await;
     let (status, body) = server.admin("POST", &format!("/v1/people/p-9/erase?org={ORG}"), None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(sync(&a, &server).await.purged, 1);
     // Disaster recovery from the backup, which still holds p-9 and p-9's key.
-    server.stop().await;
-    std::fs::remove_dir_all(&data).unwrap();
-    copy_dir(&backup, &data);
-    let server = TestServer::start(&data).await;
+    let server = restored(server, &backup).await;
     assert!(server.state.dir.tombstone(ORG, "p-9").unwrap().is_some(), "erased again at start");
     assert_eq!(server.state.hub.heads(ORG, "p-9").unwrap(), None);
     sync(&a, &server).await;
@@ -182,17 +189,12 @@ async fn a_phone_holding_a_person_erased_after_the_backup_purges_them_after_the_
     a.register_person(person("p-1", "KEEP")).await.unwrap();
     a.register_person(person("p-2", "GHOST")).await.unwrap();
     sync(&a, &server).await;
-    server.stop().await;
-    copy_dir(&data, &backup);
-    let server = TestServer::start(&data).await;
+    let server = backed_up(server, &backup).await;
     a.register_person(person("p-3", "LATER")).await.unwrap();
     sync(&a, &server).await;
     // Erased while the phone is offline; then the server comes back from the backup.
     assert_eq!(server.admin("POST", &format!("/v1/people/p-2/erase?org={ORG}"), None).await.0, 200);
-    server.stop().await;
-    std::fs::remove_dir_all(&data).unwrap();
-    copy_dir(&backup, &data);
-    let server = TestServer::start(&data).await;
+    let server = restored(server, &backup).await;
     let r = a.sync(&server.options()).await.expect("the sync finishes");
     assert_eq!(r.purged, 1, "{r:?}");
     assert!(a.person("p-2").await.is_err(), "the phone purged the erased person");

@@ -60,6 +60,21 @@ async fn offline_records_on_three_devices_converge() {
     server.stop().await;
 }
 
+/// 20,000-character notes from a fixed pseudo-random sequence (xorshift from `seed`):
+/// reproducible, and they barely compress.
+fn notes_that_barely_compress(mut x: u64) -> impl FnMut() -> String {
+    move || {
+        (0..20_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (b'a' + (x % 26) as u8) as char
+            })
+            .collect()
+    }
+}
+
 /// A record filled to the phone's limit between two syncs (megabytes of notes that barely
 /// compress) still reaches the server, and so does the person's withdrawal of consent after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,18 +84,7 @@ async fn a_record_filled_between_syncs_still_syncs_and_so_does_consent() {
     let (a, _) = server.phone(dir.path(), "w-001").await;
     a.register_person(person("p-1", "FULL")).await.unwrap();
     sync(&a, &server).await;
-    // Notes from a fixed pseudo-random sequence: reproducible, and they barely compress.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut noise = || {
-        (0..20_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (b'a' + (x % 26) as u8) as char
-            })
-            .collect::<String>()
-    };
+    let mut noise = notes_that_barely_compress(0x9e37_79b9_7f4a_7c15);
     let mut n = 0;
     while a.record_visit("p-1", visit(&format!("v-{n}"), &noise())).await.is_ok() {
         n += 1;
@@ -108,17 +112,7 @@ async fn entries_refused_for_size_stay_pending_on_the_phone() {
     a.register_person(person("p-1", "FULL")).await.unwrap();
     sync(&a, &server).await;
     sync(&b, &server).await;
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut noise = || {
-        (0..20_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (b'a' + (x % 26) as u8) as char
-            })
-            .collect::<String>()
-    };
+    let mut noise = notes_that_barely_compress(0x2545_f491_4f6c_dd1d);
     for i in 0..30 {
         b.record_visit("p-1", visit(&format!("b-{i}"), &noise())).await.unwrap();
     }
