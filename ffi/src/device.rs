@@ -186,9 +186,9 @@ impl Device {
         // thread: a Python interpreter shutting down aborts when another thread enters it.
         let bridge = Bridge::new(listener.clone());
         let released = bridge.take_released();
-        let flags = bridge.flags();
+        let cancelled = bridge.cancelled();
         let inner = self.core.subscribe(Arc::new(bridge));
-        Arc::new(Subscription { inner, flags, held: Mutex::new(Some((listener, released))) })
+        Arc::new(Subscription { inner, cancelled, held: Mutex::new(Some((listener, released))) })
     }
 
     /// Whether a coordinator revoked this device and its records were deleted. The app should
@@ -255,7 +255,8 @@ type Held = (Arc<dyn DeviceListener>, Option<std::sync::mpsc::Receiver<()>>);
 #[derive(uniffi::Object)]
 pub struct Subscription {
     inner: core::Subscription,
-    flags: Arc<crate::sync::ListenerFlags>,
+    /// Shared with the listener thread: set, it drops what it has not delivered.
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
     /// The app's listener and what answers once the listener thread has let go of it.
     held: Mutex<Option<Held>>,
 }
@@ -266,7 +267,7 @@ impl Subscription {
     /// subscription is destroyed.
     pub fn cancel(&self) {
         use std::sync::atomic::Ordering::SeqCst;
-        self.flags.cancelled.store(true, SeqCst);
+        self.cancelled.store(true, SeqCst);
         self.inner.cancel();
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some((listener, released)) = held {

@@ -3,6 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use peersync_core::sync as core;
@@ -164,34 +165,28 @@ enum Event {
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
+/// The name of every listener thread.
+pub(crate) const LISTENER_THREAD: &str = "peersync-listener";
+
 /// Adapts an app's listener to the core's observer. Events go, in order, to one thread of the
 /// listener's own: an app that waits on a device call inside a callback (Kotlin `runBlocking`)
 /// then blocks only that thread, never the library's runtime or a sync in progress. A listener
 /// that throws must not stop a sync or a write that already happened, so its failures are
 /// contained here.
-/// The name of every listener thread.
-pub(crate) const LISTENER_THREAD: &str = "peersync-listener";
-
 pub(crate) struct Bridge {
     events: std::sync::mpsc::Sender<Event>,
     /// Answers once the listener thread has released the app's listener and ended.
     released: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
-    flags: Arc<ListenerFlags>,
-}
-
-/// Shared with a listener thread.
-#[derive(Default)]
-pub(crate) struct ListenerFlags {
-    /// Cancelled: events not yet delivered are dropped.
-    pub(crate) cancelled: std::sync::atomic::AtomicBool,
+    /// Set when cancelled: events not yet delivered are dropped.
+    cancelled: Arc<AtomicBool>,
 }
 
 impl Bridge {
     pub(crate) fn new(listener: Arc<dyn DeviceListener>) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<Event>();
         let (released_tx, released) = std::sync::mpsc::channel();
-        let flags = Arc::new(ListenerFlags::default());
-        let f = flags.clone();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let dropping = cancelled.clone();
         // The thread ends when the bridge (the subscription or sync holding it) is gone.
         let spawned = std::thread::Builder::new().name(LISTENER_THREAD.into()).spawn(move || {
             use std::sync::atomic::Ordering::SeqCst;
@@ -200,7 +195,7 @@ impl Bridge {
                     let _ = done.send(());
                     continue;
                 }
-                if f.cancelled.load(SeqCst) {
+                if dropping.load(SeqCst) {
                     continue;
                 }
                 let l = listener.as_ref();
@@ -221,11 +216,12 @@ impl Bridge {
         if let Err(e) = spawned {
             tracing::warn!("cannot start a listener thread ({e}); the listener will not be called");
         }
-        Self { events: tx, released: std::sync::Mutex::new(Some(released)), flags }
+        Self { events: tx, released: std::sync::Mutex::new(Some(released)), cancelled }
     }
 
-    pub(crate) fn flags(&self) -> Arc<ListenerFlags> {
-        self.flags.clone()
+    /// What a subscription sets to stop delivery (see `Subscription::cancel`).
+    pub(crate) fn cancelled(&self) -> Arc<AtomicBool> {
+        self.cancelled.clone()
     }
 
     /// What answers once the listener thread has ended (taken once: a subscription waits on
