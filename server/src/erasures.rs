@@ -93,7 +93,7 @@ impl ErasureLedger {
         let mut f = self.open_append().map_err(|err| self.error(format!("cannot open: {err}")))?;
         // After a write cut short (no newline at the end), start a line of its own: appended
         // to the torn one, this erasure would be unreadable with it.
-        let torn = std::fs::read(&self.path).map(|b| b.last().is_some_and(|c| *c != b'\n')).unwrap_or(false);
+        let torn = last_byte(&self.path).is_some_and(|c| c != b'\n');
         if torn {
             line.insert(0, b'\n');
         }
@@ -123,6 +123,16 @@ impl ErasureLedger {
         }
         Ok(out)
     }
+}
+
+/// The file's last byte, if it has one.
+fn last_byte(path: &Path) -> Option<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    f.seek(SeekFrom::End(-1)).ok()?;
+    let mut b = [0u8];
+    f.read_exact(&mut b).ok()?;
+    Some(b[0])
 }
 
 #[cfg(test)]

@@ -214,12 +214,8 @@ impl Inner {
         let msg = SyncMessage::decode(msg).map_err(|e| CoreError::document(id, e))?;
         send_needed_again(state, &msg);
         let mut st = self.lock();
-        // An answer for a person purged meanwhile is not taken: it would bring them back.
-        if !st.docs.contains_key(id) && self.store.load_doc(id)?.is_none() {
-            return Ok(false);
-        }
         let mut changed = false;
-        self.write(&mut st, id, crate::device::Written::Import, |doc| {
+        let written = self.write(&mut st, id, crate::device::Written::Import, |doc| {
             let before = doc.heads();
             doc.automerge_mut().receive_sync_message(state, msg).map_err(|e| CoreError::document(id, e))?;
             if doc.heads() == before {
@@ -227,8 +223,13 @@ impl Inner {
             }
             changed = true;
             Ok((vec![doc.automerge().save_after(&before)], ()))
-        })?;
-        Ok(changed)
+        });
+        match written {
+            Ok(()) => Ok(changed),
+            // An answer for a person purged meanwhile is not taken: it would bring them back.
+            Err(CoreError::UnknownPerson(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// One reconciliation step for `ids`, under one lock: the next sync message of each document
