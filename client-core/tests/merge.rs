@@ -353,3 +353,152 @@ async fn an_import_that_brings_nothing_leaves_no_empty_person_behind() {
     }
     assert!(a.people().await.unwrap().is_empty());
 }
+
+/// Documents written before visits and check-ins were held as `original` JSON text (every
+/// field its own key, lists as automerge lists) read exactly as the same records written now,
+/// take edits, and merge with edits from phones of either kind.
+#[test]
+fn records_in_the_earlier_layout_read_the_same_and_take_edits() {
+    use automerge::ScalarValue;
+    use peersync_core::{Checkin, Consent, Person, Visit};
+
+    let person = Person {
+        id: "p-1".into(),
+        alias: "KM-1".into(),
+        year_of_birth: 1980,
+        workers: vec!["w-1".into(), "w-2".into()],
+        created_by: "w-1".into(),
+        created_at: t(1, 9),
+    };
+    let consent = Consent { record: true, share_with_coordinator: true, research: false, updated_at: t(1, 9) };
+    let visit = Visit {
+        id: "v-1".into(),
+        by: "w-1".into(),
+        started_at: t(2, 10),
+        duration_min: 45,
+        mode: "in_person".into(),
+        setting: "home".into(),
+        activities: vec!["support".into(), "advocacy".into()],
+        goals: vec!["housing".into()],
+        referrals: vec![],
+        notes: "went to the housing office together".into(),
+        follow_up: Some(t(9, 10).date_naive()),
+        recorded_at: t(2, 11),
+    };
+    let checkin = Checkin {
+        id: "c-1".into(),
+        by: "w-1".into(),
+        taken_at: t(2, 12),
+        wellbeing: vec![3, 4, 2, 5, 1, 3, 4],
+        distress: 2,
+        coping: 4,
+        social_support: 3,
+        self_efficacy: 3,
+        quality_of_life: 4,
+        housing: "stable".into(),
+        employment: "training".into(),
+        hospital_nights_28d: 0,
+        substance_use_days_28d: None,
+    };
+
+    // Written now.
+    let (mut now, _) = PersonDoc::create("p-1", ActorId::from(vec![1; 16]));
+    now.write_profile(&person, &consent).unwrap();
+    now.add_visit(&visit).unwrap();
+    now.add_checkin(&checkin).unwrap();
+    // A new visit or check-in is two operations (its map and `original`), which is what
+    // makes loading a record cheap.
+    for id in ["v-1", "c-1"] {
+        let map = ["visits", "checkins"].iter().find_map(|s| {
+            let (_, section) = now.automerge().get(ROOT, *s).unwrap()?;
+            now.automerge().get(&section, id).unwrap()
+        });
+        assert!(map.is_some(), "{id} is a map");
+    }
+    let ops: usize = now.automerge().get_changes(&[]).iter().rev().take(2).map(|c| c.len()).sum();
+    assert_eq!(ops, 4, "a visit and a check-in take two operations each");
+
+    // Written the earlier way, by hand.
+    let (mut before, _) = PersonDoc::create("p-1", ActorId::from(vec![2; 16]));
+    let ms = |t: chrono::DateTime<chrono::Utc>| ScalarValue::Timestamp(t.timestamp_millis());
+    let doc = before.automerge_mut();
+    let section = |doc: &Automerge, s: &str| doc.get(ROOT, s).unwrap().unwrap().1;
+    let (profile, consent_map, visits, checkins) =
+        (section(doc, "profile"), section(doc, "consent"), section(doc, "visits"), section(doc, "checkins"));
+    let mut tx = doc.transaction();
+    let list = |tx: &mut automerge::transaction::Transaction<'_>, obj: &automerge::ObjId, key: &str, items: Vec<ScalarValue>| {
+        let l = tx.put_object(obj, key, ObjType::List).unwrap();
+        for (i, item) in items.into_iter().enumerate() {
+            tx.insert(&l, i, item).unwrap();
+        }
+    };
+    let strs = |v: &[String]| v.iter().map(|s| ScalarValue::from(s.as_str())).collect::<Vec<_>>();
+    tx.put(&profile, "id", "p-1").unwrap();
+    tx.put(&profile, "alias", "KM-1").unwrap();
+    tx.put(&profile, "year_of_birth", 1980i64).unwrap();
+    list(&mut tx, &profile, "workers", strs(&person.workers));
+    tx.put(&profile, "created_by", "w-1").unwrap();
+    tx.put(&profile, "created_at", ms(person.created_at)).unwrap();
+    tx.put(&consent_map, "record", true).unwrap();
+    tx.put(&consent_map, "share_with_coordinator", true).unwrap();
+    tx.put(&consent_map, "research", false).unwrap();
+    tx.put(&consent_map, "updated_at", ms(consent.updated_at)).unwrap();
+    let v = tx.put_object(&visits, "v-1", ObjType::Map).unwrap();
+    tx.put(&v, "by", "w-1").unwrap();
+    tx.put(&v, "started_at", ms(visit.started_at)).unwrap();
+    tx.put(&v, "duration_min", 45i64).unwrap();
+    tx.put(&v, "mode", "in_person").unwrap();
+    tx.put(&v, "setting", "home").unwrap();
+    list(&mut tx, &v, "activities", strs(&visit.activities));
+    list(&mut tx, &v, "goals", strs(&visit.goals));
+    list(&mut tx, &v, "referrals", vec![]);
+    tx.put(&v, "notes", visit.notes.as_str()).unwrap();
+    tx.put(&v, "follow_up", visit.follow_up.unwrap().format("%Y-%m-%d").to_string()).unwrap();
+    tx.put(&v, "recorded_at", ms(visit.recorded_at)).unwrap();
+    let c = tx.put_object(&checkins, "c-1", ObjType::Map).unwrap();
+    tx.put(&c, "by", "w-1").unwrap();
+    tx.put(&c, "taken_at", ms(checkin.taken_at)).unwrap();
+    list(&mut tx, &c, "wellbeing", checkin.wellbeing.iter().map(|w| ScalarValue::Int(*w as i64)).collect());
+    for (k, n) in [("distress", 2i64), ("coping", 4), ("social_support", 3), ("self_efficacy", 3), ("quality_of_life", 4)] {
+        tx.put(&c, k, n).unwrap();
+    }
+    tx.put(&c, "housing", "stable").unwrap();
+    tx.put(&c, "employment", "training").unwrap();
+    tx.put(&c, "hospital_nights_28d", 0i64).unwrap();
+    tx.put(&c, "substance_use_days_28d", ScalarValue::Null).unwrap();
+    tx.commit();
+
+    let expected = now.record().unwrap();
+    assert_eq!(expected.visits, vec![visit.clone()]);
+    assert_eq!(expected.checkins, vec![checkin]);
+    assert_eq!(expected.person, person);
+    assert_eq!(before.record().unwrap(), expected, "the earlier layout reads as the same record");
+    assert_eq!(before.summary().unwrap(), now.summary().unwrap());
+
+    // Edits: the edited fields win over what was recorded, on either layout.
+    let edit = VisitEdit { activities: Some(vec!["listening".into()]), duration_min: Some(60), ..Default::default() };
+    for doc in [&mut now, &mut before] {
+        doc.edit_visit("v-1", &edit, t(3, 9)).unwrap();
+        let v = &doc.record().unwrap().visits[0];
+        assert_eq!((v.activities.as_slice(), v.duration_min, v.notes.as_str()), (&["listening".to_string()][..], 60, visit.notes.as_str()));
+    }
+
+    // A list edited at once on a phone of each kind: one winner everywhere, both shown as lists.
+    let (mut new_phone, _) = PersonDoc::create("p-1", ActorId::from(vec![3; 16]));
+    new_phone.automerge_mut().merge(&mut before.automerge().clone()).unwrap();
+    let v = new_phone.automerge().get(&section(new_phone.automerge(), "visits"), "v-1").unwrap().unwrap().1;
+    let mut tx = before.automerge_mut().transaction();
+    list(&mut tx, &v, "goals", strs(&["employment".to_string()]));
+    tx.commit();
+    new_phone.edit_visit("v-1", &VisitEdit { goals: Some(vec!["education".into()]), ..Default::default() }, t(3, 10)).unwrap();
+    let mut other = new_phone.automerge().clone();
+    before.automerge_mut().merge(&mut other).unwrap();
+    new_phone.automerge_mut().merge(&mut before.automerge().clone()).unwrap();
+    let (ra, rb) = (before.record().unwrap(), new_phone.record().unwrap());
+    assert_eq!(ra, rb);
+    let conflict = ra.conflicts.iter().find(|c| c.field == "visits/v-1/goals").expect("the goals conflict");
+    let mut shown = conflict.values.clone();
+    shown.sort();
+    assert_eq!(shown, ["[\"education\"]", "[\"employment\"]"]);
+    assert_eq!(conflict.values[0], serde_json::to_string(&ra.visits[0].goals).unwrap(), "the winner is listed first");
+}
