@@ -14,7 +14,10 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u8 = 1;
+/// 2 since person documents hold a visit or check-in as one `original` JSON text (see
+/// `document`): a phone of version 1 would sync such records but not show them, so it is told
+/// to update instead.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest frame accepted on the wire (compressed).
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
 /// Largest payload once decompressed: a compression bomb stops here.
@@ -248,11 +251,13 @@ mod tests {
         assert_eq!(decode::<ClientMsg>(&[]), Err(ProtocolError::Empty));
         assert_eq!(decode::<ClientMsg>(&[1]), Err(ProtocolError::Empty));
         assert_eq!(decode::<ClientMsg>(&[9, 0, 0]), Err(ProtocolError::UnsupportedVersion(9)));
-        assert!(matches!(decode::<ClientMsg>(&[1, 7, 0]), Err(ProtocolError::UnknownFlags(7))));
-        assert!(matches!(decode::<ClientMsg>(&[1, 0, 200, 1, 2]), Err(ProtocolError::Garbled(_))));
-        assert!(matches!(decode::<ClientMsg>(&[1, 1, 1, 2, 3, 4]), Err(ProtocolError::Garbled(_))));
+        // A phone from before `original` (version 1) is told its version is not spoken.
+        assert_eq!(decode::<ClientMsg>(&[1, 0, 0]), Err(ProtocolError::UnsupportedVersion(1)));
+        assert!(matches!(decode::<ClientMsg>(&[PROTOCOL_VERSION, 7, 0]), Err(ProtocolError::UnknownFlags(7))));
+        assert!(matches!(decode::<ClientMsg>(&[PROTOCOL_VERSION, 0, 200, 1, 2]), Err(ProtocolError::Garbled(_))));
+        assert!(matches!(decode::<ClientMsg>(&[PROTOCOL_VERSION, 1, 1, 2, 3, 4]), Err(ProtocolError::Garbled(_))));
         // A length prefix claiming far more than is there.
-        assert!(matches!(decode::<ClientMsg>(&[1, 0, 1, 0xff, 0xff, 0xff, 0xff, 0x0f]), Err(ProtocolError::Garbled(_))));
+        assert!(matches!(decode::<ClientMsg>(&[PROTOCOL_VERSION, 0, 1, 0xff, 0xff, 0xff, 0xff, 0x0f]), Err(ProtocolError::Garbled(_))));
         // Trailing bytes after a valid message.
         let mut f = encode(&ClientMsg::Fetch { skip: vec![] }).unwrap();
         f.push(0);

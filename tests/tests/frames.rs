@@ -40,9 +40,11 @@ async fn bad_frames_get_an_error_and_a_clean_close() {
     let server = TestServer::start(&dir.path().join("server")).await;
     let (raw_phone, _) = server.phone(dir.path(), "w-004").await;
 
-    expect_error(&server, &raw_phone, Message::Binary(vec![1, 0, 0xff, 0xff, 0xff].into()), ErrorCode::BadFrame).await;
+    expect_error(&server, &raw_phone, Message::Binary(vec![protocol::PROTOCOL_VERSION, 0, 0xff, 0xff, 0xff].into()), ErrorCode::BadFrame).await;
     expect_error(&server, &raw_phone, Message::Binary(vec![].into()), ErrorCode::BadFrame).await;
     expect_error(&server, &raw_phone, Message::Binary(vec![77, 0, 1].into()), ErrorCode::UnsupportedVersion).await;
+    // A phone of protocol version 1 (person documents before `original`) is told to update.
+    expect_error(&server, &raw_phone, Message::Binary(vec![1, 0, 1].into()), ErrorCode::UnsupportedVersion).await;
     expect_error(&server, &raw_phone, Message::Text("hello".into()), ErrorCode::BadFrame).await;
     let push = protocol::encode(&protocol::ClientMsg::Push { docs: vec![], more: false }).unwrap();
     expect_error(&server, &raw_phone, Message::Binary(push.into()), ErrorCode::Unexpected).await;
