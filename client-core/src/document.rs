@@ -389,7 +389,7 @@ impl RecordReader<'_> {
             if !matches!(item.value, ValueRef::Object(ObjType::Map)) {
                 continue;
             }
-            let obj = r.fields(&item.id());
+            let obj = r.entry(&item.id());
             let Some(core) = r.visit_core(&obj) else { continue };
             visits += 1;
             conflicts += r.conflict_count(&obj);
@@ -401,7 +401,7 @@ impl RecordReader<'_> {
         let mut checkins = 0u32;
         let cmap = self.section("checkins")?;
         for item in self.doc.map_range(&cmap, ..) {
-            if matches!(item.value, ValueRef::Object(ObjType::Map)) && r.checkin(&r.fields(&item.id()), &item.key).is_some() {
+            if matches!(item.value, ValueRef::Object(ObjType::Map)) && r.checkin(&r.entry(&item.id()), &item.key).is_some() {
                 checkins += 1;
             }
         }
@@ -457,7 +457,7 @@ impl RecordReader<'_> {
             if !matches!(item.value, ValueRef::Object(ObjType::Map)) {
                 continue;
             }
-            let obj = r.fields(&item.id());
+            let obj = r.entry(&item.id());
             if let Some(v) = r.visit(&obj, &key) {
                 if !obj.conflicted.is_empty() {
                     r.conflicts(&obj, &format!("visits/{key}"), &mut conflicts);
@@ -474,7 +474,7 @@ impl RecordReader<'_> {
             if !matches!(item.value, ValueRef::Object(ObjType::Map)) {
                 continue;
             }
-            if let Some(c) = r.checkin(&r.fields(&item.id()), &key) {
+            if let Some(c) = r.checkin(&r.entry(&item.id()), &key) {
                 checkins.push(c);
             }
         }
@@ -609,19 +609,31 @@ enum Val<'f, 'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// The fields of a map (profile, consent, a consent statement).
     fn fields(&self, obj: &ObjId) -> Fields<'a> {
+        self.read_map(obj, false)
+    }
+
+    /// The fields of a visit or check-in: its own (edited) fields over `original`'s.
+    fn entry(&self, obj: &ObjId) -> Fields<'a> {
+        self.read_map(obj, true)
+    }
+
+    fn read_map(&self, obj: &ObjId, entry: bool) -> Fields<'a> {
         let mut items = Vec::new();
         let mut conflicted = Vec::new();
         let mut original = None;
         for item in self.doc.map_range(obj, ..) {
+            if entry && item.key == ORIGINAL {
+                // Written once, with its map: two values only from a buggy or hostile peer,
+                // not an edit to show as a conflict; the winner is read.
+                if let ValueRef::Scalar(ScalarValueRef::Str(text)) = &item.value {
+                    original = serde_json::from_str(text).ok();
+                }
+                continue;
+            }
             if item.conflict {
                 conflicted.push(item.key.to_string());
-            }
-            if item.key == ORIGINAL
-                && let ValueRef::Scalar(ScalarValueRef::Str(text)) = &item.value
-            {
-                original = serde_json::from_str(text).ok();
-                continue;
             }
             let obj = matches!(item.value, ValueRef::Object(_)).then(|| item.id());
             items.push(Field { key: item.key, value: item.value, obj });
@@ -695,9 +707,12 @@ impl<'a> Reader<'a> {
             Val::List(list) => Some(
                 self.doc
                     .list_range(list, ..)
-                    .filter_map(|item| match Value::from(item.value) {
-                        Value::Scalar(s) => Some(scalar_json(&s)),
-                        Value::Object(_) => None,
+                    .filter_map(|item| match item.value {
+                        // As lists were read before JSON text: strings and integers; any other
+                        // item reads as null, which no string list keeps and no score accepts.
+                        ValueRef::Scalar(ScalarValueRef::Str(s)) => Some(serde_json::Value::String(s.to_string())),
+                        ValueRef::Scalar(s) => Some(scalar_int(&s).map_or(serde_json::Value::Null, serde_json::Value::from)),
+                        ValueRef::Object(_) => None,
                     })
                     .collect(),
             ),

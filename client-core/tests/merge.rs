@@ -501,4 +501,30 @@ fn records_in_the_earlier_layout_read_the_same_and_take_edits() {
     shown.sort();
     assert_eq!(shown, ["[\"education\"]", "[\"employment\"]"]);
     assert_eq!(conflict.values[0], serde_json::to_string(&ra.visits[0].goals).unwrap(), "the winner is listed first");
+
+    // Damage, as a buggy or hostile peer could write it: an earlier-layout list item that is
+    // neither text nor a number is dropped as it always was; a visit whose `original` is not a
+    // JSON object is skipped, not the record; `original` means nothing outside visits and
+    // check-ins (a profile without its id stays damaged).
+    let (mut damaged, _) = PersonDoc::create("p-1", ActorId::from(vec![4; 16]));
+    damaged.automerge_mut().merge(&mut now.automerge().clone()).unwrap();
+    let doc = damaged.automerge_mut();
+    let (profile, visits) = (section(doc, "profile"), section(doc, "visits"));
+    let v1 = doc.get(&visits, "v-1").unwrap().unwrap().1;
+    let mut tx = doc.transaction();
+    list(&mut tx, &v1, "referrals", vec![ScalarValue::from("peer_group"), ScalarValue::Timestamp(0), ScalarValue::F64(1.5)]);
+    for (id, text) in [("v-2", "[1, 2]"), ("v-3", "{\"by\": "), ("v-4", "7")] {
+        let v = tx.put_object(&visits, id, ObjType::Map).unwrap();
+        tx.put(&v, "original", text).unwrap();
+    }
+    tx.commit();
+    let record = damaged.record().unwrap();
+    assert_eq!(record.visits.len(), 1, "the damaged visits are skipped: {:?}", record.visits);
+    assert_eq!(record.visits[0].referrals, ["peer_group"]);
+    assert_eq!(damaged.summary().unwrap().visits, 1);
+    let mut tx = damaged.automerge_mut().transaction();
+    tx.delete(&profile, "id").unwrap();
+    tx.put(&profile, "original", r#"{"id": "p-1"}"#).unwrap();
+    tx.commit();
+    assert!(damaged.record().is_err(), "a profile without its id is damaged, `original` or not");
 }
