@@ -94,7 +94,7 @@ fn ts(t: DateTime<Utc>) -> ScalarValue {
 
 fn date(d: Option<NaiveDate>) -> ScalarValue {
     match d {
-        Some(d) => ScalarValue::Str(d.format("%Y-%m-%d").to_string().into()),
+        Some(d) => ScalarValue::Str(d.format(DAY).to_string().into()),
         None => ScalarValue::Null,
     }
 }
@@ -103,6 +103,9 @@ fn date(d: Option<NaiveDate>) -> ScalarValue {
 fn list_text<T: Serialize>(items: &[T]) -> String {
     serde_json::to_string(items).expect("a list of strings or numbers always serialises")
 }
+
+/// How a day (a follow-up date) is written, in a field and in `original` alike.
+const DAY: &str = "%Y-%m-%d";
 
 /// The key of a visit's or check-in's fields as recorded (see the module's documentation).
 const ORIGINAL: &str = "original";
@@ -269,7 +272,7 @@ impl PersonDoc {
                 "goals": v.goals,
                 "referrals": v.referrals,
                 "notes": v.notes,
-                "follow_up": v.follow_up.map(|d| d.format("%Y-%m-%d").to_string()),
+                "follow_up": v.follow_up.map(|d| d.format(DAY).to_string()),
                 "recorded_at": v.recorded_at.timestamp_millis(),
             });
             tx.put(&obj, ORIGINAL, original.to_string())
@@ -695,7 +698,7 @@ impl<'a> Reader<'a> {
             Val::Json(serde_json::Value::String(s)) => s.as_str(),
             _ => return None,
         };
-        NaiveDate::parse_from_str(text, "%Y-%m-%d").ok().map(Some)
+        NaiveDate::parse_from_str(text, DAY).ok().map(Some)
     }
 
     /// A list's items: from JSON text, the original, or (documents written before lists were
