@@ -208,6 +208,10 @@ impl AppState {
         }
         let keyring = Keyring::open(&data_dir.join("keys"))?;
         let state = Self::new(Arc::new(kv), keyring, shutdown, opts);
+        let indexed = state.dir.index_caseloads()?;
+        if indexed > 0 {
+            tracing::info!(assignments = indexed, "indexed the assignments by worker (a data directory from an earlier version)");
+        }
         state.reapply_erasures()?;
         Ok(state)
     }
@@ -520,6 +524,16 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use axum::serve::Listener;
+
+    /// Opening a data directory builds the caseload index if it lacks it, so that downloads
+    /// read a worker's caseload instead of the organisation's whole log.
+    #[test]
+    fn a_data_directory_opens_with_its_caseloads_indexed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let state = super::AppState::open(&tmp.path().join("d"), rx, super::Options::default()).unwrap();
+        assert_eq!(state.dir.caseload("o", "w").unwrap(), Some(Vec::new()));
+    }
 
     /// The data directory holds the person keys: no other user of the machine may read it.
     #[cfg(unix)]

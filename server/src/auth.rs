@@ -87,6 +87,14 @@ pub trait Access: Send + Sync + 'static {
     fn verdicts(&self, who: &DeviceIdentity, docs: &[&str], since: u64) -> Result<Vec<Verdict>, StoreError> {
         docs.iter().map(|doc| verdict(self, who, doc, since)).collect()
     }
+    /// Every document of which `verdicts` could say anything but `Nothing` to `who` with cursor
+    /// `since` (more is allowed, none may be missing), if the implementation can list them
+    /// without reading the whole organisation. A download then reads the log entries of these
+    /// instead of walking the log: a fresh phone's first download costs its caseload, not its
+    /// organisation. `None` (the default) walks the log.
+    fn candidates(&self, _who: &DeviceIdentity, _since: u64) -> Result<Option<Vec<String>>, StoreError> {
+        Ok(None)
+    }
     /// `None` if `who` may change `doc` (`exists`: the server holds it already), else the
     /// refusal to send back for that document.
     fn check_write(&self, who: &DeviceIdentity, doc: &str, exists: bool) -> Result<Option<AckStatus>, StoreError>;
@@ -215,6 +223,25 @@ impl<S: LocalStore> Access for Assignments<S> {
                 Ok(if unassigned.get(*doc).is_some_and(|at| *at > since) { Verdict::Purge } else { Verdict::Nothing })
             })
             .collect()
+    }
+
+    /// The worker's caseload (nothing if the device was revoked), the people taken from the
+    /// worker after `since`, and the erased people the worker had: `verdicts` reads an
+    /// assignment, an unassignment or a tombstone naming the worker for anything else.
+    fn candidates(&self, who: &DeviceIdentity, since: u64) -> Result<Option<Vec<String>>, StoreError> {
+        let mut docs = if who.revoked {
+            Vec::new()
+        } else {
+            match self.dir.caseload(&who.org, &who.worker)? {
+                Some(docs) => docs,
+                None => return Ok(None),
+            }
+        };
+        docs.extend(self.dir.unassignments(&who.org, &who.worker)?.into_iter().filter(|(_, at)| *at > since).map(|(doc, _)| doc));
+        docs.extend(self.dir.tombstones(&who.org)?.into_iter().filter(|(_, t)| t.workers.contains(&who.worker)).map(|(doc, _)| doc));
+        docs.sort_unstable();
+        docs.dedup();
+        Ok(Some(docs))
     }
 
     fn check_write(&self, who: &DeviceIdentity, doc: &str, exists: bool) -> Result<Option<AckStatus>, StoreError> {

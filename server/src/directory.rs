@@ -4,8 +4,9 @@
 //! itself access.
 //!
 //! Stored over the same ordered key-value store as the documents, under its own key prefixes:
-//! `o` org, `c` coordinator, `w` worker, `x` device, `n` enrollment code, `a` assignment,
-//! `u` unassignment, `z` tombstone, `q` consent.
+//! `o` org, `c` coordinator, `w` worker, `x` device, `n` enrollment code, `a` assignment
+//! (org, person, worker), `k` the same by worker (org, worker, person: a worker's caseload
+//! without reading the whole organisation), `u` unassignment, `z` tombstone, `q` consent.
 
 use std::collections::HashMap;
 
@@ -155,6 +156,9 @@ pub struct Directory<S: LocalStore> {
     /// must not both get in.
     enrolling: std::sync::Mutex<()>,
 }
+
+/// Present once the caseload index (`k`) holds every assignment.
+const CASELOAD_INDEX: &[u8] = b"!caseload-index";
 
 fn key(tag: u8, parts: &[&str]) -> Vec<u8> {
     let mut k = vec![tag];
@@ -412,6 +416,38 @@ impl<S: LocalStore> Directory<S> {
         self.get(&key(b'a', &[org, doc, worker]))
     }
 
+    /// The people assigned to `worker`, if this store has the caseload index (see
+    /// [`Self::index_caseloads`]); `None` means it must be found from the assignments.
+    pub fn caseload(&self, org: &str, worker: &str) -> Result<Option<Vec<String>>, StoreError> {
+        if self.kv.get(CASELOAD_INDEX)?.is_none() {
+            return Ok(None);
+        }
+        let prefix = key(b'k', &[org, worker, ""]);
+        Ok(Some(self.kv.keys_with_prefix(&prefix)?.into_iter().map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned()).collect()))
+    }
+
+    /// Build the caseload index (`k`) from the assignments if this store does not have it: a
+    /// data directory written before the index existed. One atomic write, index and mark
+    /// together; returns how many assignments it indexed (0 when the index was there).
+    pub fn index_caseloads(&self) -> Result<usize, StoreError> {
+        if self.kv.get(CASELOAD_INDEX)?.is_some() {
+            return Ok(0);
+        }
+        let mut writes = Vec::new();
+        for k in self.kv.keys_with_prefix(b"a")? {
+            let parts: Vec<&[u8]> = k[1..].split(|b| *b == 0).collect();
+            let [org, doc, worker] = parts[..] else {
+                return Err(StoreError::Corrupt { key: String::from_utf8_lossy(&k).into_owned(), reason: "an assignment key is org, person, worker".into() });
+            };
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            writes.push(Write::Put(key(b'k', &[&text(org), &text(worker), &text(doc)]), Vec::new()));
+        }
+        let n = writes.len();
+        writes.push(Write::Put(CASELOAD_INDEX.to_vec(), Vec::new()));
+        self.kv.apply(writes)?;
+        Ok(n)
+    }
+
     pub fn assigned_workers(&self, org: &str, doc: &str) -> Result<Vec<String>, StoreError> {
         let prefix = key(b'a', &[org, doc, ""]);
         Ok(self.kv.keys_with_prefix(&prefix)?.into_iter().map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned()).collect())
@@ -428,18 +464,21 @@ impl<S: LocalStore> Directory<S> {
                 continue;
             }
             if self.assignment(org, doc, w)?.is_none() {
+                // The caseload index first, on its own: after a crash it may name a person the
+                // worker lacks (a download then checks the assignment and sends nothing), never
+                // miss one the worker has.
+                self.kv.apply_deferred(vec![Write::Put(key(b'k', &[org, w, doc]), Vec::new())])?;
                 let mut writes = vec![Write::Put(key(b'a', &[org, doc, w]), enc(&Assignment { granted_seq, by: by.into(), at: Utc::now() }))];
                 // Only if there is one: a new person's assignment is then a single write.
                 let unassigned = key(b'u', &[org, w, doc]);
                 if self.kv.get(&unassigned)?.is_some() {
                     writes.push(Write::Delete(unassigned));
                 }
-                // One apply per worker, not one for all: each worker's assignment stands on its
-                // own, and a one-write apply is a plain insert where a multi-write one is a sled
-                // batch that seals and writes the log (a person shared by two workers cost one
-                // log write each in a first upload). After a crash the store holds a prefix of
-                // these writes; the push they belong to was not acknowledged, and its retry
-                // assigns whoever is still missing.
+                // One apply per write where it can be, not one for all: a one-write apply is a
+                // plain insert where a multi-write one is a sled batch that seals and writes the
+                // log (a person shared by two workers cost one log write each in a first
+                // upload). After a crash the store holds a prefix of these writes; the push they
+                // belong to was not acknowledged, and its retry assigns whoever is still missing.
                 self.kv.apply_deferred(writes)?;
             }
         }
@@ -447,7 +486,11 @@ impl<S: LocalStore> Directory<S> {
     }
 
     pub fn unassign(&self, org: &str, doc: &str, worker: &str, seq: u64) -> Result<(), StoreError> {
-        self.kv.apply(vec![Write::Delete(key(b'a', &[org, doc, worker])), Write::Put(key(b'u', &[org, worker, doc]), enc(&seq))])
+        self.kv.apply(vec![
+            Write::Delete(key(b'a', &[org, doc, worker])),
+            Write::Delete(key(b'k', &[org, worker, doc])),
+            Write::Put(key(b'u', &[org, worker, doc]), enc(&seq)),
+        ])
     }
 
     /// The log position at which `worker` lost `doc`, if it did.
@@ -484,11 +527,12 @@ impl<S: LocalStore> Directory<S> {
         let workers = self.assigned_workers(org, doc)?;
         let shared = self.consent(org, doc)?.is_some_and(|c| c.share_with_coordinator);
         let mut writes = vec![
-            Write::Put(key(b'z', &[org, doc]), enc(&Tombstone { erased_at: Utc::now(), by: by.into(), workers, shared })),
+            Write::Put(key(b'z', &[org, doc]), enc(&Tombstone { erased_at: Utc::now(), by: by.into(), workers: workers.clone(), shared })),
             Write::Delete(key(b'q', &[org, doc])),
         ];
-        for k in self.kv.keys_with_prefix(&key(b'a', &[org, doc, ""]))? {
-            writes.push(Write::Delete(k));
+        for w in &workers {
+            writes.push(Write::Delete(key(b'a', &[org, doc, w])));
+            writes.push(Write::Delete(key(b'k', &[org, w, doc])));
         }
         self.kv.apply(writes)
     }
@@ -526,6 +570,40 @@ mod tests {
         d.create_org("org1", "Org One").unwrap();
         d.add_worker("org1", "w-001", "Asha", "peer_advocate").unwrap();
         d
+    }
+
+    /// A worker's caseload, as the index has it: every person assigned, no one else, in
+    /// another organisation or another worker's (whose id begins with this one's) included.
+    #[test]
+    fn the_caseload_index_follows_assignments_and_is_built_for_an_earlier_store() {
+        let d = dir();
+        d.add_worker("org1", "w-0010", "Bela", "peer_advocate").unwrap();
+        d.create_org("org2", "Org Two").unwrap();
+        d.add_worker("org2", "w-001", "Chen", "peer_advocate").unwrap();
+        // Written the way a store from before the index was: assignments alone.
+        d.kv.apply(vec![
+            Write::Put(key(b'a', &["org1", "p-1", "w-001"]), enc(&Assignment { granted_seq: 1, by: "c".into(), at: Utc::now() })),
+            Write::Put(key(b'a', &["org1", "p-2", "w-0010"]), enc(&Assignment { granted_seq: 2, by: "c".into(), at: Utc::now() })),
+            Write::Put(key(b'a', &["org2", "p-3", "w-001"]), enc(&Assignment { granted_seq: 3, by: "c".into(), at: Utc::now() })),
+        ])
+        .unwrap();
+        assert_eq!(d.caseload("org1", "w-001").unwrap(), None, "not built yet: no answer rather than a wrong one");
+        assert_eq!(d.index_caseloads().unwrap(), 3);
+        assert_eq!(d.index_caseloads().unwrap(), 0);
+        let caseload = |org: &str, w: &str| d.caseload(org, w).unwrap().unwrap();
+        assert_eq!(caseload("org1", "w-001"), ["p-1"]);
+        assert_eq!(caseload("org1", "w-0010"), ["p-2"]);
+        assert_eq!(caseload("org2", "w-001"), ["p-3"]);
+        d.assign("org1", "p-4", &["w-001".into(), "w-0010".into()], 4, "c").unwrap();
+        d.assign("org1", "p-1", &["w-001".into()], 5, "c").unwrap();
+        assert_eq!(caseload("org1", "w-001"), ["p-1", "p-4"]);
+        d.unassign("org1", "p-1", "w-001", 6).unwrap();
+        assert_eq!(caseload("org1", "w-001"), ["p-4"]);
+        d.bury("org1", "p-4", "c").unwrap();
+        assert!(caseload("org1", "w-001").is_empty());
+        assert_eq!(caseload("org1", "w-0010"), ["p-2"]);
+        d.assign("org1", "p-1", &["w-001".into()], 7, "c").unwrap();
+        assert_eq!(caseload("org1", "w-001"), ["p-1"], "given back");
     }
 
     #[test]

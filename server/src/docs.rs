@@ -341,6 +341,9 @@ pub struct Download {
     since: Cursor,
     /// Where the device stands once it has stored the batches produced so far.
     cursor: Cursor,
+    /// Where it stands after the last batch, when `entries` are only some of the log's up to
+    /// this head (see [`DocHub::start_download`]); else after the last entry.
+    end: Option<Cursor>,
     finished: bool,
 }
 
@@ -692,7 +695,7 @@ impl DocHub {
         batch_bytes: usize,
         mut emit: impl FnMut(DocsBatch) -> bool,
     ) -> Result<Cursor, StoreError> {
-        let mut dl = self.start_download(&who.org, since)?;
+        let mut dl = self.start_download(who, access, since)?;
         while let Some(batch) = self.next_batch(&mut dl, who, access, pushed, skip, batch_bytes)? {
             if !emit(batch) {
                 break;
@@ -703,9 +706,21 @@ impl DocHub {
 
     /// A download of what changed since `since`, to be produced with [`DocHub::next_batch`]
     /// one batch at a time (so that no thread waits for the device between batches).
-    pub fn start_download(&self, org: &str, since: Cursor) -> Result<Download, StoreError> {
-        let entries = self.store.changed_since(org, since.seq)?;
-        Ok(Download { entries: entries.into_iter(), held: Vec::new(), since, cursor: since, finished: false })
+    ///
+    /// It reads the log entries of the documents `access` names as candidates when there are
+    /// fewer of them than log positions to walk (a fresh phone: its caseload, not its whole
+    /// organisation), else the log from `since`. Both give the same batches: the entries left
+    /// out are those whose verdict is `Nothing`. The head is read first, so a document whose
+    /// access changes afterwards has its entry moved past the head, to the device's next sync.
+    pub fn start_download(&self, who: &DeviceIdentity, access: &dyn Access, since: Cursor) -> Result<Download, StoreError> {
+        let org = who.org.as_str();
+        let head = self.store.head(org)?;
+        let span = head.seq.saturating_sub(since.seq);
+        let (entries, end) = match access.candidates(who, since.seq)? {
+            Some(docs) if (docs.len() as u64) < span => (self.store.entries_of(org, &docs, since.seq, head.seq)?, Some(head)),
+            _ => (self.store.changed_since(org, since.seq)?, None),
+        };
+        Ok(Download { entries: entries.into_iter(), held: Vec::new(), since, cursor: since, end, finished: false })
     }
 
     /// The next batch of `dl` (see [`DocHub::download`]): bounded by `batch_bytes`; the last
@@ -777,6 +792,11 @@ impl DocHub {
                     return Ok(Some(DocsBatch { docs, purge, cursor: dl.cursor, remaining }));
                 }
             }
+        }
+        if let Some(end) = dl.end
+            && end.seq > dl.cursor.seq
+        {
+            dl.cursor = end;
         }
         if dl.cursor.seq != since.seq && dl.cursor.tag == 0 {
             dl.cursor.tag = self.store.tag_at(org, dl.cursor.seq)?.unwrap_or(0);
@@ -997,6 +1017,9 @@ mod tests {
         }
         fn changed_since(&self, org: &str, after: u64) -> Result<Vec<(u64, String)>, StoreError> {
             self.inner.changed_since(org, after)
+        }
+        fn entries_of(&self, org: &str, docs: &[String], after: u64, upto: u64) -> Result<Vec<(u64, String)>, StoreError> {
+            self.inner.entries_of(org, docs, after, upto)
         }
         fn head(&self, org: &str) -> Result<Cursor, StoreError> {
             self.inner.head(org)
@@ -1234,6 +1257,134 @@ mod tests {
             assert_eq!(b.cursor.tag, store.tag_at("o", b.cursor.seq).unwrap().unwrap_or(0));
         }
         assert_eq!(batches.last().unwrap().remaining, 0);
+    }
+
+    /// Any access, made to walk the log: it names no candidates.
+    struct Walking<A>(A);
+
+    impl<A: Access> Access for Walking<A> {
+        fn read_since(&self, who: &DeviceIdentity, doc: &str) -> Result<Option<u64>, StoreError> {
+            self.0.read_since(who, doc)
+        }
+        fn must_purge(&self, who: &DeviceIdentity, doc: &str, since: u64) -> Result<bool, StoreError> {
+            self.0.must_purge(who, doc, since)
+        }
+        fn verdicts(&self, who: &DeviceIdentity, docs: &[&str], since: u64) -> Result<Vec<Verdict>, StoreError> {
+            self.0.verdicts(who, docs, since)
+        }
+        fn check_write(&self, who: &DeviceIdentity, doc: &str, exists: bool) -> Result<Option<AckStatus>, StoreError> {
+            self.0.check_write(who, doc, exists)
+        }
+        fn created(&self, who: &DeviceIdentity, doc: &str, teammates: &[String], seq: u64) -> Result<(), StoreError> {
+            self.0.created(who, doc, teammates, seq)
+        }
+        fn changed(&self, org: &str, doc: &str, consent: Option<&peersync_core::Consent>) -> Result<(), StoreError> {
+            self.0.changed(org, doc, consent)
+        }
+    }
+
+    /// A download that reads only the entries of the worker's caseload (and of the people taken
+    /// from it or erased) sends what walking the whole log sends, batch size aside, and leaves
+    /// the device at the head, from where there is nothing more to send.
+    #[test]
+    fn a_download_of_the_caseload_sends_what_walking_the_log_sends() {
+        use crate::auth::Assignments;
+        use crate::directory::Directory;
+        let (hub, store) = hub(50, 1 << 20);
+        let dir = Arc::new(Directory::new(MemoryStore::new()));
+        dir.create_org("o", "Org").unwrap();
+        for w in ["w", "w-10"] {
+            dir.add_worker("o", w, "Someone", "peer_advocate").unwrap();
+        }
+        let access = Assignments { dir: dir.clone() };
+        let assert_same = |who: &DeviceIdentity, since: Cursor, label: &str| {
+            let run = |access: &dyn Access| {
+                let mut docs = Vec::new();
+                let mut purge = Vec::new();
+                let end = hub
+                    .download(who, access, since, &Pushed::new(), &HashSet::new(), 2_000, |b| {
+                        docs.extend(b.docs.into_iter().map(|d| (d.doc, d.data)));
+                        purge.extend(b.purge);
+                        true
+                    })
+                    .unwrap();
+                (docs, purge, end)
+            };
+            let (docs, purge, end) = run(&access);
+            let (walked_docs, walked_purge, walked_end) = run(&Walking(Assignments { dir: dir.clone() }));
+            assert_eq!(docs.iter().map(|d| &d.0).collect::<Vec<_>>(), walked_docs.iter().map(|d| &d.0).collect::<Vec<_>>(), "{label}: the same people, in log order");
+            assert!(docs == walked_docs, "{label}: the same data");
+            assert_eq!(purge, walked_purge, "{label}");
+            assert!(end.seq >= walked_end.seq, "{label}: {end:?} behind {walked_end:?}");
+            let mut rest = Vec::new();
+            hub.download(who, &access, end, &Pushed::new(), &HashSet::new(), usize::MAX, |b| {
+                rest.extend(b.docs.into_iter().map(|d| d.doc).chain(b.purge));
+                true
+            })
+            .unwrap();
+            assert!(rest.is_empty(), "{label}: sent again from where it ended: {rest:?}");
+            (docs.len(), purge.len())
+        };
+        let n = 300;
+        for i in 0..n {
+            let doc = format!("p-{i:03}");
+            let mut phone = Phone(Automerge::new());
+            phone.edit(&"x".repeat(i % 40));
+            assert_eq!(phone.push(&hub, &doc, None).unwrap(), AckStatus::Stored);
+            let workers: &[&str] = match i % 6 {
+                0 | 1 => &["w"],
+                2 => &["w", "w-10"],
+                3 | 4 => &["w-10"],
+                _ => &[],
+            };
+            let workers: Vec<String> = workers.iter().map(|w| w.to_string()).collect();
+            assert!(dir.assign("o", &doc, &workers, 0, "test").unwrap().is_empty());
+            // The first half is indexed as a data directory from before the index would be.
+            if i == n / 2 {
+                assert!(dir.caseload("o", "w").unwrap().is_none());
+                // Of p-000 to p-150: 51 of w's alone, 25 of both, 50 of w-10's alone.
+                assert_eq!(dir.index_caseloads().unwrap(), 51 + 2 * 25 + 50);
+                assert_eq!(dir.index_caseloads().unwrap(), 0, "once");
+            }
+        }
+        let middle = store.head("o").unwrap();
+        // After the middle: people taken from w, erased while w had them, taken from w and then
+        // erased, erased while only w-10 had them, erased while nobody had them, and edited.
+        for i in 0..n {
+            let doc = format!("p-{i:03}");
+            let take = || assert!(hub.touch("o", &doc, |seq| dir.unassign("o", &doc, "w", seq)).unwrap() > 0);
+            let erase = || assert!(hub.erase("o", &doc, || dir.bury("o", &doc, "test")).unwrap());
+            match i % 30 {
+                0 => take(),
+                1 | 3 | 5 => erase(),
+                2 => {
+                    take();
+                    erase();
+                }
+                6..=8 => {
+                    let mut phone = Phone(load("o", &doc, &store.load_doc("o", &doc).unwrap().unwrap().concat()).unwrap());
+                    let acked = phone.0.get_heads();
+                    phone.edit("later");
+                    assert_eq!(phone.push(&hub, &doc, Some(&acked)).unwrap(), AckStatus::Stored);
+                }
+                _ => {}
+            }
+        }
+        for worker in ["w", "w-10"] {
+            for revoked in [false, true] {
+                let who = DeviceIdentity { org: "o".into(), device: "d".into(), worker: worker.into(), revoked, since: 0 };
+                let label = format!("{worker} revoked {revoked}");
+                let (sent, purged) = assert_same(&who, Cursor::START, &format!("{label} from the start"));
+                if worker == "w" {
+                    // w had 150; 10 taken, 10 erased, 10 taken and erased: all 30 purged.
+                    assert_eq!((sent, purged), (if revoked { 0 } else { 120 }, 30), "{label}");
+                }
+                let (sent, purged) = assert_same(&who, middle, &format!("{label} from the middle"));
+                if worker == "w" {
+                    assert_eq!((sent, purged), (if revoked { 0 } else { 30 }, 30), "{label}: the edits, and the 30 taken or erased");
+                }
+            }
+        }
     }
 
     fn push_of(phone: &Phone, doc: &str, acked: Option<&[ChangeHash]>) -> DocPush {

@@ -373,8 +373,8 @@ impl<C: Conn> Session<C> {
     async fn send_download(&mut self, since: Cursor, skip: HashSet<String>, record: bool) -> Result<(), SessionEnd> {
         let pushed = Arc::new(std::mem::take(&mut self.pushed));
         let skip = Arc::new(skip);
-        let (state, org) = (self.state.clone(), self.who.org.clone());
-        let mut download = blocking(move || state.hub.start_download(&org, since)).await?;
+        let (state, who) = (self.state.clone(), self.who.clone());
+        let mut download = blocking(move || state.hub.start_download(&who, state.access.as_ref(), since)).await?;
         // Hold one batch back so the last one can be marked `done`.
         let mut pending: Option<DocsBatch> = None;
         let mut first = true;
