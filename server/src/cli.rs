@@ -127,6 +127,13 @@ pub enum Command {
         /// source tree this executable was built from).
         #[arg(long, requires = "compare_automerge_repo")]
         automerge_repo_dir: Option<PathBuf>,
+        /// Threads the simulated phones share for their blocking work (reading and writing
+        /// their stores, loading documents). Each real phone has its own processor; here every
+        /// phone shares this machine's with the others and the server, and a thread per busy
+        /// phone (tokio's default pool of 512) spends a sixth of the phones' CPU in a restore
+        /// switching between them. At least 1.
+        #[arg(long, default_value_t = 4)]
+        phone_threads: usize,
     },
     /// Administer the data directory directly (while no server runs on it).
     Admin {
@@ -208,6 +215,20 @@ pub enum CliError {
     Bench(crate::bench::BenchError),
 }
 
+/// The runtime `cli` runs on: tokio's defaults, but for `bench` a blocking pool of
+/// `--phone-threads` (see there).
+pub fn runtime(cli: &Cli) -> Result<tokio::runtime::Runtime, CliError> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Command::Bench { phone_threads, .. } = &cli.command {
+        if *phone_threads == 0 {
+            return Err(CliError::Usage("--phone-threads must be at least 1".into()));
+        }
+        builder.max_blocking_threads(*phone_threads);
+    }
+    builder.build().map_err(|e| CliError::Usage(format!("cannot start the async runtime: {e}")))
+}
+
 /// Run the command line; returns when the command is done.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
@@ -258,7 +279,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Demo { data, listen } => demo(data, listen).await,
-        Command::Bench { size, scenario, server, admin_token, link, json, phase_timeout, compare_automerge_repo, automerge_repo_dir } => {
+        Command::Bench { size, scenario, server, admin_token, link, json, phase_timeout, compare_automerge_repo, automerge_repo_dir, phone_threads: _ } => {
             if phase_timeout == 0 {
                 return Err(CliError::Usage("--phase-timeout must be at least 1 second".into()));
             }
