@@ -257,6 +257,10 @@ type Batch = HashMap<String, Working>;
 
 fn load(org: &str, doc: &str, data: &[u8]) -> Result<Automerge, StoreError> {
     let mut am = Automerge::new();
+    if data.is_empty() {
+        // A document the server has not seen: every push of a first upload.
+        return Ok(am);
+    }
     am.load_incremental(data).map_err(|e| StoreError::Corrupt { key: format!("{org}/{doc}"), reason: e.to_string() })?;
     Ok(am)
 }
@@ -558,7 +562,12 @@ impl DocHub {
             return Ok(refused(ErrorCode::InvalidDocument, format!("not automerge data: {err}")));
         }
         let after = w.doc.get_heads();
-        let complete = p.heads.iter().all(|h| w.doc.get_change_by_hash(&to_hash(h)).is_some());
+        // Looking a change up by hash decodes the document's columns: the pushed heads are
+        // first looked for among the heads, where a first upload's always are.
+        let complete = p.heads.iter().all(|h| {
+            let h = to_hash(h);
+            after.contains(&h) || w.doc.get_change_by_hash(&h).is_some()
+        });
         if after != before {
             let as_pushed = (complete && !w.stored && !w.written).then_some(p.data.as_slice());
             match w.write(&before, as_pushed) {
