@@ -210,7 +210,7 @@ impl AppState {
         let state = Self::new(Arc::new(kv), keyring, shutdown, opts);
         let indexed = state.dir.index_caseloads()?;
         if indexed > 0 {
-            tracing::info!(assignments = indexed, "indexed the assignments by worker (a data directory from an earlier version)");
+            tracing::info!(assignments = indexed, "indexed assignments by worker that an earlier version wrote");
         }
         state.reapply_erasures()?;
         Ok(state)

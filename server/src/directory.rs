@@ -6,7 +6,8 @@
 //! Stored over the same ordered key-value store as the documents, under its own key prefixes:
 //! `o` org, `c` coordinator, `w` worker, `x` device, `n` enrollment code, `a` assignment
 //! (org, person, worker), `k` the same by worker (org, worker, person: a worker's caseload
-//! without reading the whole organisation), `u` unassignment, `z` tombstone, `q` consent.
+//! without reading the whole organisation; `!caseload-index` marks it complete), `u`
+//! unassignment, `z` tombstone, `q` consent.
 
 use std::collections::HashMap;
 
@@ -426,13 +427,13 @@ impl<S: LocalStore> Directory<S> {
         Ok(Some(self.kv.keys_with_prefix(&prefix)?.into_iter().map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned()).collect()))
     }
 
-    /// Build the caseload index (`k`) from the assignments if this store does not have it: a
-    /// data directory written before the index existed. One atomic write, index and mark
-    /// together; returns how many assignments it indexed (0 when the index was there).
+    /// Complete the caseload index (`k`) from the assignments, and mark it built: at every
+    /// start, so that a data directory written before the index existed, or by an earlier
+    /// version run on it since (which assigns without indexing), is whole again before any
+    /// download relies on it. One atomic write of what was missing with the mark; returns how
+    /// many assignments it indexed.
     pub fn index_caseloads(&self) -> Result<usize, StoreError> {
-        if self.kv.get(CASELOAD_INDEX)?.is_some() {
-            return Ok(0);
-        }
+        let indexed: std::collections::HashSet<Vec<u8>> = self.kv.keys_with_prefix(b"k")?.into_iter().collect();
         let mut writes = Vec::new();
         for k in self.kv.keys_with_prefix(b"a")? {
             let parts: Vec<&[u8]> = k[1..].split(|b| *b == 0).collect();
@@ -440,11 +441,18 @@ impl<S: LocalStore> Directory<S> {
                 return Err(StoreError::Corrupt { key: String::from_utf8_lossy(&k).into_owned(), reason: "an assignment key is org, person, worker".into() });
             };
             let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-            writes.push(Write::Put(key(b'k', &[&text(org), &text(worker), &text(doc)]), Vec::new()));
+            let entry = key(b'k', &[&text(org), &text(worker), &text(doc)]);
+            if !indexed.contains(&entry) {
+                writes.push(Write::Put(entry, Vec::new()));
+            }
         }
         let n = writes.len();
-        writes.push(Write::Put(CASELOAD_INDEX.to_vec(), Vec::new()));
-        self.kv.apply(writes)?;
+        if self.kv.get(CASELOAD_INDEX)?.is_none() {
+            writes.push(Write::Put(CASELOAD_INDEX.to_vec(), Vec::new()));
+        }
+        if !writes.is_empty() {
+            self.kv.apply(writes)?;
+        }
         Ok(n)
     }
 
@@ -590,7 +598,12 @@ mod tests {
         assert_eq!(d.caseload("org1", "w-001").unwrap(), None, "not built yet: no answer rather than a wrong one");
         assert_eq!(d.index_caseloads().unwrap(), 3);
         assert_eq!(d.index_caseloads().unwrap(), 0);
+        // An earlier version run on the store since: it assigned without indexing.
+        d.kv.apply(vec![Write::Put(key(b'a', &["org1", "p-9", "w-001"]), enc(&Assignment { granted_seq: 9, by: "c".into(), at: Utc::now() }))]).unwrap();
+        assert_eq!(d.index_caseloads().unwrap(), 1, "completed at the next start");
         let caseload = |org: &str, w: &str| d.caseload(org, w).unwrap().unwrap();
+        assert_eq!(caseload("org1", "w-001"), ["p-1", "p-9"]);
+        d.unassign("org1", "p-9", "w-001", 10).unwrap();
         assert_eq!(caseload("org1", "w-001"), ["p-1"]);
         assert_eq!(caseload("org1", "w-0010"), ["p-2"]);
         assert_eq!(caseload("org2", "w-001"), ["p-3"]);

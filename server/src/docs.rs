@@ -47,6 +47,9 @@ const COMPACT_AFTER: usize = 16;
 /// Download entries whose access is read at once: large enough that a fresh phone's walk of
 /// the whole log reads each tombstone and unassignment once per few hundred entries.
 const VERDICT_CHUNK: usize = 256;
+/// A download over fewer log positions than this walks them: asking access for candidates
+/// (the worker's caseload, unassignments, the organisation's tombstones) would cost more.
+const CANDIDATES_FROM: u64 = 64;
 
 /// What the store holds of a document, as the cache keeps it.
 struct CachedDoc {
@@ -345,8 +348,9 @@ pub struct Download {
     since: Cursor,
     /// Where the device stands once it has stored the batches produced so far.
     cursor: Cursor,
-    /// Where it stands after the last batch, when `entries` are only some of the log's up to
-    /// this head (see [`DocHub::start_download`]); else after the last entry.
+    /// Where it stands after the last batch, when `entries` are only some of the log's, read
+    /// at this head (see [`DocHub::start_download`]); else after the last entry. The device's
+    /// cursor never passes it.
     end: Option<Cursor>,
     finished: bool,
 }
@@ -716,17 +720,22 @@ impl DocHub {
     /// A download of what changed since `since`, to be produced with [`DocHub::next_batch`]
     /// one batch at a time (so that no thread waits for the device between batches).
     ///
-    /// It reads the log entries of the documents `access` names as candidates when there are
-    /// fewer of them than log positions to walk (a fresh phone: its caseload, not its whole
-    /// organisation), else the log from `since`. Both give the same batches: the entries left
-    /// out are those whose verdict is `Nothing`. The head is read first, so a document whose
-    /// access changes afterwards has its entry moved past the head, to the device's next sync.
+    /// When more than [`CANDIDATES_FROM`] log positions are to be read and `access` names fewer
+    /// candidates than that (a fresh phone: its caseload, not its whole organisation), it reads
+    /// those documents' log entries instead of walking the log: the entries it leaves out are
+    /// those whose verdict is `Nothing`. The head is read first, and the device ends at it:
+    /// an entry that moved past it meanwhile is still sent (its data is loaded when its batch
+    /// is made, so it holds everything since `since`), with the device's cursor held at the
+    /// head, and the device's next sync sends what moved it again (nothing it lacks is skipped;
+    /// what it has twice is merged away). An access change after the head was read moves the
+    /// document's entry past the head, to that next sync.
     pub fn start_download(&self, who: &DeviceIdentity, access: &dyn Access, since: Cursor) -> Result<Download, StoreError> {
         let org = who.org.as_str();
         let head = self.store.head(org)?;
         let span = head.seq.saturating_sub(since.seq);
-        let (entries, end) = match access.candidates(who, since.seq)? {
-            Some(docs) if (docs.len() as u64) < span => (self.store.entries_of(org, &docs, since.seq, head.seq)?, Some(head)),
+        let candidates = if span > CANDIDATES_FROM { access.candidates(who, since.seq)? } else { None };
+        let (entries, end) = match candidates {
+            Some(docs) if (docs.len() as u64) < span => (self.store.entries_of(org, &docs, since.seq)?, Some(head)),
             _ => (self.store.changed_since(org, since.seq)?, None),
         };
         Ok(Download { entries: entries.into_iter(), held: Vec::new(), since, cursor: since, end, finished: false })
@@ -793,10 +802,16 @@ impl DocHub {
                     }
                     Verdict::Nothing => {}
                 }
-                dl.cursor = Cursor { seq, tag: 0 };
+                dl.cursor = match dl.end {
+                    // An entry that moved past the head after the download began.
+                    Some(end) if seq > end.seq => end,
+                    _ => Cursor { seq, tag: 0 },
+                };
                 if size >= batch_bytes {
                     dl.held = chunk.collect();
-                    dl.cursor.tag = self.store.tag_at(org, seq)?.unwrap_or(0);
+                    if dl.cursor.tag == 0 {
+                        dl.cursor.tag = self.store.tag_at(org, dl.cursor.seq)?.unwrap_or(0);
+                    }
                     let remaining = (dl.held.len() + dl.entries.len()) as u32;
                     return Ok(Some(DocsBatch { docs, purge, cursor: dl.cursor, remaining }));
                 }
@@ -997,6 +1012,9 @@ mod tests {
     struct Flaky {
         inner: KvServerStore<MemoryStore>,
         fail: AtomicBool,
+        /// Run once, on the inner store, right after the next read of the head: a write landing
+        /// while a download begins.
+        after_head: Mutex<Option<Box<dyn FnOnce(&KvServerStore<MemoryStore>) + Send>>>,
     }
 
     impl ServerStore for Flaky {
@@ -1027,11 +1045,15 @@ mod tests {
         fn changed_since(&self, org: &str, after: u64) -> Result<Vec<(u64, String)>, StoreError> {
             self.inner.changed_since(org, after)
         }
-        fn entries_of(&self, org: &str, docs: &[String], after: u64, upto: u64) -> Result<Vec<(u64, String)>, StoreError> {
-            self.inner.entries_of(org, docs, after, upto)
+        fn entries_of(&self, org: &str, docs: &[String], after: u64) -> Result<Vec<(u64, String)>, StoreError> {
+            self.inner.entries_of(org, docs, after)
         }
         fn head(&self, org: &str) -> Result<Cursor, StoreError> {
-            self.inner.head(org)
+            let head = self.inner.head(org);
+            if let Some(write) = lock(&self.after_head).take() {
+                write(&self.inner);
+            }
+            head
         }
         fn tag_at(&self, org: &str, seq: u64) -> Result<Option<u32>, StoreError> {
             self.inner.tag_at(org, seq)
@@ -1057,7 +1079,7 @@ mod tests {
     }
 
     fn hub(cache_docs: usize, cache_bytes: usize) -> (DocHub, Arc<Flaky>) {
-        let store = Arc::new(Flaky { inner: KvServerStore::new(MemoryStore::new()), fail: AtomicBool::new(false) });
+        let store = Arc::new(Flaky { inner: KvServerStore::new(MemoryStore::new()), fail: AtomicBool::new(false), after_head: Mutex::new(None) });
         (DocHub::new(store.clone(), cache_docs, cache_bytes), store)
     }
 
@@ -1319,6 +1341,7 @@ mod tests {
                     .unwrap();
                 (docs, purge, end)
             };
+            assert!(hub.start_download(who, &access, since).unwrap().end.is_some(), "{label}: the candidates' entries are read");
             let (docs, purge, end) = run(&access);
             let (walked_docs, walked_purge, walked_end) = run(&Walking(Assignments { dir: dir.clone() }));
             assert_eq!(docs.iter().map(|d| &d.0).collect::<Vec<_>>(), walked_docs.iter().map(|d| &d.0).collect::<Vec<_>>(), "{label}: the same people, in log order");
@@ -1348,12 +1371,13 @@ mod tests {
             };
             let workers: Vec<String> = workers.iter().map(|w| w.to_string()).collect();
             assert!(dir.assign("o", &doc, &workers, 0, "test").unwrap().is_empty());
-            // The first half is indexed as a data directory from before the index would be.
+            // Until the index is marked built (at start, by `AppState::open`), caseloads give no
+            // answer and downloads walk; the first half is assigned before that.
             if i == n / 2 {
                 assert!(dir.caseload("o", "w").unwrap().is_none());
-                // Of p-000 to p-150: 51 of w's alone, 25 of both, 50 of w-10's alone.
-                assert_eq!(dir.index_caseloads().unwrap(), 51 + 2 * 25 + 50);
-                assert_eq!(dir.index_caseloads().unwrap(), 0, "once");
+                assert_eq!(dir.index_caseloads().unwrap(), 0, "assignments index themselves");
+                // Of p-000 to p-150: 51 of w's alone and 25 shared with w-10.
+                assert_eq!(dir.caseload("o", "w").unwrap().unwrap().len(), 51 + 25);
             }
         }
         let middle = store.head("o").unwrap();
@@ -1376,6 +1400,15 @@ mod tests {
                     phone.edit("later");
                     assert_eq!(phone.push(&hub, &doc, Some(&acked)).unwrap(), AckStatus::Stored);
                 }
+                // Nobody's: changes the walk from the middle reads and the candidates leave out.
+                _ if i % 6 == 5 => {
+                    for k in 0..3 {
+                        let mut phone = Phone(load("o", &doc, &store.load_doc("o", &doc).unwrap().unwrap().concat()).unwrap());
+                        let acked = phone.0.get_heads();
+                        phone.edit(&format!("nobody's {k}"));
+                        assert_eq!(phone.push(&hub, &doc, Some(&acked)).unwrap(), AckStatus::Stored);
+                    }
+                }
                 _ => {}
             }
         }
@@ -1394,6 +1427,82 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A person whose log entry moves past the head just as a download reads it (a teammate's
+    /// push landing) is still sent, with everything since the device's cursor, and the device
+    /// ends at the head the download began at: the change before the head is not skipped.
+    #[test]
+    fn a_change_landing_as_a_download_begins_skips_nothing() {
+        use crate::auth::Assignments;
+        use crate::directory::Directory;
+        let (hub, store) = hub(50, 1 << 20);
+        let dir = Arc::new(Directory::new(MemoryStore::new()));
+        dir.create_org("o", "Org").unwrap();
+        dir.add_worker("o", "w", "Someone", "peer_advocate").unwrap();
+        dir.index_caseloads().unwrap();
+        let access = Assignments { dir: dir.clone() };
+        let stored = |doc: &str| load("o", doc, &store.load_doc("o", doc).unwrap().unwrap().concat()).unwrap();
+        let edit = |doc: &str, key: &str| {
+            let mut phone = Phone(stored(doc));
+            let acked = phone.0.get_heads();
+            phone.edit(key);
+            assert_eq!(phone.push(&hub, doc, Some(&acked)).unwrap(), AckStatus::Stored);
+        };
+        for i in 0..10 {
+            let doc = format!("p-{i:03}");
+            let mut phone = Phone(Automerge::new());
+            phone.edit("first");
+            assert_eq!(phone.push(&hub, &doc, None).unwrap(), AckStatus::Stored);
+            if i == 0 {
+                assert!(dir.assign("o", &doc, &["w".into()], 0, "test").unwrap().is_empty());
+            }
+        }
+        // The device has everything up to here.
+        let since = store.head("o").unwrap();
+        let held = stored("p-000");
+        edit("p-000", "before the head");
+        // Others' people change often: the download reads the candidates' entries.
+        for round in 0..10 {
+            for i in 1..10 {
+                edit(&format!("p-{i:03}"), &format!("round {round}"));
+            }
+        }
+        let who = who();
+        assert!(hub.start_download(&who, &access, since).unwrap().end.is_some(), "the candidates' entries are read");
+        let head = store.head("o").unwrap();
+        let mut teammate = Phone(stored("p-000"));
+        let acked = teammate.0.get_heads();
+        teammate.edit("after the head");
+        let landing = teammate.0.save_after(&acked);
+        *lock(&store.after_head) = Some(Box::new(move |inner| {
+            inner.append("o", vec![Append { doc: "p-000".into(), write: DocWrite::Increment(landing) }]).unwrap();
+        }));
+        let mut got = held.clone();
+        let mut sent = Vec::new();
+        let end = hub
+            .download(&who, &access, since, &Pushed::new(), &HashSet::new(), 100, |b| {
+                sent.push(b.cursor);
+                for d in b.docs {
+                    assert_eq!(d.doc, "p-000");
+                    got.load_incremental(&d.data).unwrap();
+                }
+                true
+            })
+            .unwrap();
+        assert!(got.get(ROOT, "before the head").unwrap().is_some(), "the change before the head was sent");
+        assert!(lock(&store.after_head).is_none(), "the write landed as the download began");
+        assert!(got.get(ROOT, "after the head").unwrap().is_some(), "and the one that moved the entry");
+        assert_eq!(end, head, "the device ends at the head the download began at");
+        assert!(sent.iter().all(|c| c.seq <= head.seq), "no batch moves the device past it: {sent:?}");
+        // Its next sync sends the person again: merged away.
+        let mut again = Vec::new();
+        hub.download(&who, &access, end, &Pushed::new(), &HashSet::new(), usize::MAX, |b| {
+            again.extend(b.docs.into_iter().map(|d| d.doc));
+            true
+        })
+        .unwrap();
+        assert_eq!(again, ["p-000"]);
     }
 
     fn push_of(phone: &Phone, doc: &str, acked: Option<&[ChangeHash]>) -> DocPush {
