@@ -130,7 +130,7 @@ pub enum Command {
         /// Threads the simulated phones share for their blocking work (reading and writing
         /// their stores, loading documents). Each real phone has its own processor; here every
         /// phone shares this machine's with the others and the server, and a thread per busy
-        /// phone (tokio's default pool of 512) spends a sixth of the phones' CPU in a restore
+        /// phone (tokio's default pool of 512) spends a tenth of the phones' CPU in a restore
         /// switching between them. At least 1.
         #[arg(long, default_value_t = 4)]
         phone_threads: usize,

@@ -423,8 +423,7 @@ impl<S: LocalStore> Directory<S> {
         if self.kv.get(CASELOAD_INDEX)?.is_none() {
             return Ok(None);
         }
-        let prefix = key(b'k', &[org, worker, ""]);
-        Ok(Some(self.kv.keys_with_prefix(&prefix)?.into_iter().map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned()).collect()))
+        self.last_parts(&key(b'k', &[org, worker, ""])).map(Some)
     }
 
     /// Complete the caseload index (`k`) from the assignments, and mark it built: at every
@@ -457,8 +456,12 @@ impl<S: LocalStore> Directory<S> {
     }
 
     pub fn assigned_workers(&self, org: &str, doc: &str) -> Result<Vec<String>, StoreError> {
-        let prefix = key(b'a', &[org, doc, ""]);
-        Ok(self.kv.keys_with_prefix(&prefix)?.into_iter().map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned()).collect())
+        self.last_parts(&key(b'a', &[org, doc, ""]))
+    }
+
+    /// The last part of every key under `prefix` (a key's parts end with it).
+    fn last_parts(&self, prefix: &[u8]) -> Result<Vec<String>, StoreError> {
+        Ok(self.kv.keys_with_prefix(prefix)?.into_iter().map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned()).collect())
     }
 
     /// Assign `doc` to `workers` (unknown workers are skipped and returned). Durable only at
