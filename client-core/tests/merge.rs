@@ -486,7 +486,7 @@ fn records_in_the_earlier_layout_read_the_same_and_take_edits() {
     // A list edited at once on a phone of each kind: one winner everywhere, both shown as lists.
     let (mut new_phone, _) = PersonDoc::create("p-1", ActorId::from(vec![3; 16]));
     new_phone.automerge_mut().merge(&mut before.automerge().clone()).unwrap();
-    let v = new_phone.automerge().get(&section(new_phone.automerge(), "visits"), "v-1").unwrap().unwrap().1;
+    let v = new_phone.automerge().get(section(new_phone.automerge(), "visits"), "v-1").unwrap().unwrap().1;
     let mut tx = before.automerge_mut().transaction();
     list(&mut tx, &v, "goals", strs(&["employment".to_string()]));
     tx.commit();

@@ -1008,13 +1008,16 @@ mod tests {
         }
     }
 
+    /// Work done on the inner store at a chosen moment.
+    type Hook = Box<dyn FnOnce(&KvServerStore<MemoryStore>) + Send>;
+
     /// A store whose next append can be made to fail.
     struct Flaky {
         inner: KvServerStore<MemoryStore>,
         fail: AtomicBool,
         /// Run once, on the inner store, right after the next read of the head: a write landing
         /// while a download begins.
-        after_head: Mutex<Option<Box<dyn FnOnce(&KvServerStore<MemoryStore>) + Send>>>,
+        after_head: Mutex<Option<Hook>>,
     }
 
     impl ServerStore for Flaky {

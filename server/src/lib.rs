@@ -20,6 +20,7 @@ pub mod docs;
 pub mod erasures;
 pub mod keyring;
 pub mod metrics;
+pub mod procstat;
 pub mod progress;
 pub mod replay;
 pub mod report;

@@ -38,9 +38,10 @@ impl Metrics {
 
     pub fn render(&self, cached_docs: usize) -> String {
         let mut out = String::new();
-        let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(out, "# HELP peersync_{name} {help}\n# TYPE peersync_{name} {kind}\npeersync_{name} {v}");
+        let mut metric = |name: &str, help: &str, kind: &str, v: &dyn std::fmt::Display| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
+        let mut counter = |name: &str, help: &str, kind: &str, v: u64| metric(&format!("peersync_{name}"), help, kind, &v);
         counter("connections_total", "Sync connections accepted.", "counter", self.connections_total.load(Relaxed));
         counter("connections_active", "Sync connections open now.", "gauge", self.connections_active.load(Relaxed));
         counter("frames_received_total", "Websocket frames received.", "counter", self.frames_in.load(Relaxed));
@@ -52,6 +53,13 @@ impl Metrics {
         counter("errors_total", "Sync sessions ended by an error.", "counter", self.errors.load(Relaxed));
         counter("auth_failures_total", "Refused connection attempts.", "counter", self.auth_failures.load(Relaxed));
         counter("cached_documents", "Documents held in the server's cache.", "gauge", cached_docs as u64);
+        // The usual process figures, by their usual names, where the system tells them; the
+        // peak lets `peersync bench --server` show a server's memory it did not start.
+        if let Some(u) = crate::procstat::usage(std::process::id()) {
+            counter("peak_resident_memory_bytes", "The most memory resident at once since the server started.", "gauge", u.peak_resident_bytes);
+            metric("process_resident_memory_bytes", "Memory resident now.", "gauge", &u.resident_bytes);
+            metric("process_cpu_seconds_total", "CPU time used, user and system.", "counter", &u.cpu.as_secs_f64());
+        }
         let _ = writeln!(out, "# HELP peersync_sync_duration_seconds Duration of sync exchanges.\n# TYPE peersync_sync_duration_seconds histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
             let _ = writeln!(out, "peersync_sync_duration_seconds_bucket{{le=\"{b}\"}} {}", self.sync_buckets[i].load(Relaxed));

@@ -226,13 +226,15 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     /// Start `peersync serve` (the binary `bin`: pass `env!("CARGO_BIN_EXE_server_process")`)
-    /// on `data`, on a free loopback port; waits until it listens.
+    /// on `data`, on a free loopback port, its admin API on [`ADMIN_TOKEN`]; waits until it
+    /// listens.
     pub fn start(bin: &str, data: &Path) -> ServerProcess {
         use std::io::BufRead;
         let mut child = std::process::Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .env("PEERSYNC_LOG", "warn")
+            .env("PEERSYNC_ADMIN_TOKEN", ADMIN_TOKEN)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("server process starts");

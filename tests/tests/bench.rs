@@ -7,9 +7,10 @@ use peersync_server::bench::PhaseLine;
 
 const BIN: &str = env!("CARGO_BIN_EXE_server_process");
 
-fn bench(link: &str) -> Vec<PhaseLine> {
+fn bench(link: &str, server: &[&str]) -> Vec<PhaseLine> {
     let out = Command::new(BIN)
         .args(["bench", "--workers", "3", "--people", "24", "--weeks", "3", "--seed", "7", "--json", "--phase-timeout", "60", "--link", link])
+        .args(server)
         .env("PEERSYNC_LOG", "warn")
         .output()
         .expect("peersync bench runs");
@@ -19,8 +20,8 @@ fn bench(link: &str) -> Vec<PhaseLine> {
     stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a phase line: {l:?}: {e}"))).collect()
 }
 
-fn check(link: &str) {
-    let lines = bench(link);
+fn check(link: &str, server: &[&str]) -> Vec<PhaseLine> {
+    let lines = bench(link, server);
     let phases: Vec<&str> = lines.iter().map(|l| l.phase.as_str()).collect();
     assert_eq!(phases, ["P1", "P2", "P3", "P4"], "{lines:?}");
     for l in &lines {
@@ -49,14 +50,29 @@ fn check(link: &str) {
     // P4: five visits per phone, at most two round trips.
     assert_eq!(p4.documents, 15, "{p4:?}");
     assert!(p4.round_trips_max <= 2, "{p4:?}");
+    lines
 }
 
 #[test]
 fn bench_on_lan() {
-    check("lan");
+    let lines = check("lan", &[]);
+    // Its own server: memory per phase (the peak reset before each), CPU time.
+    assert!(lines.iter().all(|l| !l.rss_since_start && l.server_cpu_ms.is_some()), "{lines:?}");
 }
 
 #[test]
 fn bench_on_3g() {
-    check("3g");
+    check("3g", &[]);
+}
+
+/// Against a server it did not start, the bench reads the server's figures from its
+/// `/metrics`: the peak memory is then the server's since it started.
+#[test]
+fn bench_against_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = peersync_tests::ServerProcess::start(BIN, &dir.path().join("server"));
+    let lines = check("lan", &["--server", &server.url, "--admin-token", peersync_tests::ADMIN_TOKEN]);
+    assert!(lines.iter().all(|l| l.rss_since_start && l.server_cpu_ms.is_some()), "{lines:?}");
+    let peaks: Vec<u64> = lines.iter().filter_map(|l| l.server_peak_rss_bytes).collect();
+    assert!(peaks.is_sorted(), "a peak since start never falls: {peaks:?}");
 }

@@ -117,5 +117,8 @@ async fn health_and_metrics_are_served() {
     assert!(m.contains("peersync_connections_total 1"), "{m}");
     assert!(m.contains("peersync_docs_received_total 1"), "{m}");
     assert!(m.contains("peersync_sync_duration_seconds_count 1"), "{m}");
+    for figure in ["process_cpu_seconds_total ", "process_resident_memory_bytes ", "peersync_peak_resident_memory_bytes "] {
+        assert!(m.lines().any(|l| l.starts_with(figure)), "{figure}missing: {m}");
+    }
     server.stop().await;
 }

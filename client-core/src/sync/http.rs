@@ -28,6 +28,21 @@ pub async fn request(
     timeout: Duration,
     max_response: usize,
 ) -> Result<(u16, serde_json::Value), SyncError> {
+    let (status, reply) = request_bytes(opts, method, path, bearer, body, timeout, max_response).await?;
+    let json = if reply.is_empty() { serde_json::Value::Null } else { serde_json::from_slice(&reply).map_err(|_| garbled("body is not JSON"))? };
+    Ok((status, json))
+}
+
+/// As [`request`], for a reply that is not JSON (`/metrics`' text): returns its body as sent.
+pub async fn request_bytes(
+    opts: &SyncOptions,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+    max_response: usize,
+) -> Result<(u16, Vec<u8>), SyncError> {
     let url = format!("{}{path}", opts.server.trim_end_matches('/'));
     let e = super::transport::endpoint(&url)?;
     let (host, port) = (e.host, e.port);
@@ -51,8 +66,12 @@ pub async fn request(
     tokio::time::timeout(timeout, work).await.map_err(|_| SyncError::Timeout(timeout))?
 }
 
-fn parse_response(buf: &[u8]) -> Result<(u16, serde_json::Value), SyncError> {
-    let garbled = |r: &str| SyncError::Protocol(crate::protocol::ProtocolError::Garbled(format!("HTTP response: {r}")));
+fn garbled(r: &str) -> SyncError {
+    SyncError::Protocol(crate::protocol::ProtocolError::Garbled(format!("HTTP response: {r}")))
+}
+
+/// A whole response: its status and its body, de-chunked.
+fn parse_response(buf: &[u8]) -> Result<(u16, Vec<u8>), SyncError> {
     // No whole header: the connection closed before the answer (a server that went down
     // after acting, perhaps) — a network fault, to try again, not an incompatible server.
     let split = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or(SyncError::Dropped)?;
@@ -74,8 +93,7 @@ fn parse_response(buf: &[u8]) -> Result<(u16, serde_json::Value), SyncError> {
         }
         body = &joined;
     }
-    let json = if body.is_empty() { serde_json::Value::Null } else { serde_json::from_slice(body).map_err(|_| garbled("body is not JSON"))? };
-    Ok((status, json))
+    Ok((status, body.to_vec()))
 }
 
 #[cfg(test)]
@@ -84,10 +102,10 @@ mod tests {
 
     #[test]
     fn parses_plain_and_chunked_responses() {
-        let (s, j) = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{\"a\":1}\n ").unwrap();
-        assert_eq!((s, j["a"].as_i64()), (200, Some(1)));
-        let (s, j) = parse_response(b"HTTP/1.1 401 Unauthorized\r\ntransfer-encoding: chunked\r\n\r\n7\r\n{\"a\":2}\r\n0\r\n\r\n").unwrap();
-        assert_eq!((s, j["a"].as_i64()), (401, Some(2)));
+        let (s, b) = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{\"a\":1}\n ").unwrap();
+        assert_eq!((s, b.as_slice()), (200, &b"{\"a\":1}\n "[..]));
+        let (s, b) = parse_response(b"HTTP/1.1 401 Unauthorized\r\ntransfer-encoding: chunked\r\n\r\n7\r\n{\"a\":2}\r\n5\r\n text\r\n0\r\n\r\n").unwrap();
+        assert_eq!((s, b.as_slice()), (401, &b"{\"a\":2} text"[..]));
         assert!(parse_response(b"garbage").is_err());
     }
 

@@ -40,9 +40,10 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use crate::procstat;
 use super::link::{Counts, LinkProxy, Profile};
 use super::output::{self, PhaseLine, Printer};
-use super::{BenchError, Phone, child};
+use super::{BenchError, Phone};
 
 /// Where `bench/automerge-repo` is when the bench runs from the source tree it was built in.
 pub fn default_dir() -> PathBuf {
@@ -506,12 +507,12 @@ impl Rig<'_> {
         let before: Vec<Counts> = proxies.iter().map(|(_, p)| p.counts()).collect();
         let mut procs = PhoneProcs::spawn(self.dir, name, mode, phones)?;
         procs.ready(self.timeout, &mut self.server.child).await?;
-        let rss_reset = child::reset_peak_rss(pid);
-        let cpu_before = child::cpu_time(pid);
+        let rss_reset = procstat::reset_peak(pid);
+        let cpu_before = procstat::cpu_time(pid);
         let (runs, wall) = procs.go(self.timeout, &mut self.server.child).await?;
         procs.exited(EXIT_TIMEOUT, "write its storage").await?;
-        let rss = child::peak_rss(pid);
-        let server_cpu = cpu_before.zip(child::cpu_time(pid)).map(|(a, b)| b.saturating_sub(a));
+        let rss = procstat::peak_rss(pid);
+        let server_cpu = cpu_before.zip(procstat::cpu_time(pid)).map(|(a, b)| b.saturating_sub(a));
         let index: HashMap<&str, usize> = proxies.iter().enumerate().map(|(i, (w, _))| (w.as_str(), i)).collect();
         let client_cpu_ms = runs.iter().map(|r| r.cpu_ms).sum();
         let mut counted = Vec::new();

@@ -69,29 +69,3 @@ impl Drop for ServerChild {
         let _ = self.child.wait();
     }
 }
-
-/// Peak resident memory of a process since start or since the last [`reset_peak_rss`]
-/// (`VmHWM`); `None` where `/proc` does not tell.
-pub fn peak_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Reset the peak to the current resident size, so the next reading is this phase's peak.
-/// Returns false where the kernel does not allow it (the peak is then since start).
-pub fn reset_peak_rss(pid: u32) -> bool {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
-}
-
-/// CPU time (user and system) a process has used so far; `None` where `/proc` does not tell.
-pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may contain spaces: state is
-    // the first, utime the 12th, stime the 13th.
-    let mut rest = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
-    let ticks: u64 = rest.next()?.parse::<u64>().ok()? + rest.next()?.parse::<u64>().ok()?;
-    // USER_HZ is 100 on every Linux architecture this runs on.
-    Some(std::time::Duration::from_millis(ticks * 10))
-}

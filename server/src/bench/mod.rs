@@ -4,7 +4,8 @@
 //! A generated (or given) field scenario is recorded offline on one phone per worker, each on
 //! its own encrypted sled store; then four phases run, every phone of a phase at once, each
 //! through its own emulated link ([`link`]) to a server running as a child process ([`child`])
-//! whose peak memory is read from `/proc`:
+//! whose CPU time and peak memory are read from `/proc` (or, for a server given with
+//! `--server`, from its `/metrics`: [`probe`]):
 //!
 //! - **P1 first upload**: every phone, holding all it recorded offline, syncs to the fresh server.
 //! - **P2 idle re-sync**: every phone again, nothing new (after one untimed round that brings
@@ -24,6 +25,7 @@ pub mod child;
 pub mod link;
 mod output;
 mod prepare;
+mod probe;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,10 +36,13 @@ use std::time::{Duration, Instant};
 use peersync_core::sync::{SyncOptions, SyncReport};
 use peersync_core::{Device, ManualClock, NewVisit};
 
+use crate::procstat;
+
 pub use amrepo::default_dir as default_automerge_repo_dir;
 use child::ServerChild;
 use link::{LinkProxy, Profile};
 pub use output::PhaseLine;
+use probe::ServerProbe;
 
 /// What `peersync bench` was asked to do.
 #[derive(Debug, Clone)]
@@ -125,6 +130,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     };
     let pid = server.as_ref().map(ServerChild::pid);
     let direct = SyncOptions::new(url.clone());
+    let probe = match pid {
+        Some(pid) => ServerProbe::Child(pid),
+        None => ServerProbe::Metrics { opts: direct.clone(), token: token.clone() },
+    };
     let upstream = match args.link.link() {
         None => None,
         Some(_) => Some(upstream_of(&url).await?),
@@ -134,6 +143,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     let started = Instant::now();
     let workers = prepare::create_team(&events, &direct, &token, &org).await?;
+    // Said once here (the token is known good by now) rather than as "unknown" on every line.
+    if probe.read().await == probe::Reading::default() {
+        eprintln!("bench: the server tells neither its CPU time nor its peak memory (no process figures on its /metrics): both show as unknown");
+    }
     let mut proxies = Vec::new();
     let mut phones = Vec::new();
     for (worker, code) in &workers {
@@ -154,7 +167,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     out.header(phones.len(), &events, d_p1).map_err(BenchError::Output)?;
 
     let mut lines = Vec::new();
-    let p1 = phase("P1", &phones, pid, args.phase_timeout).await?;
+    let p1 = phase("P1", &phones, Some(&probe), args.phase_timeout).await?;
     lines.push(output::summarise("P1", "first upload", &p1, d_p1, args.link, |r| r.docs_sent));
     out.line(&lines[0]).map_err(BenchError::Output)?;
     // People two workers share were pushed by both phones at once in P1, so one phone may
@@ -163,7 +176,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let settle = phase("settling", &phones, None, args.phase_timeout).await?;
     let late: u64 = settle.runs.iter().map(|r| r.report.docs_received).sum();
     eprintln!("bench: after P1, {late} documents reached a phone from its teammate's P1 push (untimed)");
-    let p2 = phase("P2", &phones, pid, args.phase_timeout).await?;
+    let p2 = phase("P2", &phones, Some(&probe), args.phase_timeout).await?;
     lines.push(output::summarise("P2", "idle re-sync", &p2, d_p1, args.link, |r| r.docs_sent + r.docs_received));
     out.line(&lines[1]).map_err(BenchError::Output)?;
 
@@ -174,7 +187,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         proxies.extend(proxy);
         fresh.push(prepare::enrolled_phone(&work.path().join("fresh"), worker, &code, &direct, opts).await?);
     }
-    let p3 = phase("P3", &fresh, pid, args.phase_timeout).await?;
+    let p3 = phase("P3", &fresh, Some(&probe), args.phase_timeout).await?;
     let d_p3 = held_bytes(&fresh).await?;
     lines.push(output::summarise("P3", "restore on a fresh phone", &p3, d_p3, args.link, |r| r.docs_received));
     out.line(&lines[2]).map_err(BenchError::Output)?;
@@ -190,7 +203,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             amrepo::export_changes(p, &touched, &mut am[i], &work.path().join("amrepo/changes")).await?;
         }
     }
-    let p4 = phase("P4", &phones, pid, args.phase_timeout).await?;
+    let p4 = phase("P4", &phones, Some(&probe), args.phase_timeout).await?;
     lines.push(output::summarise("P4", "incremental (one visit to five people)", &p4, d_p1, args.link, |r| r.docs_sent));
     out.line(&lines[3]).map_err(BenchError::Output)?;
     // The peersync side is done: stop its server so that it takes no memory or CPU from the
@@ -254,12 +267,15 @@ async fn held_bytes(phones: &[Phone]) -> Result<u64, BenchError> {
     Ok(d)
 }
 
-/// Every phone syncs at once; returns the phase's wall time and each phone's run. The server's
-/// peak memory is reset before and read after.
-pub(crate) async fn phase(name: &'static str, phones: &[Phone], pid: Option<u32>, timeout: Duration) -> Result<output::PhaseRun, BenchError> {
-    let rss_reset = pid.is_some_and(child::reset_peak_rss);
-    let cpu_before = pid.and_then(child::cpu_time);
-    let client_before = child::cpu_time(std::process::id());
+/// Every phone syncs at once; returns the phase's wall time and each phone's run. With `probe`,
+/// the server's peak memory is reset before (where it can be) and read after, with the CPU time
+/// it spent.
+pub(crate) async fn phase(name: &'static str, phones: &[Phone], probe: Option<&ServerProbe>, timeout: Duration) -> Result<output::PhaseRun, BenchError> {
+    let (rss_reset, before) = match probe {
+        Some(p) => p.begin().await,
+        None => (false, probe::Reading::default()),
+    };
+    let client_before = procstat::cpu_time(std::process::id());
     let now = chrono::Utc::now();
     let mut set = tokio::task::JoinSet::new();
     for p in phones {
@@ -293,9 +309,13 @@ pub(crate) async fn phase(name: &'static str, phones: &[Phone], pid: Option<u32>
     bar.done();
     let runs = runs.map_err(|_| BenchError::Timeout { phase: name, timeout })??;
     let wall = started.elapsed();
-    let rss = pid.and_then(child::peak_rss);
-    let server_cpu = cpu_before.zip(pid.and_then(child::cpu_time)).map(|(a, b)| b.saturating_sub(a));
-    let client_cpu = client_before.zip(child::cpu_time(std::process::id())).map(|(a, b)| b.saturating_sub(a));
+    let after = match probe {
+        Some(p) => p.read().await,
+        None => probe::Reading::default(),
+    };
+    let server_cpu = before.cpu.zip(after.cpu).map(|(a, b)| b.saturating_sub(a));
+    let client_cpu = client_before.zip(procstat::cpu_time(std::process::id())).map(|(a, b)| b.saturating_sub(a));
+    let rss = after.peak_rss;
     Ok(output::PhaseRun { wall, runs, rss, rss_since_start: !rss_reset, server_cpu, client_cpu })
 }
 
