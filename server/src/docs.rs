@@ -560,6 +560,9 @@ impl DocHub {
         if let Some(refusal) = refusal {
             return Ok(refusal);
         }
+        if let Err(why) = crate::chunks::check_pushed(&p.data) {
+            return Ok(refused(ErrorCode::InvalidDocument, format!("not automerge data as phones push it: {why}")));
+        }
         let before = w.doc.get_heads();
         if let Err(err) = w.doc.load_incremental(&p.data) {
             w.reset(org, &p.doc)?;

@@ -13,6 +13,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod bench;
+pub mod chunks;
 pub mod cli;
 pub mod conn;
 pub mod directory;

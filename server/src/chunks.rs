@@ -1,0 +1,222 @@
+//! A look at pushed automerge bytes before automerge reads them.
+//!
+//! automerge inflates a compressed change chunk, or a document's deflated columns, without a
+//! limit on the output: a push of a quarter of a megabyte inflated to 800 MB on the server. And
+//! it ignores whatever follows the last whole chunk, so bytes stored as pushed could carry junk
+//! that hides later changes when they are read back. So a push must be whole chunks with
+//! nothing after them, and what is deflated in it is inflated here first, counting, and refused
+//! past [`MAX_INFLATED_BYTES`]. Phones push uncompressed (`save_nocompress`, `save_after`),
+//! except a record too large for that, sent as automerge's deflated `save()`: that costs
+//! inflating twice, once here. Only the chunks' headers and a document's column descriptions
+//! are parsed; automerge checks the rest.
+
+use std::io::Read;
+
+use peersync_core::protocol::MAX_DOC_BYTES;
+
+/// The most a push may inflate to: four times the largest push, which a record's text, deflated,
+/// does not come near.
+pub const MAX_INFLATED_BYTES: u64 = 4 * MAX_DOC_BYTES as u64;
+
+/// Every automerge chunk begins with these.
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+const DOCUMENT: u8 = 0;
+const CHANGE: u8 = 1;
+const COMPRESSED_CHANGE: u8 = 2;
+/// The bit of a column's specification that says its data is deflated.
+const DEFLATED: u64 = 0b1000;
+
+/// Whether `data` is a sequence of whole, uncompressed automerge document and change chunks;
+/// the error says what is wrong with it.
+pub fn check_pushed(data: &[u8]) -> Result<(), String> {
+    let mut r = Reader { data, at: 0 };
+    if data.is_empty() {
+        return Err("no automerge data".into());
+    }
+    let mut inflated = Budget(MAX_INFLATED_BYTES);
+    while r.at < data.len() {
+        let start = r.at;
+        if r.take(4)? != MAGIC {
+            return Err(format!("bytes at offset {start} are not the start of an automerge chunk"));
+        }
+        r.take(4)?; // checksum: automerge verifies it
+        let kind = r.take(1)?[0];
+        let len = r.uleb()?;
+        let body = r.take(usize::try_from(len).map_err(|_| "a chunk longer than the push".to_string())?)?;
+        match kind {
+            DOCUMENT => check_document(body, &mut inflated)?,
+            CHANGE => {}
+            COMPRESSED_CHANGE => inflated.inflate(body)?,
+            other => return Err(format!("automerge chunk of type {other} at offset {start}: push documents and changes")),
+        }
+    }
+    Ok(())
+}
+
+/// A document chunk's actors, heads and column descriptions, and its deflated columns
+/// inflated within `inflated`.
+fn check_document(body: &[u8], inflated: &mut Budget) -> Result<(), String> {
+    let mut r = Reader { data: body, at: 0 };
+    for _ in 0..r.count(1)? {
+        let len = r.uleb()?;
+        r.take(usize::try_from(len).map_err(|_| "an actor id longer than the chunk".to_string())?)?;
+    }
+    let heads = r.count(32)?;
+    r.take(heads * 32)?;
+    // Change columns, then op columns: (specification, length) pairs; their data follows in
+    // the same order.
+    let mut columns = Vec::new();
+    for _ in 0..2 {
+        for _ in 0..r.count(2)? {
+            let spec = r.uleb()?;
+            let len = usize::try_from(r.uleb()?).map_err(|_| "a column longer than the chunk".to_string())?;
+            columns.push((spec & DEFLATED != 0, len));
+        }
+    }
+    for (deflated, len) in columns {
+        let data = r.take(len)?;
+        if deflated {
+            inflated.inflate(data)?;
+        }
+    }
+    Ok(())
+}
+
+/// What may still be inflated.
+struct Budget(u64);
+
+impl Budget {
+    /// Inflate `deflated` to count its size, taking it from the budget.
+    fn inflate(&mut self, deflated: &[u8]) -> Result<(), String> {
+        let over = || format!("automerge data that inflates to more than {MAX_INFLATED_BYTES} bytes");
+        let mut decoder = flate2::read::DeflateDecoder::new(deflated).take(self.0 + 1);
+        let n = std::io::copy(&mut decoder, &mut std::io::sink()).map_err(|e| format!("a deflated part that does not inflate: {e}"))?;
+        self.0 = self.0.checked_sub(n).ok_or_else(over)?;
+        Ok(())
+    }
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.data.len()).ok_or_else(|| format!("automerge data cut short at offset {}", self.at))?;
+        let out = &self.data[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn uleb(&mut self) -> Result<u64, String> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.take(1)?[0];
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(format!("a malformed number at offset {}", self.at))
+    }
+
+    /// A count of items of at least `min` bytes each, bounded by what is left.
+    fn count(&mut self, min: usize) -> Result<usize, String> {
+        let n = self.uleb()?;
+        let left = (self.data.len() - self.at) / min;
+        usize::try_from(n).ok().filter(|n| *n <= left).ok_or_else(|| format!("a count of {n} at offset {} is more than the data holds", self.at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ROOT};
+
+    fn doc() -> AutoCommit {
+        let mut d = AutoCommit::new();
+        // Long enough text that automerge deflates its columns and compresses its changes.
+        d.put(ROOT, "notes", "a long note about the week; ".repeat(200)).unwrap();
+        d.put(ROOT, "alias", "KM-1").unwrap();
+        d
+    }
+
+    #[test]
+    fn what_phones_push_passes() {
+        let mut d = doc();
+        let heads = d.get_heads();
+        assert_eq!(check_pushed(&d.save_nocompress()), Ok(()));
+        d.put(ROOT, "alias", "KM-2").unwrap();
+        let after = d.save_after(&heads);
+        assert_eq!(check_pushed(&after), Ok(()));
+        let mut both = d.save_nocompress();
+        both.extend_from_slice(&after);
+        assert_eq!(check_pushed(&both), Ok(()));
+    }
+
+    /// A large record is pushed deflated (`save()`), and changes may come compressed: they pass,
+    /// within the limit.
+    #[test]
+    fn deflated_records_and_compressed_changes_pass_within_the_limit() {
+        let mut d = doc();
+        let deflated = d.save();
+        assert!(deflated.len() < d.save_nocompress().len(), "automerge's save() deflates these columns");
+        assert_eq!(check_pushed(&deflated), Ok(()));
+        let mut change = automerge::Automerge::load(&d.save_nocompress()).unwrap().get_changes(&[]).into_iter().next().unwrap().clone();
+        let compressed = change.bytes().into_owned();
+        assert_eq!(compressed[8], COMPRESSED_CHANGE, "a change this large is compressed");
+        assert_eq!(check_pushed(&compressed), Ok(()));
+    }
+
+    /// The bomb: a compressed change, or a document column, that inflates past the limit.
+    #[test]
+    fn data_inflating_past_the_limit_is_refused() {
+        use std::io::Write;
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        z.write_all(&vec![0u8; MAX_INFLATED_BYTES as usize + 1]).unwrap();
+        let bomb = z.finish().unwrap();
+        assert!(bomb.len() < 64 << 10);
+        let chunk = |kind: u8, body: &[u8]| {
+            let mut c = MAGIC.to_vec();
+            c.extend_from_slice(&[0; 4]);
+            c.push(kind);
+            uleb(&mut c, body.len() as u64);
+            c.extend_from_slice(body);
+            c
+        };
+        let err = check_pushed(&chunk(COMPRESSED_CHANGE, &bomb)).unwrap_err();
+        assert!(err.contains("inflates to more than"), "{err}");
+        // A document whose one op column is the bomb: no actors, no heads, no change columns.
+        let mut body = vec![0, 0, 0, 1];
+        uleb(&mut body, (1 << 4) | DEFLATED | 6);
+        uleb(&mut body, bomb.len() as u64);
+        body.extend_from_slice(&bomb);
+        let err = check_pushed(&chunk(DOCUMENT, &body)).unwrap_err();
+        assert!(err.contains("inflates to more than"), "{err}");
+    }
+
+    fn uleb(v: &mut Vec<u8>, mut n: u64) {
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            v.push(if n == 0 { b } else { b | 0x80 });
+            if n == 0 {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_or_broken_data_is_refused() {
+        let mut d = doc();
+        let mut junk = d.save_nocompress();
+        junk.extend_from_slice(b"seventeen bytes!!");
+        assert!(check_pushed(&junk).is_err());
+        let whole = d.save_nocompress();
+        assert!(check_pushed(&whole[..whole.len() - 1]).unwrap_err().contains("cut short"));
+        assert!(check_pushed(b"").is_err());
+        assert!(check_pushed(&[0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]).is_err());
+    }
+}
