@@ -75,6 +75,7 @@ impl From<DirectoryError> for ApiError {
             DirectoryError::Exists { .. } | DirectoryError::DeviceTaken(_) => StatusCode::CONFLICT,
             DirectoryError::NoOrg(_) | DirectoryError::NoWorker { .. } | DirectoryError::NoDevice(_) => StatusCode::NOT_FOUND,
             DirectoryError::BadCode => StatusCode::UNAUTHORIZED,
+            DirectoryError::Erased(_) => StatusCode::GONE,
         };
         Self::new(status, e.to_string())
     }
@@ -304,7 +305,12 @@ async fn enroll(State(state): State<Arc<AppState>>, req: axum::extract::Request)
     // A malformed key is reported once the code is known good (a wrong code is always 401).
     let public_key = B64.decode(body.public_key.trim()).unwrap_or_default();
     let st = state.clone();
-    let result = tokio::task::spawn_blocking(move || st.dir.enroll(&body.code, &body.device, &public_key, &body.name)).await;
+    let result = tokio::task::spawn_blocking(move || {
+        let d = st.dir.enroll(&body.code, &body.device, &public_key, &body.name)?;
+        crate::session::start_record(&st, &d.org, &d.id).map_err(DirectoryError::Store)?;
+        Ok::<_, DirectoryError>(d)
+    })
+    .await;
     match result {
         Ok(Ok(d)) => {
             // Only this attempt is taken back: wrong codes sent alongside still count.
@@ -511,12 +517,7 @@ async fn assign(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q)
     let (who, org) = authorize(&state, &headers, &q)?;
     peersync_core::model::validate_id("person", &id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     coordinator_may_assign(&state, &who, &org, &id)?;
-    if state.dir.tombstone(&org, &id)?.is_some() {
-        return Err(ApiError::new(StatusCode::GONE, "this person was erased"));
-    }
-    if state.dir.worker(&org, &b.worker)?.is_none() {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no worker {:?}", b.worker)));
-    }
+    state.dir.assignable(&org, &id, &b.worker)?;
     let (st, o, i, w, actor) = (state.clone(), org.clone(), id.clone(), b.worker.clone(), who.actor());
     tokio::task::spawn_blocking(move || {
         st.hub.touch(&o, &i, |seq| match st.dir.assign(&o, &i, std::slice::from_ref(&w), seq, &actor) {

@@ -29,8 +29,10 @@ pub struct DeviceIdentity {
     pub worker: String,
     /// Revoked devices are told to wipe and nothing else.
     pub revoked: bool,
-    /// The log position the device has caught up to (its cursor in this session): what was
-    /// taken from its worker after it is news to the device.
+    /// The log position the device is known to have caught up to: the later of the cursor it
+    /// presents in this session and the one the server recorded for it (at its last sync, or
+    /// the log's head when it enrolled). What was taken from its worker after it is news to
+    /// the device, so what the phone recorded offline for such a person is still taken in.
     pub since: u64,
 }
 
@@ -254,7 +256,14 @@ impl<S: LocalStore> Access for Assignments<S> {
                 message: "this person was erased at their request; delete the local copy".into(),
             }));
         }
-        if !exists || self.dir.assignment(&who.org, doc, &who.worker)?.is_some() {
+        if !exists {
+            // A person new to the server is theirs who records them first, unless a coordinator
+            // has already given the id to other workers: then only those may create the record.
+            let given = self.dir.assigned_workers(&who.org, doc)?;
+            if given.is_empty() || given.contains(&who.worker) {
+                return Ok(None);
+            }
+        } else if self.dir.assignment(&who.org, doc, &who.worker)?.is_some() {
             return Ok(None);
         }
         // Taken from this worker after the phone last synced: what it recorded offline, while it

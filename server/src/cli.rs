@@ -493,9 +493,7 @@ fn admin(state: &AppState, action: AdminAction) -> Result<(), CliError> {
             out(format_args!("{code}  (for {worker}; single use; expires {expires})"))?;
         }
         AdminAction::Assign { org, person, worker } => {
-            if dir.worker(&org, &worker)?.is_none() {
-                return Err(CliError::Usage(format!("no worker {worker:?} in {org:?}")));
-            }
+            dir.assignable(&org, &person, &worker)?;
             state.hub.touch(&org, &person, |seq| {
                 dir.assign(&org, &person, std::slice::from_ref(&worker), seq, "admin").map(|_| ()).map_err(|e| peersync_core::StoreError::Io(e.to_string()))
             })?;

@@ -142,6 +142,8 @@ pub enum DirectoryError {
          for its own worker, or enroll a fresh store"
     )]
     DeviceTaken(String),
+    #[error("{0:?} was erased at their request: an erased person cannot be assigned again")]
+    Erased(String),
 }
 
 impl From<peersync_core::ValidationError> for DirectoryError {
@@ -355,6 +357,11 @@ impl<S: LocalStore> Directory<S> {
             return Err(DirectoryError::BadCode);
         }
         validate_id("device", device)?;
+        if device.contains('.') {
+            // The connection token is `device.time.nonce.signature`: such a device could enroll
+            // but never connect.
+            return Err(DirectoryError::Invalid(format!("device id {device:?} contains '.', which separates a connection token's parts")));
+        }
         if public_key.len() != 32 {
             return Err(DirectoryError::Invalid("the public key must be a 32-byte Ed25519 key".into()));
         }
@@ -462,6 +469,20 @@ impl<S: LocalStore> Directory<S> {
     /// The last part of every key under `prefix` (a key's parts end with it).
     fn last_parts(&self, prefix: &[u8]) -> Result<Vec<String>, StoreError> {
         Ok(self.kv.keys_with_prefix(prefix)?.into_iter().map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned()).collect())
+    }
+
+    /// Whether an operator (a coordinator, or the admin command) may assign `doc` to `worker`:
+    /// a valid id, not erased, and a worker of the organisation. Checked before the assignment's
+    /// log entry is written; the sync path checks erasure itself before [`Self::assign`].
+    pub fn assignable(&self, org: &str, doc: &str, worker: &str) -> Result<(), DirectoryError> {
+        validate_id("person", doc)?;
+        if self.tombstone(org, doc)?.is_some() {
+            return Err(DirectoryError::Erased(doc.into()));
+        }
+        if self.worker(org, worker)?.is_none() {
+            return Err(DirectoryError::NoWorker { org: org.into(), worker: worker.into() });
+        }
+        Ok(())
     }
 
     /// Assign `doc` to `workers` (unknown workers are skipped and returned). Durable only at
@@ -583,6 +604,20 @@ mod tests {
         d
     }
 
+    /// What an operator may assign: the admin command and the coordinators' API both ask this
+    /// before they write anything.
+    #[test]
+    fn an_erased_person_an_unknown_worker_or_a_bad_id_cannot_be_assigned() {
+        let d = dir();
+        assert!(d.assignable("org1", "p-1", "w-001").is_ok());
+        assert!(matches!(d.assignable("org1", "p-1", "w-999"), Err(DirectoryError::NoWorker { .. })));
+        assert!(matches!(d.assignable("org1", "../p", "w-001"), Err(DirectoryError::Invalid(_))));
+        d.bury("org1", "p-1", "c").unwrap();
+        let erased = d.assignable("org1", "p-1", "w-001");
+        assert!(matches!(&erased, Err(DirectoryError::Erased(p)) if p == "p-1"), "{erased:?}");
+        assert!(d.assignable("org2", "p-1", "w-001").is_err(), "another organisation's worker is not this one's");
+    }
+
     /// A worker's caseload, as the index has it: every person assigned, no one else, in
     /// another organisation or another worker's (whose id begins with this one's) included.
     #[test]
@@ -684,5 +719,10 @@ mod tests {
         d.revoke("org1", "dev-1", "admin").unwrap();
         assert!(matches!(d.enroll(&code, "dev-1", &[7; 32], "phone"), Err(DirectoryError::BadCode)));
         assert!(matches!(d.enroll(&third, "dev-1", &[7; 32], "phone"), Err(DirectoryError::DeviceTaken(_))));
+        // A device id that could never connect (a token's parts are separated by '.') is
+        // refused, and the code stays good for a proper one.
+        let (fourth, _) = d.issue_code("org1", "w-001").unwrap();
+        assert!(matches!(d.enroll(&fourth, "dev.2", &[5; 32], "phone"), Err(DirectoryError::Invalid(_))));
+        assert!(d.enroll(&fourth, "dev-2", &[5; 32], "phone").is_ok());
     }
 }

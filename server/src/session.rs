@@ -259,9 +259,18 @@ impl<C: Conn> Session<C> {
                 self.hello_seen = true;
                 self.live = live;
                 self.cursor = cursor;
-                self.who.since = cursor.seq;
-                let (state, org) = (self.state.clone(), self.who.org.clone());
-                self.cursor_known = blocking(move || state.hub.cursor_known(&org, cursor)).await?;
+                let (state, org, device) = (self.state.clone(), self.who.org.clone(), self.who.device.clone());
+                let (known, recorded) = blocking(move || {
+                    let known = state.hub.cursor_known(&org, cursor)?;
+                    Ok((known, state.hub.store().device(&org, &device)?.map_or(0, |r| r.cursor)))
+                })
+                .await?;
+                self.cursor_known = known;
+                // Writes are judged from the later of the cursor the phone presents and the one
+                // recorded when it last synced (or enrolled): a phone that presents an older
+                // cursor is not given back a person taken from its worker since. Downloads
+                // still start from the cursor presented: that is what the phone holds.
+                self.who.since = cursor.seq.max(recorded);
                 self.push(docs, more).await
             }
             ClientMsg::Push { docs, more } => {
@@ -440,7 +449,7 @@ impl<C: Conn> Session<C> {
         self.docs_out += b.docs.len() as u64;
         self.state.metrics.docs_sent.fetch_add(b.docs.len() as u64, Relaxed);
         self.cursor = b.cursor;
-        self.who.since = b.cursor.seq;
+        self.who.since = self.who.since.max(b.cursor.seq);
         self.read.extend(b.docs.iter().map(|d| d.doc.clone()));
         ServerMsg::Docs { docs: b.docs, purge: b.purge, cursor: b.cursor, remaining: b.remaining, done }
     }
@@ -576,6 +585,22 @@ fn update_record(
     let Some(info) = change(store.device(&who.org, &who.device)?) else { return Ok(None) };
     store.put_device(&who.org, &who.device, &info)?;
     Ok(Some(info))
+}
+
+/// A newly enrolled device's sync record: nothing synced yet, its cursor at the log's head. A
+/// device enrolled now never held anyone taken from its worker before now, so presenting the
+/// start of the log does not let it write to them (see `DeviceIdentity::since`). A record that
+/// exists (the same phone enrolling again) is left as it is. Durable before it returns.
+pub(crate) fn start_record(state: &AppState, org: &str, device: &str) -> Result<(), peersync_core::StoreError> {
+    let store = state.hub.store();
+    {
+        let _records = state.device_records.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if store.device(org, device)?.is_some() {
+            return Ok(());
+        }
+        store.put_device(org, device, &DeviceSync { cursor: store.head(org)?.seq, ..DeviceSync::default() })?;
+    }
+    state.hub.flush()
 }
 
 /// The audit entries for people a device's exchange wrote and was sent, deferred: durable at

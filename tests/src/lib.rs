@@ -357,3 +357,14 @@ pub fn copy_dir(from: &Path, to: &Path) {
 }
 
 pub mod webdriver;
+
+/// A sync socket for `device`, signed as the device would sign it, for sending hand-made frames.
+pub async fn raw(server: &TestServer, device: &Device) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut url = format!("{}/v1/sync", server.url).into_client_request().unwrap();
+    url.headers_mut().insert("authorization", device.connection_token().await.unwrap().unwrap().parse().unwrap());
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    tokio_tungstenite::connect_async_with_config(url, Some(config), false).await.expect("upgrade").0
+}

@@ -99,6 +99,76 @@ async fn organisations_and_assignments_bound_what_a_device_sees() {
     server.stop().await;
 }
 
+/// A person a coordinator assigned before anyone recorded them (the README's set-up does this)
+/// is created by the workers given them, not by whichever phone pushes the id first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_given_to_a_worker_cannot_be_taken_by_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
+    assert_eq!(server.admin("POST", &format!("/v1/people/p-00042/assign?org={ORG}"), Some(json!({ "worker": "w-001" }))).await.0, 200);
+    b.register_person(only("p-00042", "TAKEN", &["w-002"])).await.unwrap();
+    let rb = sync(&b, &server).await;
+    assert!(matches!(&rb.refused[..], [r] if r.person == "p-00042" && r.code == peersync_core::protocol::ErrorCode::Forbidden), "{rb:?}");
+    a.register_person(only("p-00042", "KM-42", &["w-001"])).await.unwrap();
+    let ra = sync(&a, &server).await;
+    assert_eq!((ra.docs_sent, ra.refused.len()), (1, 0), "{ra:?}");
+    let (_, people) = server.admin("GET", &format!("/v1/people?org={ORG}"), None).await;
+    let entry = people.as_array().unwrap().iter().find(|p| p["id"] == "p-00042").cloned().unwrap_or_default();
+    assert_eq!(entry["workers"], json!(["w-001"]), "{people}");
+    server.stop().await;
+}
+
+/// The grace for what a phone recorded offline before learning that a person was taken from
+/// its worker is judged from the position the server recorded for the device: a phone that
+/// presents an older cursor, or a device enrolled after the person was taken that presents the
+/// start of the log, cannot write to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewound_cursor_does_not_give_back_a_person_taken_from_the_worker() {
+    use futures_util::{SinkExt, StreamExt};
+    use peersync_core::protocol::{self, AckStatus, ClientMsg, Cursor, DocPush, ErrorCode, ServerMsg};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (a, _) = server.phone(dir.path(), "w-001").await;
+    let (b, _) = server.phone(dir.path(), "w-002").await;
+    a.register_person(only("p-x", "KM-1", &["w-001"])).await.unwrap();
+    sync(&a, &server).await;
+    let held = a.export_document("p-x").await.unwrap();
+    assert_eq!(server.admin("POST", &format!("/v1/people/p-x/assign?org={ORG}"), Some(json!({ "worker": "w-002" }))).await.0, 200);
+    assert_eq!(server.admin("POST", &format!("/v1/people/p-x/unassign?org={ORG}"), Some(json!({ "worker": "w-001" }))).await.0, 200);
+    assert_eq!(sync(&a, &server).await.purged, 1);
+
+    // A change to the record the phone held, pushed with a rewound cursor by that phone and by
+    // a device of the same worker enrolled only now.
+    let mut doc = automerge::AutoCommit::load(&held).unwrap().with_actor(automerge::ActorId::random());
+    let Some((_, profile)) = automerge::ReadDoc::get(&doc, automerge::ROOT, "profile").unwrap() else { panic!("no profile") };
+    automerge::transaction::Transactable::put(&mut doc, &profile, "alias", "INTRUDER").unwrap();
+    let heads = doc.get_heads().iter().map(|h| h.0).collect();
+    let push = DocPush { doc: "p-x".into(), heads, data: doc.save() };
+    let (late, _) = open_phone(dir.path(), "w-001-late").await;
+    late.enroll(&server.options(), &server.code("w-001"), "late").await.unwrap();
+    for (who, phone) in [("the purged phone", &a), ("the device enrolled since", &late)] {
+        let mut ws = raw(&server, phone).await;
+        let hello = ClientMsg::Hello { cursor: Cursor::START, live: false, docs: vec![push.clone()], more: false };
+        ws.send(Message::Binary(protocol::encode(&hello).unwrap().into())).await.unwrap();
+        let reply = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await.expect("an answer").expect("a frame").unwrap();
+        let Message::Binary(bytes) = reply else { panic!("{who}: expected acknowledgements, got {reply:?}") };
+        match protocol::decode::<ServerMsg>(&bytes).unwrap() {
+            ServerMsg::Acks { acks } => {
+                assert!(matches!(&acks[..], [ack] if matches!(ack.status, AckStatus::Refused { code: ErrorCode::Forbidden, .. })), "{who}: {acks:?}")
+            }
+            other => panic!("{who}: expected acknowledgements, got {other:?}"),
+        }
+    }
+    // Nothing of the intruder reached the person's record.
+    sync(&b, &server).await;
+    assert_eq!(b.person("p-x").await.unwrap().person.alias, "KM-1");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_device_is_refused_and_wipes() {
     let dir = tempfile::tempdir().unwrap();
@@ -380,6 +450,10 @@ async fn erasure_is_honoured_everywhere_even_by_a_stale_phone() {
     let (status, body) = server.admin("POST", &format!("/v1/people/p-e/erase?org={ORG}"), None).await;
     assert_eq!(status, 200);
     assert_eq!(body["known"], true, "{body}");
+    // Nobody can be given the person again: an assignment would stop stale phones purging them.
+    let (status, body) = server.admin("POST", &format!("/v1/people/p-e/assign?org={ORG}"), Some(json!({ "worker": "w-003" }))).await;
+    assert_eq!(status, 410, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("erased"), "{body}");
     // A purges at its next sync.
     let ra = sync(&a, &server).await;
     assert_eq!(ra.purged, 1);

@@ -6,16 +6,6 @@ use peersync_core::protocol::{self, ErrorCode, MAX_FRAME_BYTES, ServerMsg};
 use peersync_tests::*;
 use tokio_tungstenite::tungstenite::Message;
 
-async fn raw(server: &TestServer, device: &peersync_core::Device) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut url = format!("{}/v1/sync", server.url).into_client_request().unwrap();
-    url.headers_mut().insert("authorization", device.connection_token().await.unwrap().unwrap().parse().unwrap());
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .max_message_size(Some(64 << 20))
-        .max_frame_size(Some(64 << 20));
-    tokio_tungstenite::connect_async_with_config(url, Some(config), false).await.expect("upgrade").0
-}
-
 /// Send `msg` and expect an Error frame with `code`, then the close.
 async fn expect_error(server: &TestServer, device: &peersync_core::Device, msg: Message, code: ErrorCode) {
     let mut ws = raw(server, device).await;
