@@ -213,6 +213,15 @@ fn address_key(ip: &str) -> String {
     }
 }
 
+/// Audit a coordinator's access to records before the records are sent: if the entry cannot be
+/// written, nothing is sent, since an access the log does not show must not happen.
+fn audit_access(state: &AppState, org: &str, who: &Principal, action: &str, people: Vec<String>, detail: impl Into<String>) -> Result<(), ApiError> {
+    state.audit.record(org, &who.actor(), action, people, true, detail).map_err(|e| {
+        tracing::error!(error = %e, "audit log write failed; the records were not sent");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the access could not be written to the audit log, so nothing was sent ({e}); try again later"))
+    })
+}
+
 fn audit(state: &AppState, org: &str, who: &Principal, action: &str, people: Vec<String>, ok: bool, detail: impl Into<String>) {
     if let Err(e) = state.audit.record(org, &who.actor(), action, people, ok, detail) {
         tracing::error!(error = %e, "audit log write failed");
@@ -504,7 +513,7 @@ async fn read_person(State(state): State<Arc<AppState>>, headers: HeaderMap, Que
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
         .ok_or_else(not_visible)?;
-    audit(&state, &org, &who, "read", vec![id], true, "coordinator read the record");
+    audit_access(&state, &org, &who, "read", vec![id], "coordinator read the record")?;
     Ok(Json(json!(record)))
 }
 
@@ -808,7 +817,7 @@ async fn export(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q)
         (None, Some(t)) => format!("before {t}"),
         (Some(f), Some(t)) => format!("from {f} to {t} (exclusive)"),
     };
-    audit(&state, &org, &who, "export", shared, true, format!("{what}, {when}"));
+    audit_access(&state, &org, &who, "export", shared, format!("{what}, {when}"))?;
     let stamp = chrono::Utc::now().format("%Y%m%d");
     Ok(match format.as_str() {
         "json" => Json(crate::report::export_json(&rows, period)).into_response(),

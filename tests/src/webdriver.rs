@@ -47,6 +47,11 @@ impl Browser {
         let session = v["value"]["sessionId"].as_str().expect("session id").to_string();
         let b = Browser { driver, addr, session };
         b.cmd("POST", "/window/rect", Some(json!({ "width": 1280, "height": 800 }))).await;
+        // The window's size includes the browser's own bars; the page's is what screenshots
+        // show, and what the README promises: 1280x800.
+        let viewport = json!({ "cmd": "Emulation.setDeviceMetricsOverride",
+                               "params": { "width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": false } });
+        b.cmd("POST", "/goog/cdp/execute", Some(viewport)).await;
         b
     }
 
@@ -106,11 +111,14 @@ impl Browser {
         }
     }
 
-    /// A PNG of the viewport.
+    /// A PNG of the viewport, 1280x800.
     pub async fn screenshot(&self, to: &Path) {
         use base64::Engine as _;
         let b64 = self.cmd("GET", "/screenshot", None).await;
         let png = base64::engine::general_purpose::STANDARD.decode(b64.as_str().unwrap()).unwrap();
+        // The PNG header's width and height, big-endian, after the signature and IHDR's tag.
+        let size = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+        assert_eq!((size(16), size(20)), (1280, 800), "screenshot size for {}", to.display());
         std::fs::write(to, png).unwrap();
     }
 
