@@ -1,4 +1,5 @@
-//! A look at pushed automerge bytes before automerge reads them.
+//! A look at automerge bytes a device sends (pushes, and the changes in reconciliation's sync
+//! messages) before automerge reads them.
 //!
 //! automerge inflates a compressed change chunk, or a document's deflated columns, without a
 //! limit on the output: a push of a quarter of a megabyte inflated to 800 MB on the server. And
@@ -29,11 +30,41 @@ const DEFLATED: u64 = 0b1000;
 /// Whether `data` is a sequence of whole, uncompressed automerge document and change chunks;
 /// the error says what is wrong with it.
 pub fn check_pushed(data: &[u8]) -> Result<(), String> {
-    let mut r = Reader { data, at: 0 };
     if data.is_empty() {
         return Err("no automerge data".into());
     }
+    check_chunks(data, &mut Budget(MAX_INFLATED_BYTES))
+}
+
+/// The same for the changes an automerge sync message carries (reconciliation's `Sync`
+/// frames), within one budget for the message. The rest of the message (heads, needs, bloom
+/// filters) is only stepped over: automerge reads it without inflating anything.
+pub fn check_sync_message(msg: &[u8]) -> Result<(), String> {
+    let mut r = Reader { data: msg, at: 0 };
+    r.take(1)?; // the message's version
+    for _ in 0..2 {
+        // Heads, then needs.
+        let n = r.count(32)?;
+        r.take(n * 32)?;
+    }
+    for _ in 0..r.count(2)? {
+        // What the sender has: its last-sync heads and a bloom filter.
+        let n = r.count(32)?;
+        r.take(n * 32)?;
+        let len = r.len()?;
+        r.take(len)?;
+    }
     let mut inflated = Budget(MAX_INFLATED_BYTES);
+    for _ in 0..r.count(1)? {
+        let len = r.len()?;
+        check_chunks(r.take(len)?, &mut inflated)?;
+    }
+    Ok(())
+}
+
+/// Whole chunks, nothing after them, inflating within `inflated`.
+fn check_chunks(data: &[u8], inflated: &mut Budget) -> Result<(), String> {
+    let mut r = Reader { data, at: 0 };
     while r.at < data.len() {
         let start = r.at;
         if r.take(4)? != MAGIC {
@@ -41,10 +72,10 @@ pub fn check_pushed(data: &[u8]) -> Result<(), String> {
         }
         r.take(4)?; // checksum: automerge verifies it
         let kind = r.take(1)?[0];
-        let len = r.uleb()?;
-        let body = r.take(usize::try_from(len).map_err(|_| "a chunk longer than the push".to_string())?)?;
+        let len = r.len()?;
+        let body = r.take(len)?;
         match kind {
-            DOCUMENT => check_document(body, &mut inflated)?,
+            DOCUMENT => check_document(body, inflated)?,
             CHANGE => {}
             COMPRESSED_CHANGE => inflated.inflate(body)?,
             other => return Err(format!("automerge chunk of type {other} at offset {start}: push documents and changes")),
@@ -58,8 +89,8 @@ pub fn check_pushed(data: &[u8]) -> Result<(), String> {
 fn check_document(body: &[u8], inflated: &mut Budget) -> Result<(), String> {
     let mut r = Reader { data: body, at: 0 };
     for _ in 0..r.count(1)? {
-        let len = r.uleb()?;
-        r.take(usize::try_from(len).map_err(|_| "an actor id longer than the chunk".to_string())?)?;
+        let len = r.len()?;
+        r.take(len)?; // an actor id
     }
     let heads = r.count(32)?;
     r.take(heads * 32)?;
@@ -69,7 +100,7 @@ fn check_document(body: &[u8], inflated: &mut Budget) -> Result<(), String> {
     for _ in 0..2 {
         for _ in 0..r.count(2)? {
             let spec = r.uleb()?;
-            let len = usize::try_from(r.uleb()?).map_err(|_| "a column longer than the chunk".to_string())?;
+            let len = r.len()?;
             columns.push((spec & DEFLATED != 0, len));
         }
     }
@@ -119,6 +150,13 @@ impl<'a> Reader<'a> {
             }
         }
         Err(format!("a malformed number at offset {}", self.at))
+    }
+
+    /// A length of bytes to follow, bounded by what is left.
+    fn len(&mut self) -> Result<usize, String> {
+        let n = self.uleb()?;
+        let left = self.data.len() - self.at;
+        usize::try_from(n).ok().filter(|n| *n <= left).ok_or_else(|| format!("automerge data cut short at offset {}: {n} bytes said to follow, {left} do", self.at))
     }
 
     /// A count of items of at least `min` bytes each, bounded by what is left.
@@ -195,6 +233,49 @@ mod tests {
         body.extend_from_slice(&bomb);
         let err = check_pushed(&chunk(DOCUMENT, &body)).unwrap_err();
         assert!(err.contains("inflates to more than"), "{err}");
+    }
+
+    /// Real sync messages pass, a first one carrying a whole document included; one carrying
+    /// a bomb, or cut short, does not.
+    #[test]
+    fn sync_messages_are_looked_at_too() {
+        use automerge::sync::{State, SyncDoc};
+        let mut ours = doc();
+        let mut theirs = automerge::AutoCommit::new();
+        let (mut a, mut b) = (State::new(), State::new());
+        let mut seen = 0;
+        for _ in 0..6 {
+            if let Some(m) = ours.sync().generate_sync_message(&mut a) {
+                let bytes = m.encode();
+                assert_eq!(check_sync_message(&bytes), Ok(()));
+                theirs.sync().receive_sync_message(&mut b, automerge::sync::Message::decode(&bytes).unwrap()).unwrap();
+                seen += 1;
+            }
+            if let Some(m) = theirs.sync().generate_sync_message(&mut b) {
+                let bytes = m.encode();
+                assert_eq!(check_sync_message(&bytes), Ok(()));
+                ours.sync().receive_sync_message(&mut a, automerge::sync::Message::decode(&bytes).unwrap()).unwrap();
+            }
+        }
+        assert!(seen > 0 && theirs.get_heads() == ours.get_heads(), "the two converged through the checked messages");
+
+        use std::io::Write;
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        z.write_all(&vec![0u8; MAX_INFLATED_BYTES as usize + 1]).unwrap();
+        let bomb = z.finish().unwrap();
+        let mut chunk = MAGIC.to_vec();
+        chunk.extend_from_slice(&[0; 4]);
+        chunk.push(COMPRESSED_CHANGE);
+        uleb(&mut chunk, bomb.len() as u64);
+        chunk.extend_from_slice(&bomb);
+        // Version, no heads, no needs, no haves, one change.
+        let mut msg = vec![0x42, 0, 0, 0, 1];
+        uleb(&mut msg, chunk.len() as u64);
+        msg.extend_from_slice(&chunk);
+        let err = check_sync_message(&msg).unwrap_err();
+        assert!(err.contains("inflates to more than"), "{err}");
+        assert!(check_sync_message(&msg[..40]).is_err());
+        assert!(check_sync_message(&[]).is_err());
     }
 
     fn uleb(v: &mut Vec<u8>, mut n: u64) {

@@ -910,7 +910,9 @@ impl DocHub {
             let may_write = refusal.is_none();
             if !m.msg.is_empty() {
                 let before = w.doc.get_heads();
-                let Ok(msg) = SyncMessage::decode(&m.msg) else {
+                // Its changes are looked at before automerge inflates any (see `chunks`).
+                let checked = crate::chunks::check_sync_message(&m.msg).map_err(|why| tracing::warn!(org, doc = %m.doc, device = %who.device, %why, "a sync message not taken"));
+                let Some(msg) = checked.ok().and_then(|()| SyncMessage::decode(&m.msg).ok()) else {
                     // Answered all the same, from a fresh start, so that the device does not
                     // take the silence for agreement.
                     *rounds.state(&m.doc) = SyncState::new();
