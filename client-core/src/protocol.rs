@@ -26,6 +26,9 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// so that a link that drops every minute still completes (and persists) batches, and progress
 /// can be shown.
 pub const TARGET_BATCH_BYTES: usize = 128 << 10;
+/// Most documents one `Sync` frame may name: the server checks and loads each under its
+/// writers' lock, so a frame of idle documents' small messages must still be bounded.
+pub const MAX_SYNC_DOCS: usize = 1024;
 /// Largest single document in a push (raw automerge bytes).
 pub const MAX_DOC_BYTES: usize = 2 << 20;
 /// Payloads below this are sent uncompressed: zstd's header would outweigh the saving.

@@ -896,6 +896,12 @@ impl DocHub {
             if peersync_core::model::validate_id("doc", &m.doc).is_err() {
                 continue;
             }
+            // Someone else's record is not loaded at all: a device naming people it may not
+            // read costs the server a lookup each, not a load. (An erased person has no stored
+            // data and goes on, to be told to purge.)
+            if access.read_since(who, &m.doc)?.is_none() && !batch.contains_key(&m.doc) && (self.cache_get(org, &m.doc).is_some() || self.store.load_doc(org, &m.doc)?.is_some()) {
+                continue;
+            }
             let w = self.working(org, &m.doc, &mut batch)?;
             // A document the server has never held may be created through the sync protocol too.
             let may_read = !w.stored || access.read_since(who, &m.doc)?.is_some();

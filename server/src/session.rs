@@ -286,6 +286,12 @@ impl<C: Conn> Session<C> {
             }
             ClientMsg::Sync { msgs } => {
                 self.require_hello()?;
+                if msgs.len() > protocol::MAX_SYNC_DOCS {
+                    return Err(SessionEnd::protocol(
+                        ErrorCode::TooLarge,
+                        format!("a Sync frame names {} documents, more than the {} one may", msgs.len(), protocol::MAX_SYNC_DOCS),
+                    ));
+                }
                 let (state, who) = (self.state.clone(), self.who.clone());
                 let mut rounds = std::mem::take(&mut self.sync_rounds);
                 let gate = self.state.write_gate.lock().await;

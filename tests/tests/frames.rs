@@ -92,6 +92,30 @@ async fn bad_frames_get_an_error_and_a_clean_close() {
     server.stop().await;
 }
 
+/// A `Sync` frame naming more documents than one may is refused before any is looked at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_frame_naming_too_many_documents_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let (phone, _) = server.phone(dir.path(), "w-004").await;
+    let mut ws = raw(&server, &phone).await;
+    let next = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| {
+        let reply = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await.expect("an answer").expect("a frame").unwrap();
+        let Message::Binary(b) = reply else { panic!("expected a binary frame, got {reply:?}") };
+        protocol::decode::<ServerMsg>(&b).unwrap()
+    };
+    let hello = protocol::ClientMsg::Hello { cursor: protocol::Cursor::START, live: false, docs: vec![], more: false };
+    ws.send(Message::Binary(protocol::encode(&hello).unwrap().into())).await.unwrap();
+    assert!(matches!(next(&mut ws).await, ServerMsg::Docs { done: true, .. }));
+    let msgs = (0..=protocol::MAX_SYNC_DOCS).map(|i| protocol::DocSync { doc: format!("p-{i}"), msg: vec![] }).collect();
+    ws.send(Message::Binary(protocol::encode(&protocol::ClientMsg::Sync { msgs }).unwrap().into())).await.unwrap();
+    match next(&mut ws).await {
+        ServerMsg::Error { code, message } => assert_eq!(code, ErrorCode::TooLarge, "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics_are_served() {
     let dir = tempfile::tempdir().unwrap();

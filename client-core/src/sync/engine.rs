@@ -384,7 +384,7 @@ impl<C: FrameConn> Engine<'_, C> {
             for m in msgs {
                 size += m.msg.len();
                 batch.push(m);
-                if size >= TARGET_BATCH_BYTES {
+                if size >= TARGET_BATCH_BYTES || batch.len() == protocol::MAX_SYNC_DOCS {
                     self.send(&ClientMsg::Sync { msgs: std::mem::take(&mut batch) }).await?;
                     frames += 1;
                     size = 0;
