@@ -350,6 +350,9 @@ struct LoginBody {
 
 async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) -> Response {
     let ip = client_ip(&state, req.headers(), req.extensions().get::<ConnectInfo<crate::app::Peer>>());
+    // Behind a TLS-terminating proxy the browser speaks HTTPS even though this server does not:
+    // the cookie is then marked Secure too. (Trusting the header can only make it stricter.)
+    let via_https = req.headers().get("x-forwarded-proto").and_then(|v| v.to_str().ok()).is_some_and(|p| p.trim().eq_ignore_ascii_case("https"));
     let body: LoginBody = match small_json(req, 16 << 10, "{org, username, password}").await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -409,7 +412,7 @@ async fn login(State(state): State<Arc<AppState>>, req: axum::extract::Request) 
     state.login_ip_throttle.forgive(&from);
     audit(&state, &body.org, &who, "login", vec![], true, format!("from {ip}"));
     let token = state.sessions.create(&body.org, &body.username);
-    let secure = if state.tls { "; Secure" } else { "" };
+    let secure = if state.tls || via_https { "; Secure" } else { "" };
     let cookie = format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}", SESSION_TTL.as_secs());
     ([(header::SET_COOKIE, cookie)], Json(json!({ "org": body.org, "username": body.username }))).into_response()
 }

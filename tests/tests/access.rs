@@ -382,6 +382,12 @@ async fn coordinator_sessions_and_failed_logins_are_throttled() {
     let (status, cookie) = login(&server, ORG, "maya", pw).await;
     assert_eq!(status, 200);
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "plain HTTP on loopback: {cookie}");
+    // Behind a TLS-terminating proxy, the browser's connection is HTTPS: the cookie says so.
+    let creds = json!({ "org": ORG, "username": "maya", "password": pw });
+    let (status, head, _) = http_full(server.addr, "POST", "/v1/login", &[("X-Forwarded-Proto", "https".into())], Some(creds)).await;
+    assert_eq!(status, 200);
+    assert!(head.lines().any(|l| l.to_ascii_lowercase().starts_with("set-cookie:") && l.contains("; Secure")), "{head}");
     assert_eq!(as_coordinator(&server, &cookie, "GET", "/v1/me", None).await.1["username"], "maya");
     assert_eq!(as_coordinator(&server, &cookie, "POST", "/v1/logout", None).await.0, 200);
     assert_eq!(as_coordinator(&server, &cookie, "GET", "/v1/me", None).await.0, 401, "logged out");
