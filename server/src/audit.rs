@@ -70,12 +70,6 @@ impl<S: LocalStore> AuditLog<S> {
         start.extend_from_slice(&(from.map_or(0, |f| f.timestamp_micros().max(0)) as u64).to_be_bytes());
         let mut end = p.clone();
         end.extend_from_slice(&[0xff; 12]);
-        Ok(self
-            .kv
-            .scan_range(&start, &end)?
-            .into_iter()
-            .take(limit)
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-            .collect())
+        Ok(self.kv.scan_range_first(&start, &end, limit)?.into_iter().filter_map(|(_, v)| serde_json::from_slice(&v).ok()).collect())
     }
 }

@@ -44,6 +44,13 @@ pub trait LocalStore: Send + Sync + 'static {
     }
     /// Pairs with `from <= key < to`, in key order.
     fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Pairs, StoreError>;
+    /// The first `limit` of those: a page of a long range (the audit log) without reading the
+    /// rest.
+    fn scan_range_first(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Pairs, StoreError> {
+        let mut all = self.scan_range(from, to)?;
+        all.truncate(limit);
+        Ok(all)
+    }
     fn apply(&self, batch: Vec<Write>) -> Result<(), StoreError>;
     /// As `apply`, atomic, but durable only at the next `flush` (or `apply`): for many small
     /// writes that must become durable together.
@@ -127,6 +134,11 @@ macro_rules! local_store_suite {
             let keys: Vec<_> = s.scan_range(b"a2", b"b").unwrap().into_iter().map(|(k, _)| k).collect();
             assert_eq!(keys, vec![b"a2".to_vec(), b"a3".to_vec()]);
             assert!(s.scan_range(b"c", b"d").unwrap().is_empty());
+            let first: Vec<_> = s.scan_range_first(b"a1", b"b", 2).unwrap().into_iter().map(|(k, _)| k).collect();
+            assert_eq!(first, vec![b"a1".to_vec(), b"a2".to_vec()]);
+            assert_eq!(s.scan_range_first(b"a2", b"z", 10).unwrap().len(), 3);
+            assert!(s.scan_range_first(b"a1", b"b", 0).unwrap().is_empty());
+            assert!(s.scan_range_first(b"b", b"a", 5).unwrap().is_empty());
         }
 
         #[test]
@@ -201,6 +213,9 @@ impl<S: LocalStore + ?Sized> LocalStore for std::sync::Arc<S> {
     }
     fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         (**self).scan_range(from, to)
+    }
+    fn scan_range_first(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Pairs, StoreError> {
+        (**self).scan_range_first(from, to, limit)
     }
     fn apply(&self, batch: Vec<Write>) -> Result<(), StoreError> {
         (**self).apply(batch)

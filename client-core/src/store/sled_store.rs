@@ -136,6 +136,17 @@ impl LocalStore for SledStore {
             .collect()
     }
 
+    fn scan_range_first(&self, from: &[u8], to: &[u8], limit: usize) -> Result<super::Pairs, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        self.tree
+            .range(from..to)
+            .take(limit)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from))
+            .collect()
+    }
+
     fn apply(&self, batch: Vec<Write>) -> Result<(), StoreError> {
         self.apply_deferred(batch)?;
         // A write returns only once durable: the worker may drop the phone right after saving.
