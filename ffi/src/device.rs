@@ -153,6 +153,8 @@ impl Device {
             let mut options = config.options(bridge.clone());
             options.wait_for_subscribers = !from_listener;
             let result = d.sync(&options).await;
+            // The options hold the bridge too: let go of them, or it is never ours alone to close.
+            drop(options);
             // When `sync` returns, its listener has heard everything about it, the final state
             // included, and the library holds it no more. A listener stuck for longer than
             // this does not hold the caller.
