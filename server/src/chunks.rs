@@ -13,11 +13,12 @@
 
 use std::io::Read;
 
-use peersync_core::protocol::MAX_DOC_BYTES;
+use peersync_core::protocol::{DocSync, MAX_DOC_BYTES, MAX_MESSAGE_BYTES};
 
-/// The most a push may inflate to: four times the largest push, which a record's text, deflated,
-/// does not come near.
-pub const MAX_INFLATED_BYTES: u64 = 4 * MAX_DOC_BYTES as u64;
+/// The most one push, or one sync message, may inflate to: eight times the largest push. A
+/// phone caps a record by its deflated size (under `MAX_DOC_BYTES`), and notes deflate well, so
+/// the cap leaves room for text compressed eight to one.
+pub const MAX_INFLATED_BYTES: u64 = 8 * MAX_DOC_BYTES as u64;
 
 /// Every automerge chunk begins with these.
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
@@ -36,10 +37,42 @@ pub fn check_pushed(data: &[u8]) -> Result<(), String> {
     check_chunks(data, &mut Budget(MAX_INFLATED_BYTES))
 }
 
+/// The most one `Sync` frame's messages may inflate to in all (a frame decodes to at most
+/// 16 MiB).
+pub const MAX_FRAME_INFLATED_BYTES: u64 = 4 * MAX_MESSAGE_BYTES as u64;
+/// Bloom filters as automerge makes them use 10 bits per entry and 7 probes; a filter that
+/// asks for more probes makes automerge allocate and loop that many times per hash.
+const MAX_BLOOM_PROBES: u64 = 64;
+const MAX_BLOOM_BITS_PER_ENTRY: u64 = 64;
+
+/// Every message of a reconciliation `Sync` frame looked at as [`check_sync_message`] does,
+/// each within its own limit and all within [`MAX_FRAME_INFLATED_BYTES`]. Returns the
+/// documents whose message is refused, with why. Run before the writers' lock is taken.
+pub fn check_sync_frame(msgs: &[DocSync]) -> Vec<(String, String)> {
+    let mut frame = MAX_FRAME_INFLATED_BYTES;
+    let mut refused = Vec::new();
+    for m in msgs {
+        let mut budget = Budget(frame.min(MAX_INFLATED_BYTES));
+        let start = budget.0;
+        match check_sync_message_within(&m.msg, &mut budget) {
+            Ok(()) => frame -= start - budget.0,
+            Err(why) => refused.push((m.doc.clone(), why)),
+        }
+    }
+    refused
+}
+
 /// The same for the changes an automerge sync message carries (reconciliation's `Sync`
-/// frames), within one budget for the message. The rest of the message (heads, needs, bloom
-/// filters) is only stepped over: automerge reads it without inflating anything.
+/// frames), within one budget for the message, and its bloom filters' sizes. The rest of the
+/// message (heads, needs) is only stepped over.
 pub fn check_sync_message(msg: &[u8]) -> Result<(), String> {
+    check_sync_message_within(msg, &mut Budget(MAX_INFLATED_BYTES))
+}
+
+fn check_sync_message_within(msg: &[u8], inflated: &mut Budget) -> Result<(), String> {
+    if msg.is_empty() {
+        return Ok(()); // nothing to say: automerge is not asked to read it
+    }
     let mut r = Reader { data: msg, at: 0 };
     r.take(1)?; // the message's version
     for _ in 0..2 {
@@ -52,12 +85,24 @@ pub fn check_sync_message(msg: &[u8]) -> Result<(), String> {
         let n = r.count(32)?;
         r.take(n * 32)?;
         let len = r.len()?;
-        r.take(len)?;
+        check_bloom(r.take(len)?)?;
     }
-    let mut inflated = Budget(MAX_INFLATED_BYTES);
     for _ in 0..r.count(1)? {
         let len = r.len()?;
-        check_chunks(r.take(len)?, &mut inflated)?;
+        check_chunks(r.take(len)?, inflated)?;
+    }
+    Ok(())
+}
+
+/// A bloom filter's header: entries, bits per entry, probes (an empty filter is none).
+fn check_bloom(bloom: &[u8]) -> Result<(), String> {
+    if bloom.is_empty() {
+        return Ok(());
+    }
+    let mut r = Reader { data: bloom, at: 0 };
+    let (entries, bits, probes) = (r.uleb()?, r.uleb()?, r.uleb()?);
+    if probes > MAX_BLOOM_PROBES || bits > MAX_BLOOM_BITS_PER_ENTRY || (entries > 0 && (bits == 0 || probes == 0)) {
+        return Err(format!("a bloom filter of {entries} entries, {bits} bits each and {probes} probes"));
     }
     Ok(())
 }
@@ -275,7 +320,41 @@ mod tests {
         let err = check_sync_message(&msg).unwrap_err();
         assert!(err.contains("inflates to more than"), "{err}");
         assert!(check_sync_message(&msg[..40]).is_err());
-        assert!(check_sync_message(&[]).is_err());
+
+        // A bloom filter asking for four billion probes per hash, or dividing by zero.
+        for (bits, probes) in [(8u64, 0xffff_ffffu64), (0, 7)] {
+            let mut bloom = vec![1];
+            uleb(&mut bloom, bits);
+            uleb(&mut bloom, probes);
+            bloom.push(0xff);
+            let mut msg = vec![0x43, 1];
+            msg.extend_from_slice(&[9; 32]);
+            msg.extend_from_slice(&[0, 1, 0]);
+            uleb(&mut msg, bloom.len() as u64);
+            msg.extend_from_slice(&bloom);
+            msg.push(0);
+            let err = check_sync_message(&msg).unwrap_err();
+            assert!(err.contains("bloom filter"), "{err}");
+        }
+
+        // A frame of messages each just under the limit is bounded as a whole.
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        z.write_all(&vec![0u8; MAX_INFLATED_BYTES as usize - 4096]).unwrap();
+        let big = z.finish().unwrap();
+        let mut chunk = MAGIC.to_vec();
+        chunk.extend_from_slice(&[0; 4]);
+        chunk.push(COMPRESSED_CHANGE);
+        uleb(&mut chunk, big.len() as u64);
+        chunk.extend_from_slice(&big);
+        let mut msg = vec![0x42, 0, 0, 0, 1];
+        uleb(&mut msg, chunk.len() as u64);
+        msg.extend_from_slice(&chunk);
+        assert_eq!(check_sync_message(&msg), Ok(()), "one alone is within the limit");
+        let frame: Vec<DocSync> = (0..12).map(|i| DocSync { doc: format!("p-{i}"), msg: msg.clone() }).collect();
+        let refused = check_sync_frame(&frame);
+        let per_frame = (MAX_FRAME_INFLATED_BYTES / (MAX_INFLATED_BYTES - 4096)) as usize;
+        assert_eq!(refused.len(), 12 - per_frame, "{refused:?}");
+        assert_eq!(refused[0].0, format!("p-{per_frame}"));
     }
 
     fn uleb(v: &mut Vec<u8>, mut n: u64) {

@@ -880,11 +880,14 @@ impl DocHub {
 
     /// One round of automerge's sync protocol for each document in `msgs`, with per-session
     /// state in `rounds`. Changes received are stored durably before the replies go out.
+    /// `refused`: documents whose message [`crate::chunks::check_sync_frame`] refused (run by
+    /// the caller before the writers' lock); automerge is not given those.
     pub fn sync_round(
         &self,
         who: &DeviceIdentity,
         access: &dyn Access,
         msgs: Vec<DocSync>,
+        refused: &HashSet<String>,
         rounds: &mut SyncRounds,
     ) -> Result<RoundOutcome, StoreError> {
         let org = who.org.as_str();
@@ -916,9 +919,8 @@ impl DocHub {
             let may_write = refusal.is_none();
             if !m.msg.is_empty() {
                 let before = w.doc.get_heads();
-                // Its changes are looked at before automerge inflates any (see `chunks`).
-                let checked = crate::chunks::check_sync_message(&m.msg).map_err(|why| tracing::warn!(org, doc = %m.doc, device = %who.device, %why, "a sync message not taken"));
-                let Some(msg) = checked.ok().and_then(|()| SyncMessage::decode(&m.msg).ok()) else {
+                let decoded = if refused.contains(&m.doc) { None } else { SyncMessage::decode(&m.msg).ok() };
+                let Some(msg) = decoded else {
                     // Answered all the same, from a fresh start, so that the device does not
                     // take the silence for agreement.
                     *rounds.state(&m.doc) = SyncState::new();
@@ -1182,7 +1184,7 @@ mod tests {
         for _ in 0..6 {
             let Some(msg) = phone.0.generate_sync_message(&mut state) else { break };
             let msgs = vec![DocSync { doc: "p-1".into(), msg: msg.encode() }];
-            let out = hub.sync_round(&who(), &Open::default(), msgs, &mut rounds).unwrap();
+            let out = hub.sync_round(&who(), &Open::default(), msgs, &HashSet::new(), &mut rounds).unwrap();
             if let Some(too_large) = out.too_large {
                 assert!(out.caught_up.is_empty());
                 refused = Some(too_large);
@@ -1617,13 +1619,13 @@ mod tests {
             vec![DocSync { doc: "p-1".into(), msg: msg.encode() }]
         };
         let mut rounds = SyncRounds::default();
-        let outcome = hub.sync_round(&who(), &Open::default(), carrying(&changes[1]), &mut rounds).unwrap();
+        let outcome = hub.sync_round(&who(), &Open::default(), carrying(&changes[1]), &HashSet::new(), &mut rounds).unwrap();
         assert!(outcome.stored.is_empty() && outcome.caught_up.is_empty(), "{outcome:?}");
         let reply = SyncMessage::decode(&outcome.replies[0].msg).unwrap();
         assert_eq!(reply.need, vec![hashes[0]], "the server asks for the change it lacks");
         assert_eq!(stored_heads(&store, "p-1").len(), 1);
         assert_eq!(rounds.waiting_bytes, changes[1].len(), "exactly the waiting change is held");
-        let outcome = hub.sync_round(&who(), &Open::default(), carrying(&changes[0]), &mut rounds).unwrap();
+        let outcome = hub.sync_round(&who(), &Open::default(), carrying(&changes[0]), &HashSet::new(), &mut rounds).unwrap();
         assert_eq!((outcome.stored, outcome.caught_up), (vec!["p-1".to_string()], vec!["p-1".to_string()]), "stored, and the server has all the phone has");
         let mut expected: Vec<String> = phone.0.get_heads().iter().map(|h| h.to_string()).collect();
         expected.sort();
@@ -1651,7 +1653,7 @@ mod tests {
         for round in 0..8 {
             let mut reader = Automerge::load(&saved).unwrap();
             let Some(msg) = reader.generate_sync_message(&mut state) else { break };
-            let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: msg.encode() }], &mut rounds).unwrap().replies;
+            let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: msg.encode() }], &HashSet::new(), &mut rounds).unwrap().replies;
             let Some(reply) = replies.first() else { break };
             let mut reply = SyncMessage::decode(&reply.msg).unwrap();
             if round == 0 {
@@ -1674,9 +1676,9 @@ mod tests {
         phone.push(&hub, "p-1", None).unwrap();
         let mut rounds = SyncRounds::default();
         let first = phone.0.generate_sync_message(&mut SyncState::new()).unwrap();
-        let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: first.encode() }], &mut rounds).unwrap().replies;
+        let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: first.encode() }], &HashSet::new(), &mut rounds).unwrap().replies;
         assert_eq!(replies.len(), 1);
-        let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: b"not a sync message".to_vec() }], &mut rounds).unwrap().replies;
+        let replies = hub.sync_round(&who(), &Open::default(), vec![DocSync { doc: "p-1".into(), msg: b"not a sync message".to_vec() }], &HashSet::new(), &mut rounds).unwrap().replies;
         assert_eq!(replies.len(), 1);
         assert!(SyncMessage::decode(&replies[0].msg).is_ok());
     }

@@ -292,11 +292,21 @@ impl<C: Conn> Session<C> {
                         format!("a Sync frame names {} documents, more than the {} one may", msgs.len(), protocol::MAX_SYNC_DOCS),
                     ));
                 }
+                // What automerge would inflate is looked at first, outside the writers' lock.
+                let (msgs, refused) = blocking(move || {
+                    let refused = crate::chunks::check_sync_frame(&msgs);
+                    Ok((msgs, refused))
+                })
+                .await?;
+                for (doc, why) in &refused {
+                    tracing::warn!(org = %self.who.org, device = %self.who.device, %doc, %why, "a sync message not taken");
+                }
+                let refused: HashSet<String> = refused.into_iter().map(|(doc, _)| doc).collect();
                 let (state, who) = (self.state.clone(), self.who.clone());
                 let mut rounds = std::mem::take(&mut self.sync_rounds);
                 let gate = self.state.write_gate.lock().await;
                 let (outcome, rounds) = blocking(move || {
-                    let r = state.hub.sync_round(&who, state.access.as_ref(), msgs, &mut rounds);
+                    let r = state.hub.sync_round(&who, state.access.as_ref(), msgs, &refused, &mut rounds);
                     r.map(|r| (r, rounds))
                 })
                 .await?;

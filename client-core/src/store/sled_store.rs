@@ -209,6 +209,22 @@ mod suite {
         fn scan_range(&self, a: &[u8], b: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, crate::error::StoreError> {
             self.store.scan_range(a, b)
         }
+        // Sled's own versions of the methods with defaults: the suite must run those.
+        fn keys_with_prefix(&self, p: &[u8]) -> Result<Vec<Vec<u8>>, crate::error::StoreError> {
+            self.store.keys_with_prefix(p)
+        }
+        fn scan_prefix_first(&self, p: &[u8], limit: usize) -> Result<super::super::Pairs, crate::error::StoreError> {
+            self.store.scan_prefix_first(p, limit)
+        }
+        fn scan_range_first(&self, a: &[u8], b: &[u8], limit: usize) -> Result<super::super::Pairs, crate::error::StoreError> {
+            self.store.scan_range_first(a, b, limit)
+        }
+        fn apply_deferred(&self, batch: Vec<Write>) -> Result<(), crate::error::StoreError> {
+            self.store.apply_deferred(batch)
+        }
+        fn flush(&self) -> Result<(), crate::error::StoreError> {
+            self.store.flush()
+        }
         fn apply(&self, batch: Vec<Write>) -> Result<(), crate::error::StoreError> {
             self.store.apply(batch)
         }
