@@ -256,19 +256,8 @@ mod tests {
     /// The bomb: a compressed change, or a document column, that inflates past the limit.
     #[test]
     fn data_inflating_past_the_limit_is_refused() {
-        use std::io::Write;
-        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
-        z.write_all(&vec![0u8; MAX_INFLATED_BYTES as usize + 1]).unwrap();
-        let bomb = z.finish().unwrap();
+        let bomb = deflated_zeros(MAX_INFLATED_BYTES + 1);
         assert!(bomb.len() < 64 << 10);
-        let chunk = |kind: u8, body: &[u8]| {
-            let mut c = MAGIC.to_vec();
-            c.extend_from_slice(&[0; 4]);
-            c.push(kind);
-            uleb(&mut c, body.len() as u64);
-            c.extend_from_slice(body);
-            c
-        };
         let err = check_pushed(&chunk(COMPRESSED_CHANGE, &bomb)).unwrap_err();
         assert!(err.contains("inflates to more than"), "{err}");
         // A document whose one op column is the bomb: no actors, no heads, no change columns.
@@ -304,19 +293,7 @@ mod tests {
         }
         assert!(seen > 0 && theirs.get_heads() == ours.get_heads(), "the two converged through the checked messages");
 
-        use std::io::Write;
-        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
-        z.write_all(&vec![0u8; MAX_INFLATED_BYTES as usize + 1]).unwrap();
-        let bomb = z.finish().unwrap();
-        let mut chunk = MAGIC.to_vec();
-        chunk.extend_from_slice(&[0; 4]);
-        chunk.push(COMPRESSED_CHANGE);
-        uleb(&mut chunk, bomb.len() as u64);
-        chunk.extend_from_slice(&bomb);
-        // Version, no heads, no needs, no haves, one change.
-        let mut msg = vec![0x42, 0, 0, 0, 1];
-        uleb(&mut msg, chunk.len() as u64);
-        msg.extend_from_slice(&chunk);
+        let msg = message_carrying(&chunk(COMPRESSED_CHANGE, &deflated_zeros(MAX_INFLATED_BYTES + 1)));
         let err = check_sync_message(&msg).unwrap_err();
         assert!(err.contains("inflates to more than"), "{err}");
         assert!(check_sync_message(&msg[..40]).is_err());
@@ -338,23 +315,39 @@ mod tests {
         }
 
         // A frame of messages each just under the limit is bounded as a whole.
-        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
-        z.write_all(&vec![0u8; MAX_INFLATED_BYTES as usize - 4096]).unwrap();
-        let big = z.finish().unwrap();
-        let mut chunk = MAGIC.to_vec();
-        chunk.extend_from_slice(&[0; 4]);
-        chunk.push(COMPRESSED_CHANGE);
-        uleb(&mut chunk, big.len() as u64);
-        chunk.extend_from_slice(&big);
-        let mut msg = vec![0x42, 0, 0, 0, 1];
-        uleb(&mut msg, chunk.len() as u64);
-        msg.extend_from_slice(&chunk);
+        let msg = message_carrying(&chunk(COMPRESSED_CHANGE, &deflated_zeros(MAX_INFLATED_BYTES - 4096)));
         assert_eq!(check_sync_message(&msg), Ok(()), "one alone is within the limit");
         let frame: Vec<DocSync> = (0..12).map(|i| DocSync { doc: format!("p-{i}"), msg: msg.clone() }).collect();
         let refused = check_sync_frame(&frame);
         let per_frame = (MAX_FRAME_INFLATED_BYTES / (MAX_INFLATED_BYTES - 4096)) as usize;
         assert_eq!(refused.len(), 12 - per_frame, "{refused:?}");
         assert_eq!(refused[0].0, format!("p-{per_frame}"));
+    }
+
+    /// `n` zero bytes, deflated: a few kilobytes that inflate to `n`.
+    fn deflated_zeros(n: u64) -> Vec<u8> {
+        use std::io::Write;
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        z.write_all(&vec![0u8; n as usize]).unwrap();
+        z.finish().unwrap()
+    }
+
+    /// A chunk of `kind` around `body` (its checksum zero: not checked here).
+    fn chunk(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut c = MAGIC.to_vec();
+        c.extend_from_slice(&[0; 4]);
+        c.push(kind);
+        uleb(&mut c, body.len() as u64);
+        c.extend_from_slice(body);
+        c
+    }
+
+    /// A sync message with no heads, needs or haves, carrying `change`.
+    fn message_carrying(change: &[u8]) -> Vec<u8> {
+        let mut msg = vec![0x42, 0, 0, 0, 1];
+        uleb(&mut msg, change.len() as u64);
+        msg.extend_from_slice(change);
+        msg
     }
 
     fn uleb(v: &mut Vec<u8>, mut n: u64) {
