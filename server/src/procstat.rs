@@ -16,12 +16,13 @@ pub struct Usage {
 
 /// `pid`'s usage, if `/proc` tells it.
 pub fn usage(pid: u32) -> Option<Usage> {
-    Some(Usage { cpu: cpu_time(pid)?, resident_bytes: status_kb(pid, "VmRSS:")? * 1024, peak_resident_bytes: peak_rss(pid)? })
+    let status = status(pid)?;
+    Some(Usage { cpu: cpu_time(pid)?, resident_bytes: kb(&status, "VmRSS:")? * 1024, peak_resident_bytes: kb(&status, "VmHWM:")? * 1024 })
 }
 
 /// Peak resident memory of `pid` since start or since the last [`reset_peak`] (`VmHWM`).
 pub fn peak_rss(pid: u32) -> Option<u64> {
-    status_kb(pid, "VmHWM:").map(|kb| kb * 1024)
+    kb(&status(pid)?, "VmHWM:").map(|kb| kb * 1024)
 }
 
 /// Reset `pid`'s peak to its current resident size, so the next reading is a peak since now.
@@ -41,9 +42,12 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-/// A `kB` line of `/proc/<pid>/status`.
-fn status_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+fn status(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).ok()
+}
+
+/// A `kB` line of a `/proc/<pid>/status` text.
+fn kb(status: &str, field: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
